@@ -1,0 +1,64 @@
+"""Figures: training curves from a run's metrics, and confusion matrices."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Accuracy and loss per epoch, train and val, side by side."""
+    epochs = [row["epoch"] for row in history]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-"), ("val", "--")):
+        acc_ax.plot(epochs, [100 * row[f"{split}_acc"] for row in history], style, label=split)
+        loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(
+    matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike[str], title: str = ""
+) -> Path:
+    """Counts and row-normalised (recall) confusion matrices side by side."""
+    counts = np.asarray(matrix)
+    rows = counts.sum(1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    for ax, values, fmt, name in ((axes[0], counts, "d", "counts"), (axes[1], normalised, ".2f", "row-normalised")):
+        ax.imshow(values, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set(xlabel="predicted", ylabel="true", title=name)
+        threshold = values.max() / 2 if values.size else 0
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                color = "white" if values[i, j] > threshold else "black"
+                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", color=color, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
