@@ -100,7 +100,7 @@ def load_fer2013(
         if cache_file.exists():
             try:
                 return _read_cache(cache_file)
-            except (OSError, ValueError, KeyError) as err:
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
                 print(f"ferkit: ignoring unreadable cache {cache_file}: {err}", file=sys.stderr)
     data = _LOADERS[fmt](source)
     _check_not_empty(data)
@@ -162,8 +162,10 @@ def _parse_csv_row(row: list[str], col: dict[str, int], row_number: int) -> tupl
         raise DataError(f"{where}: expected {NUM_PIXELS} pixels, got {len(tokens)}")
     try:
         pixels = np.array(tokens, dtype=np.int64)
-    except ValueError:
-        bad = next(i for i, t in enumerate(tokens) if not t.isdigit())
+    except (ValueError, OverflowError):
+        bad = next(i for i, t in enumerate(tokens) if not t.isdecimal() or int(t) > 255)
+        if tokens[bad].isdecimal():
+            raise DataError(f"{where}: pixel {bad} is {tokens[bad]}, outside 0..255") from None
         raise DataError(f"{where}: pixel {bad} is {tokens[bad]!r}, not an integer") from None
     out_of_range = np.flatnonzero((pixels < 0) | (pixels > 255))
     if out_of_range.size:
@@ -206,6 +208,8 @@ def _load_folder(root: Path) -> FerData:
                 continue
             rel = path.relative_to(part_dir)
             if len(rel.parts) != 2:
+                if path.name.startswith("."):
+                    continue  # e.g. train/.DS_Store: not part of the layout, as in a zip
                 raise DataError(f"{path}: expected {part}/<class>/<image>, not in a class folder")
             entries.append(_ImageEntry(part, rel.parts[0], rel.parts[1], path.read_bytes))
     return _decode_entries(entries, source=root, fmt="folder")
@@ -258,7 +262,7 @@ def _decode_entries(entries: list[_ImageEntry], source: Path, fmt: str) -> FerDa
         decoded = list(pool.map(_decode_entry, entries))
     errors = [result for result in decoded if isinstance(result, str)]
     _raise_collected(source, errors)
-    items = []
+    items: list[tuple[str, int, np.ndarray, str]] = []
     converted = 0
     unprefixed_test: list[int] = []
     for entry, result in zip(entries, decoded, strict=True):
@@ -292,8 +296,9 @@ def _decode_entry(entry: _ImageEntry) -> tuple[np.ndarray, bool] | str:
 def decode_face_image(blob: bytes) -> tuple[np.ndarray, bool]:
     """Image file bytes -> (48x48 uint8 grayscale array, whether it had to be converted)."""
     try:
-        with Image.open(io.BytesIO(blob)) as image:
-            image.load()
+        with Image.open(io.BytesIO(blob)) as opened:
+            opened.load()
+            image: Image.Image = opened
             converted = image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE)
             if image.mode != "L":
                 image = image.convert("L")
@@ -319,7 +324,7 @@ def _split_unprefixed_test(data: FerData, items: list, unprefixed: list[int]) ->
     by_class: dict[int, list[int]] = defaultdict(list)
     for i in unprefixed:
         by_class[items[i][1]].append(i)
-    to_val = set()
+    to_val: set[int] = set()
     for label in sorted(by_class):
         members = sorted(by_class[label], key=lambda i: items[i][3])
         order = rng.permutation(len(members))

@@ -23,21 +23,38 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 crops (N, 48, 48), in eval mode and float32.
 
-    `tta="flip"` averages the logits of each image and its mirror image.
+    `tta="flip"` averages the logits of each image and its mirror image; `tta="crops"` those of ten
+    views: the image and four copies shifted by 2 pixels (crops of the padded image), each mirrored.
     """
-    if tta not in ("none", "flip"):
-        raise ValueError(f"unknown test-time augmentation {tta!r}; choose none or flip")
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
     was_training = model.training
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = preprocess(images[start : start + batch_size], device)
-        logits = model(batch).float()
-        if tta == "flip":
-            logits = (logits + model(batch.flip(-1)).float()) / 2
-        outputs.append(logits.cpu())
+        views = tta_views(batch, tta)
+        outputs.append(torch.stack([model(view).float() for view in views]).mean(0).cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros(0, len(EMOTIONS))
+
+
+TTA_MODES = ("none", "flip", "crops")
+TTA_SHIFT = 2
+
+
+def tta_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of a normalised batch that test-time augmentation averages over."""
+    if tta == "none":
+        return [batch]
+    views = [batch]
+    if tta == "crops":
+        s = TTA_SHIFT
+        # Black (-1) padding, the same fill as the training-time shifts.
+        padded = F.pad(batch, (s, s, s, s), value=-1.0)
+        size = batch.shape[-1]
+        views += [padded[..., y : y + size, x : x + size] for y, x in ((0, s), (2 * s, s), (s, 0), (s, 2 * s))]
+    return views + [view.flip(-1) for view in views]
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -118,6 +118,7 @@ def load_model(
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside a DistributedDataParallel or compiled wrapper."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    inner: Any = model
+    while isinstance(getattr(inner, "module", None), nn.Module) or hasattr(inner, "_orig_mod"):
+        inner = getattr(inner, "_orig_mod", None) or inner.module
+    return inner

@@ -1,0 +1,139 @@
+"""Metrics against hand-computed values, test-time augmentation, and scoring a run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ferkit.augment import preprocess
+from ferkit.data import FerData
+from ferkit.evaluate import compute_metrics, confusion_matrix, evaluate_weights, predict_logits
+from ferkit.labels import EMOTIONS
+from ferkit.models import create_model
+from ferkit.weights import load_model
+
+# Six examples, three classes; predictions (argmax) 0 0 1 1 0 0; class 2 is never predicted.
+LOGITS = [
+    [2.0, 1.0, 0.0],   # true 0, predicted 0
+    [1.0, 0.0, -1.0],  # true 0, predicted 0
+    [0.0, 3.0, 1.0],   # true 0, predicted 1
+    [0.5, 1.5, 0.0],   # true 1, predicted 1
+    [1.0, 0.0, 0.5],   # true 1, predicted 0
+    [2.0, 0.0, 1.0],   # true 2, predicted 0
+]
+TARGETS = [0, 0, 0, 1, 1, 2]
+CLASSES = ("a", "b", "c")
+
+
+def test_compute_metrics_by_hand() -> None:
+    metrics = compute_metrics(torch.tensor(LOGITS), np.array(TARGETS), CLASSES)
+    assert metrics["num_images"] == 6
+    assert metrics["accuracy"] == pytest.approx(3 / 6)
+    # Mean of -log softmax(logits)[target], written out.
+    nll = [-(row[t] - math.log(sum(math.exp(v) for v in row))) for row, t in zip(LOGITS, TARGETS, strict=True)]
+    assert metrics["loss"] == pytest.approx(sum(nll) / 6, rel=1e-6)
+    assert metrics["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [1, 0, 0]]
+    expected = {
+        # precision = TP / predicted, recall = TP / actual, F1 = 2PR / (P + R)
+        "a": (2 / 4, 2 / 3, 4 / 7, 3),
+        "b": (1 / 2, 1 / 2, 1 / 2, 2),
+        "c": (0.0, 0.0, 0.0, 1),  # never predicted: precision 0, not NaN
+    }
+    assert list(metrics["per_class"]) == list(CLASSES)
+    for name, (precision, recall, f1, support) in expected.items():
+        got = metrics["per_class"][name]
+        assert got["precision"] == pytest.approx(precision)
+        assert got["recall"] == pytest.approx(recall)
+        assert got["f1"] == pytest.approx(f1)
+        assert got["support"] == support
+    assert metrics["macro_f1"] == pytest.approx((4 / 7 + 1 / 2 + 0) / 3)
+    json.dumps(metrics, allow_nan=False)  # plain JSON types, no NaN anywhere
+
+
+def test_classes_absent_from_a_split_score_zero_not_nan() -> None:
+    # Seven classes, two images of "happy", both right: every other class has no support and no predictions.
+    logits = torch.full((2, 7), -1.0)
+    logits[:, EMOTIONS.index("happy")] = 4.0
+    metrics = compute_metrics(logits, np.array([3, 3]))
+    assert metrics["accuracy"] == 1.0
+    assert metrics["loss"] == pytest.approx(-math.log(math.exp(4) / (math.exp(4) + 6 * math.exp(-1))))
+    assert metrics["per_class"]["happy"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    for name in EMOTIONS:
+        if name != "happy":
+            assert metrics["per_class"][name] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics["macro_f1"] == pytest.approx(1 / 7)
+    json.dumps(metrics, allow_nan=False)
+
+
+def test_confusion_matrix_is_true_by_predicted() -> None:
+    matrix = confusion_matrix(np.array([0, 1, 2, 2]), np.array([1, 1, 0, 2]), 3)
+    np.testing.assert_array_equal(matrix, [[0, 1, 0], [0, 1, 0], [1, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def model_and_faces(small_data: FerData) -> tuple[torch.nn.Module, np.ndarray]:
+    torch.manual_seed(0)
+    return create_model("seed").eval(), small_data["val"].images[:20]
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(model_and_faces: tuple[torch.nn.Module, np.ndarray]) -> None:
+    model, faces = model_and_faces
+    with torch.no_grad():
+        plain = model(preprocess(faces))
+        mirrored = model(preprocess(np.ascontiguousarray(faces[:, :, ::-1])))
+    flip = predict_logits(model, faces, tta="flip", batch_size=8)
+    torch.testing.assert_close(flip, (plain + mirrored) / 2, rtol=0, atol=1e-5)
+    assert not torch.allclose(flip, plain, atol=1e-3)  # the mirror image really contributes
+    torch.testing.assert_close(predict_logits(model, faces, tta="none"), plain, rtol=0, atol=1e-5)
+
+
+def test_predict_logits_edge_cases(model_and_faces: tuple[torch.nn.Module, np.ndarray]) -> None:
+    model, faces = model_and_faces
+    torch.testing.assert_close(predict_logits(model, faces, batch_size=3), predict_logits(model, faces),
+                               rtol=0, atol=1e-5)
+    assert predict_logits(model, faces[:0]).shape == (0, 7)
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'"):
+        predict_logits(model, faces, tta="rotate")
+
+
+def test_evaluate_weights_on_a_run_folder(run_copy: Path, small_root: Path, small_data: FerData) -> None:
+    for figure in ("curves.png", "confusion_matrix_test.png"):
+        (run_copy / figure).unlink()
+    report = evaluate_weights(str(run_copy), str(small_root), split="test", tta="none")
+    assert {"accuracy", "loss", "per_class", "confusion_matrix", "num_images", "macro_f1"} <= report.keys()
+    assert report["weights"] == str(run_copy / "best.safetensors")
+    assert report["arch"] == "seed" and report["split"] == "test" and report["tta"] == "none"
+    assert report["num_images"] == 42
+    assert 0.0 <= report["accuracy"] <= 1.0
+    assert report["accuracy"] * 42 == pytest.approx(round(report["accuracy"] * 42))
+    assert list(report["per_class"]) == list(EMOTIONS)
+    assert [report["per_class"][c]["support"] for c in EMOTIONS] == [6] * 7
+    assert np.trace(report["confusion_matrix"]) == round(report["accuracy"] * 42)
+    # The same numbers as training's one look at the test split, and as scoring the weights by hand.
+    trained = json.loads((run_copy / "test_metrics.json").read_text())
+    assert report["accuracy"] == trained["accuracy"]
+    assert report["loss"] == pytest.approx(trained["loss"], abs=1e-6)
+    model, _ = load_model(run_copy / "best.safetensors")
+    by_hand = compute_metrics(predict_logits(model, small_data["test"].images), small_data["test"].labels)
+    assert report["confusion_matrix"] == by_hand["confusion_matrix"]
+    # Figures go to the run folder, next to its metrics.csv.
+    assert sorted(report["figures"]) == sorted([str(run_copy / "confusion_matrix_test.png"),
+                                               str(run_copy / "curves.png")])
+    for figure in report["figures"]:
+        assert Path(figure).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    json.dumps(report, allow_nan=False)
+
+
+def test_evaluate_weights_on_val_into_another_folder(run_copy: Path, small_root: Path, tmp_path: Path) -> None:
+    report = evaluate_weights(str(run_copy / "last.safetensors"), str(small_root), split="val",
+                              out=str(tmp_path / "figures"))
+    assert report["split"] == "val" and report["num_images"] == 42
+    history = [line.split(",") for line in (run_copy / "metrics.csv").read_text().splitlines()]
+    val_acc = float(history[-1][history[0].index("val_acc")])
+    assert report["accuracy"] == pytest.approx(val_acc, abs=1e-9)  # last.safetensors = the last epoch
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["confusion_matrix_val.png", "curves.png"]

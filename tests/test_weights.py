@@ -1,0 +1,199 @@
+"""Weights files: round trips, metadata, resolution, refusals, and no unpickling."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ferkit import weights as weights_module
+from ferkit.augment import preprocess
+from ferkit.data import FerData
+from ferkit.models import create_model
+from ferkit.weights import (
+    METADATA_KEY,
+    WeightsError,
+    WeightsMeta,
+    load_model,
+    read_meta,
+    resolve_weights,
+    save_weights,
+    shipped_models,
+)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from an empty folder, so that relative names cannot hit files of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def faces(small_data: FerData) -> torch.Tensor:
+    return preprocess(small_data["test"].images[:16])
+
+
+def _trained_looking_model(faces: torch.Tensor) -> torch.nn.Module:
+    """A seed model with non-default weights and BatchNorm running statistics."""
+    torch.manual_seed(3)
+    model = create_model("seed")
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(faces)  # moves the running statistics away from 0 / 1
+    return model.eval()
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path, faces: torch.Tensor) -> None:
+    model = _trained_looking_model(faces)
+    meta = WeightsMeta(arch="seed", data_source="/data/fer2013", epoch=7, metrics={"val_acc": 0.61}, tta="flip")
+    save_weights(tmp_path / "sub" / "model.safetensors", model, meta)
+    loaded, loaded_meta = load_model(tmp_path / "sub" / "model.safetensors")
+    assert not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(faces), model(faces), rtol=0, atol=0)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert loaded.features[0][1].running_mean.abs().sum() > 0  # the buffers travelled too
+    assert loaded_meta == meta
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["model.safetensors"]  # no temporary file left
+
+
+def test_metadata_round_trip(tmp_path: Path) -> None:
+    meta = WeightsMeta(arch="seed", classes=["a", "b", "c"], data_source="x.zip", epoch=3,
+                       metrics={"val_acc": 0.5, "nested": {"k": [1, 2]}}, tta="crops")
+    save_weights(tmp_path / "w.safetensors", create_model("seed", num_classes=3), meta)
+    assert read_meta(tmp_path / "w.safetensors") == meta
+    model, loaded = load_model(tmp_path / "w.safetensors")
+    assert loaded.classes == ["a", "b", "c"]
+    assert model.classifier[-1].out_features == 3
+    defaults = WeightsMeta(arch="seed")
+    assert defaults.image_size == 48 and defaults.normalization == {"mean": 0.5, "std": 0.5}
+    assert defaults.classes == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+
+
+def test_the_file_is_plain_safetensors(tmp_path: Path) -> None:
+    model = create_model("seed")
+    save_weights(tmp_path / "w.safetensors", model, WeightsMeta(arch="seed", epoch=2))
+    blob = (tmp_path / "w.safetensors").read_bytes()
+    (header_length,) = struct.unpack("<Q", blob[:8])  # safetensors: u64 header length, then JSON
+    header = json.loads(blob[8 : 8 + header_length])
+    assert json.loads(header["__metadata__"][METADATA_KEY])["epoch"] == 2
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert tensors.keys() == model.state_dict().keys()
+    assert tensors["features.0.0.weight"] == {"dtype": "F32", "shape": [32, 1, 3, 3],
+                                              "data_offsets": tensors["features.0.0.weight"]["data_offsets"]}
+    assert len(blob) == 8 + header_length + max(t["data_offsets"][1] for t in tensors.values())
+
+
+def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_weights(tmp_path / "w.safetensors", create_model("seed"), WeightsMeta(arch="seed"))
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("unpickling while loading weights")
+
+    for target, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(target, name, forbidden)
+    model, meta = load_model(tmp_path / "w.safetensors")
+    assert meta.arch == "seed" and sum(p.numel() for p in model.parameters()) == 980_679
+
+
+class _Payload:
+    """Unpickling this creates a folder: the proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_pickle_disguised_as_weights_is_refused_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"features.0.0.weight": _Payload(marker)}, tmp_path / "evil.safetensors")
+    with pytest.raises(WeightsError, match="not a readable safetensors file") as err:
+        load_model(tmp_path / "evil.safetensors")
+    assert str(tmp_path / "evil.safetensors") in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_text_file_is_not_weights(tmp_path: Path) -> None:
+    path = tmp_path / "notes.safetensors"
+    path.write_text("these are not weights\n")
+    with pytest.raises(WeightsError) as err:
+        read_meta(path)
+    assert str(err.value).startswith(f"{path}: not a readable safetensors file")
+
+
+def test_shapes_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
+    state = create_model("seed", num_classes=5).state_dict()  # a 5-class head, but 7 classes in the metadata
+    path = tmp_path / "wrong.safetensors"
+    save_file(dict(state), str(path), metadata={METADATA_KEY: json.dumps(WeightsMeta(arch="seed").__dict__)})
+    with pytest.raises(WeightsError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: tensors do not fit architecture 'seed'")
+    assert "classifier.4.weight" in message
+
+
+def test_tensors_of_another_architecture(tmp_path: Path) -> None:
+    state = create_model("vgg_small").state_dict()
+    path = tmp_path / "vgg.safetensors"
+    save_file(dict(state), str(path), metadata={METADATA_KEY: json.dumps(WeightsMeta(arch="seed").__dict__)})
+    with pytest.raises(WeightsError, match="tensors do not fit architecture 'seed'"):
+        load_model(path)
+
+
+def test_safetensors_without_ferkit_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "bare.safetensors"
+    save_file(dict(create_model("seed").state_dict()), str(path), metadata={"format": "pt"})
+    with pytest.raises(WeightsError) as err:
+        load_model(path)
+    assert str(err.value) == f"{path}: no ferkit metadata in this safetensors file"
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ("{not json", "malformed ferkit metadata"),
+    (json.dumps({"arch": "seed", "colour": "blue"}), "malformed ferkit metadata"),
+    (json.dumps({"classes": ["a"]}), "malformed ferkit metadata"),
+    (json.dumps({"arch": "alexnet"}), "unknown architecture 'alexnet'"),
+])
+def test_bad_ferkit_metadata(tmp_path: Path, metadata: str, message: str) -> None:
+    path = tmp_path / "odd.safetensors"
+    save_file(dict(create_model("seed").state_dict()), str(path), metadata={METADATA_KEY: metadata})
+    with pytest.raises(WeightsError, match=message) as err:
+        load_model(path)
+    assert str(path) in str(err.value)
+
+
+def test_resolve_a_run_folder_a_file_and_a_shipped_name(tiny_run: Path) -> None:
+    assert resolve_weights(tiny_run) == tiny_run / "best.safetensors"
+    assert resolve_weights(str(tiny_run / "last.safetensors")) == tiny_run / "last.safetensors"
+    for name, path in shipped_models().items():
+        assert resolve_weights(name) == path and path.is_file()
+
+
+def test_resolve_a_missing_path_lists_the_shipped_models(tmp_path: Path) -> None:
+    names = ", ".join(sorted(shipped_models())) or "none"
+    with pytest.raises(WeightsError) as err:
+        resolve_weights(tmp_path / "nothing.safetensors")
+    assert str(err.value) == (f"{tmp_path / 'nothing.safetensors'}: no such weights file, run folder or "
+                              f"shipped model (shipped: {names})")
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(WeightsError, match="no such weights file, run folder or shipped model"):
+        resolve_weights(tmp_path / "empty-run")  # a folder without best.safetensors
+
+
+def test_default_weights_are_the_shipped_seed_model() -> None:
+    shipped = shipped_models()
+    if weights_module.DEFAULT_MODEL in shipped:
+        assert resolve_weights(None) == resolve_weights("default") == shipped[weights_module.DEFAULT_MODEL]
+    else:
+        with pytest.raises(WeightsError, match=f"^{weights_module.DEFAULT_MODEL}: no such weights file"):
+            resolve_weights(None)
