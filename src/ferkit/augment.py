@@ -37,35 +37,73 @@ def preprocess(images: np.ndarray | torch.Tensor, device: torch.device | str = "
     return normalize(batch.float() / 255.0)
 
 
+def preprocess_numpy(images: np.ndarray) -> np.ndarray:
+    """`preprocess` in numpy, for runtimes without torch (onnxruntime): the same float32 values, bit for bit.
+
+    Same constants, same operations in the same order, each rounded to float32 as torch does.
+    """
+    batch = np.asarray(images)
+    if batch.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {batch.dtype}")
+    if batch.ndim == 3:
+        batch = batch[:, None]
+    return (batch.astype(np.float32) / np.float32(255.0) - np.float32(MEAN)) / np.float32(STD)
+
+
 @dataclass
 class AugmentConfig:
     """Training augmentation; the defaults are the reference's (flip, rotation within +-10 degrees)."""
 
     hflip: bool = True
     rotate_degrees: float = 10.0
+    shift_pixels: int = 0
+    erasing: float = 0.0
 
 
 def random_hflip(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
-    flip = torch.rand(batch.shape[0], generator=generator, device="cpu") < 0.5
+    flip = torch.rand(batch.shape[0], generator=generator) < 0.5
     flip = flip.to(batch.device).view(-1, 1, 1, 1)
     return torch.where(flip, batch.flip(-1), batch)
 
 
-def random_rotate(
-    batch: torch.Tensor, degrees: float, generator: torch.Generator | None = None
+def random_affine(
+    batch: torch.Tensor, degrees: float, shift_pixels: int = 0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Rotate each image by its own angle in [-degrees, degrees] about its centre, filling with 0.
+    """Rotate each image by its own angle in [-degrees, degrees] about its centre and shift it by up
+    to `shift_pixels` (a random crop of the zero-padded image), filling with 0.
 
     Nearest-neighbour sampling and black fill, like torchvision's RandomRotation defaults.
     """
-    n = batch.shape[0]
-    angles = (torch.rand(n, generator=generator, device="cpu") * 2 - 1) * math.radians(degrees)
+    n, _, height, width = batch.shape
+    angles = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+    shifts = torch.randint(-shift_pixels, shift_pixels + 1, (n, 2), generator=generator).float()
     cos, sin = angles.cos(), angles.sin()
-    zeros = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    tx, ty = shifts[:, 0] * 2 / width, shifts[:, 1] * 2 / height
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta.to(batch.device, batch.dtype), list(batch.shape), align_corners=False)
     return F.grid_sample(batch, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def random_erasing(
+    batch: torch.Tensor, probability: float, generator: torch.Generator | None = None,
+    area: tuple[float, float] = (0.02, 0.25), aspect: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
+    """Blank one random rectangle (2-25% of the image) in each image with the given probability."""
+    n, _, height, width = batch.shape
+    log_aspect = torch.empty(n).uniform_(math.log(aspect[0]), math.log(aspect[1]), generator=generator)
+    box_area = torch.empty(n).uniform_(*area, generator=generator) * height * width
+    box_h = (box_area / log_aspect.exp()).sqrt().clamp(1, height)
+    box_w = (box_area * log_aspect.exp()).sqrt().clamp(1, width)
+    top = torch.rand(n, generator=generator) * (height - box_h)
+    left = torch.rand(n, generator=generator) * (width - box_w)
+    apply = torch.rand(n, generator=generator) < probability
+    rows = torch.arange(height).view(1, -1)
+    cols = torch.arange(width).view(1, -1)
+    in_rows = (rows >= top.view(-1, 1)) & (rows < (top + box_h).view(-1, 1))
+    in_cols = (cols >= left.view(-1, 1)) & (cols < (left + box_w).view(-1, 1))
+    mask = (in_rows.unsqueeze(2) & in_cols.unsqueeze(1) & apply.view(-1, 1, 1)).unsqueeze(1)
+    return batch.masked_fill(mask.to(batch.device), 0.0)
 
 
 def train_transform(
@@ -75,6 +113,52 @@ def train_transform(
     batch = images.float() / 255.0
     if config.hflip:
         batch = random_hflip(batch, generator)
-    if config.rotate_degrees > 0:
-        batch = random_rotate(batch, config.rotate_degrees, generator)
-    return normalize(batch)
+    if config.rotate_degrees > 0 or config.shift_pixels > 0:
+        batch = random_affine(batch, config.rotate_degrees, config.shift_pixels, generator)
+    batch = normalize(batch)
+    if config.erasing > 0:
+        # Erase after normalising, so the blank is the data's mid-grey (0), as in Zhong et al.
+        batch = random_erasing(batch, config.erasing, generator)
+    return batch
+
+
+def mix_batch(
+    x: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (picked at random when both are on) on a batch with soft (N, C) targets.
+
+    `mixup` and `cutmix` are the Beta(alpha, alpha) parameters; 0 turns each off.
+    """
+    if mixup <= 0 and cutmix <= 0:
+        return x, targets
+    use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand(1, generator=generator) < 0.5))
+    alpha = cutmix if use_cutmix else mixup
+    lam = _beta(alpha, generator)
+    partner = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    if use_cutmix:
+        x, lam = _paste_box(x, x[partner], lam, generator)
+    else:
+        x = lam * x + (1 - lam) * x[partner]
+    return x, lam * targets + (1 - lam) * targets[partner]
+
+
+def _beta(alpha: float, generator: torch.Generator | None) -> float:
+    """A Beta(alpha, alpha) draw, reproducible from `generator` (torch's Beta takes no generator)."""
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def _paste_box(
+    x: torch.Tensor, other: torch.Tensor, lam: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, float]:
+    """Paste a box covering (1 - lam) of the area from `other` into `x`; returns the true lam."""
+    _, _, height, width = x.shape
+    cut = math.sqrt(1 - lam)
+    box_h, box_w = int(height * cut), int(width * cut)
+    cy = int(torch.randint(height, (1,), generator=generator))
+    cx = int(torch.randint(width, (1,), generator=generator))
+    top, bottom = max(cy - box_h // 2, 0), min(cy + box_h // 2, height)
+    left, right = max(cx - box_w // 2, 0), min(cx + box_w // 2, width)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = other[:, :, top:bottom, left:right]
+    return mixed, 1 - (bottom - top) * (right - left) / (height * width)

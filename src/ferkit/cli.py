@@ -7,7 +7,6 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .data import DataError
@@ -16,20 +15,24 @@ from .weights import WeightsError
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
-    """One --option per dataclass field, with the field's default and help."""
+    """One --option per dataclass field, with its help and the reference default.
+
+    Options not given stay out of the namespace, so that a preset can fill them in.
+    """
     for f in dataclasses.fields(config_type):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f.metadata.get("help", "")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})".strip())
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
-def config_from_args(config_type: type, args: argparse.Namespace) -> Any:
-    return config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
+def given_options(config_type: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The dataclass fields that the command line set explicitly."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -58,7 +61,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, fit
 
-    fit(config_from_args(TrainConfig, args))
+    options = given_options(TrainConfig, args)
+    fit(TrainConfig.from_preset(options.pop("preset", "seed"), **options))
     return 0
 
 
@@ -85,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="inspect a FER-2013 source").add_subparsers(dest="data_command", required=True)
+    data_parser = commands.add_parser("data", help="inspect a FER-2013 source")
+    data = data_parser.add_subparsers(dest="data_command", required=True)
     info = data.add_parser("info", help="per-split, per-class counts and duplicates")
     info.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -102,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=SPLITS, default="test")
     evaluate.add_argument("--out", help="folder for the figures (default: the run folder, else ./ferkit-eval)")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--tta", choices=["auto", "none", "flip"], default="auto",
+    evaluate.add_argument("--tta", choices=["auto", "none", "flip", "crops"], default="auto",
                           help="test-time augmentation (auto: what the weights were selected with)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_evaluate)

@@ -104,3 +104,100 @@ class SeedCNN(nn.Module):
 def seed(num_classes: int = NUM_CLASSES) -> nn.Module:
     """The reference model: 980,679 parameters, about 33 M multiply-adds per image."""
     return SeedCNN(num_classes)
+
+
+class VGGNet(nn.Module):
+    """VGG-style: stages of (Conv 3x3 + BN + ReLU) x depth then MaxPool, a dropout MLP head.
+
+    Sized for 48x48 inputs after Khaireddin & Chen (2021), the strongest published single FER-2013
+    model without extra data; `widths` trades accuracy for speed on small machines.
+    """
+
+    def __init__(
+        self, widths: tuple[int, ...], depth: int = 2, hidden: int = 512, dropout: float = 0.4,
+        num_classes: int = NUM_CLASSES,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 1
+        for width in widths:
+            for _ in range(depth):
+                layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                in_channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = 48 // 2 ** len(widths)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(in_channels * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (He et al. 2016), projecting when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-style for 48x48: a full-resolution 3x3 stem, four stages of basic blocks each opening with
+    stride 2 (48 -> 24 -> 12 -> 6 -> 3), global average pooling, dropout, linear."""
+
+    def __init__(
+        self, widths: tuple[int, ...], blocks: tuple[int, ...], dropout: float = 0.2, num_classes: int = NUM_CLASSES
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        stages: list[nn.Module] = []
+        in_channels = widths[0]
+        for width, count in zip(widths, blocks, strict=True):
+            for i in range(count):
+                stages.append(BasicBlock(in_channels, width, stride=2 if i == 0 else 1))
+                in_channels = width
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(in_channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+@register_model
+def vgg(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """VGG-style, widths 64-128-256-512, two convs a stage: 7.0 M parameters, 471 M multiply-adds."""
+    return VGGNet((64, 128, 256, 512), num_classes=num_classes)
+
+
+@register_model
+def vgg_small(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """VGG-style at half width, widths 32-64-128-256: 1.8 M parameters, 118 M multiply-adds."""
+    return VGGNet((32, 64, 128, 256), hidden=256, num_classes=num_classes)
+
+
+@register_model
+def resnet(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """ResNet-18-style, widths 32-64-128-256, two blocks a stage: 2.8 M parameters, 79 M multiply-adds."""
+    return ResNet((32, 64, 128, 256), (2, 2, 2, 2), num_classes=num_classes)
