@@ -199,7 +199,7 @@ def train_one_epoch(
                 rate = seen / (time.perf_counter() - start)
                 progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}", ips=f"{rate:.0f}")
     elapsed = time.perf_counter() - start
-    totals = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)])
+    totals = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)], device=ctx.device)
     if dist.is_initialized():
         dist.all_reduce(totals)
     return {"loss": totals[0].item() / totals[2].item(), "acc": totals[1].item() / totals[2].item(),
@@ -290,6 +290,13 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
         scored = ema.module if ema is not None else unwrap(model)
         val = compute_metrics(predict_logits(scored, data["val"].images, device, config.eval_batch_size),
                               data["val"].labels)
+        if dist.is_initialized():
+            # Each rank's BatchNorm statistics end the epoch on its own last batch, so the ranks' scores differ
+            # in the last digits: take rank 0's everywhere, so that every rank's plateau schedule decides alike
+            # (else the ranks' learning rates, then their weights, drift apart).
+            shared = torch.tensor([val["loss"], val["accuracy"]], dtype=torch.float64, device=device)
+            dist.broadcast(shared, src=0)
+            val["loss"], val["accuracy"] = shared.tolist()
         lr = optimizer.param_groups[0]["lr"]
         if config.schedule == "plateau":
             scheduler.step(val["loss"])
@@ -325,7 +332,7 @@ def _distributed_model(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
-    return nn.parallel.DistributedDataParallel(model, broadcast_buffers=True)
+    return nn.parallel.DistributedDataParallel(model)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -77,6 +77,9 @@ def save_weights(path: str | os.PathLike[str], model: nn.Module, meta: WeightsMe
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta.__dict__)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); weights are meant to be shared
     os.replace(tmp, path)
 
 
