@@ -1,3 +1,21 @@
 """ferkit: facial expression recognition on FER-2013, from training to reading emotions in photos."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+__all__ = ["EmotionRecognizer", "FaceResult", "__version__"]
+
+if TYPE_CHECKING:
+    from .predict import EmotionRecognizer, FaceResult
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use (PEP 562), so that `import ferkit` stays light: no torch, no OpenCV.
+    if name in ("EmotionRecognizer", "FaceResult"):
+        from . import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'ferkit' has no attribute {name!r}")

@@ -83,7 +83,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .batch import predict_command
+    from .predict import EmotionRecognizer
+
+    if (args.camera is None) == (not args.paths):
+        raise ValueError("give image or video PATHs, or --camera INDEX (not both)")
+    recognizer = EmotionRecognizer(args.weights, device=args.device, detect=not args.no_detect, detector=args.detector,
+                                   min_face=args.min_face, detect_max_side=args.detect_size or None,
+                                   max_pixels=args.max_pixels or None, batch_size=args.batch_size)
+    if args.camera is not None:
+        from .video import run_camera
+
+        run_camera(recognizer, args.camera, args.every)
+        return 0
+    fmt = "json" if args.json else "csv" if args.csv else "table"
+    return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import PARITY_TOLERANCE, check_parity, export_model, read_export_info
+
+    out = export_model(args.weights, args.out, args.format, tta=args.tta, opset=args.opset)
+    _, info = read_export_info(out)
+    print(f"wrote {out} ({info['format']}{', opset ' + str(info['opset']) if info.get('opset') else ''}, "
+          f"tta {info['tta']}, from {info['source']})")
+    if args.check_images <= 0:
+        return 0
+    from .data import load_fer2013
+
+    try:
+        test = load_fer2013(args.data)["test"]
+    except DataError as err:
+        print(f"ferkit: parity not checked, no FER-2013 data: {err}", file=sys.stderr)
+        return 0
+    images = test.images[:: max(len(test) // args.check_images, 1)][: args.check_images]
+    diff = check_parity(args.weights, out, images)
+    verdict = "ok" if diff <= PARITY_TOLERANCE else "MISMATCH"
+    print(f"parity with PyTorch on {len(images)} test images: max |logit difference| {diff:.2e} "
+          f"(tolerance {PARITY_TOLERANCE:.0e}): {verdict}")
+    return 0 if diff <= PARITY_TOLERANCE else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .faces import DEFAULT_DETECT_SIDE, DEFAULT_MIN_FACE
+    from .images import DEFAULT_MAX_PIXELS
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="ferkit", description=__doc__)
@@ -111,6 +155,42 @@ def build_parser() -> argparse.ArgumentParser:
                           help="test-time augmentation (auto: what the weights were selected with)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="emotions of the faces in photos, folders, videos or a camera",
+                                  description="Exit status: 0 all inputs read, 1 some input failed, 2 usage error.")
+    predict.add_argument("paths", nargs="*", metavar="PATH", help="image or video files, folders (recursive), globs")
+    predict.add_argument("--weights", default="default",
+                         help="weights file, run folder, shipped model name or exported .onnx (default: shipped)")
+    output = predict.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="a JSON array, one object per input")
+    output.add_argument("--csv", action="store_true", help="CSV, one row per face (or per input without faces)")
+    predict.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR")
+    predict.add_argument("--no-detect", action="store_true", help="inputs are face crops: no face detection")
+    predict.add_argument("--every", type=int, default=1, metavar="N", help="videos: every Nth frame (default: 1)")
+    predict.add_argument("--camera", type=int, metavar="INDEX", help="live window on this webcam (needs a display)")
+    predict.add_argument("--detector", default="haar", help="haar, a Haar cascade .xml or a YuNet .onnx model file")
+    predict.add_argument("--min-face", type=int, default=DEFAULT_MIN_FACE, metavar="PX",
+                         help=f"smallest face side in pixels (default: {DEFAULT_MIN_FACE})")
+    predict.add_argument("--detect-size", type=int, default=DEFAULT_DETECT_SIDE, metavar="PX",
+                         help=f"detect on images shrunk to this longer side (default: {DEFAULT_DETECT_SIDE}; 0: never)")
+    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                         help=f"refuse image files with more pixels (default: {DEFAULT_MAX_PIXELS}; 0: no limit)")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=int, default=512)
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="export weights to ONNX or TorchScript")
+    export.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
+    export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --out suffix)")
+    export.add_argument("--out", required=True, help="the file to write (.onnx, .pt)")
+    export.add_argument("--tta", choices=["auto", "none", "flip", "crops"], default="auto",
+                        help="test-time augmentation built into the graph (auto: the weights')")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
+    export.add_argument("--check-images", type=int, default=256, metavar="N",
+                        help="compare with PyTorch on N test images (default: 256; 0: skip)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -116,7 +116,8 @@ def load_model(
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise WeightsError(f"{path}: tensors do not fit architecture {meta.arch!r}: {err}") from None
-    return model.to(device).eval(), meta
+    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model.eval(), meta
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,52 @@
+"""Drawing results onto images: a box per face and its label with the label's probability."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .images import to_bgr
+from .predict import FaceResult
+
+COLORS_BGR: dict[str, tuple[int, int, int]] = {
+    "angry": (40, 40, 230), "disgust": (40, 150, 40), "fear": (180, 80, 160), "happy": (30, 200, 250),
+    "sad": (200, 120, 30), "surprise": (250, 200, 60), "neutral": (200, 200, 200),
+}
+WRITABLE_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def draw_results(bgr: np.ndarray, results: Sequence[FaceResult]) -> np.ndarray:
+    """Draw each face's box and "label 87%" onto a BGR uint8 image, in place; returns it."""
+    height, width = bgr.shape[:2]
+    thickness = max(1, round(min(height, width) / 300))
+    for result in results:
+        x, y, w, h = result.box
+        color = COLORS_BGR.get(result.label, (0, 255, 0))
+        cv2.rectangle(bgr, (x, y), (x + w - 1, y + h - 1), color, thickness)
+        text = f"{result.label} {result.probabilities[result.label]:.0%}"
+        scale = max(0.4, min(w / 160, 1.5))
+        (text_w, text_h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        top = y - text_h - base - 2 if y - text_h - base - 2 >= 0 else y + h  # above the box, else below it
+        cv2.rectangle(bgr, (x, top), (x + text_w + 4, top + text_h + base + 2), color, cv2.FILLED)
+        cv2.putText(bgr, text, (x + 2, top + text_h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness,
+                    cv2.LINE_AA)
+    return bgr
+
+
+def annotated_image_path(out: str | os.PathLike[str]) -> Path:
+    """`out`, or `out` with a .png suffix where OpenCV cannot write its format."""
+    out = Path(out)
+    return out if out.suffix.lower() in WRITABLE_IMAGE_SUFFIXES else out.with_name(out.name + ".png")
+
+
+def write_annotated_image(image: np.ndarray, results: Sequence[FaceResult], out: str | os.PathLike[str]) -> Path:
+    """Write a copy of a gray or RGB uint8 image with its results drawn; returns the path written."""
+    path = annotated_image_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), draw_results(to_bgr(image), results)):
+        raise OSError(f"{path}: OpenCV could not write this image")
+    return path

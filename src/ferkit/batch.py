@@ -1,0 +1,356 @@
+"""`ferkit predict` over many inputs: paths, folders and globs -> one result or error per input.
+
+Folders are searched recursively for image and video files (hidden ones skipped); a glob is
+expanded here when the shell did not. An input that fails (no such file, not an image, corrupt,
+over the pixel limit, an empty folder, a glob matching nothing) becomes a result with an error and
+the rest go on; a photo without faces is a result with no faces, not an error. Results come out in
+input order as a table, CSV or a JSON array, streamed as they are ready.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from .annotate import annotated_image_path, write_annotated_image
+from .faces import Face
+from .images import IMAGE_EXTENSIONS, ImageError
+from .predict import EmotionRecognizer, FaceResult
+from .video import VIDEO_EXTENSIONS, FrameResult, VideoError, annotated_video_path, open_video, predict_video
+
+CHUNK = 256
+"""Images whose faces go through the model together."""
+PROBABILITY_DIGITS = 6
+INPUT_ERRORS = (ImageError, VideoError, OSError, ValueError, cv2.error, MemoryError)
+"""What one input may raise without stopping the others."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input to predict on, or an argument that already failed (`error` set, `path` None)."""
+
+    display: str
+    path: Path | None = None
+    kind: str = "image"  # "image" or "video"
+    relative: Path | None = None  # its annotated copy's place under --annotate
+    error: str | None = None
+
+
+@dataclass
+class InputResult:
+    """What came of one input: faces (each with its frame for a video) or an error."""
+
+    item: InputItem
+    faces: list[FaceResult] = field(default_factory=list)
+    frames: list[FrameResult] | None = None
+    size: tuple[int, int] | None = None  # width, height
+    fps: float | None = None
+    error: str | None = None
+    annotated: Path | None = None
+
+
+def _kind(path: Path) -> str:
+    return "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image"
+
+
+def _folder_items(folder: Path, display: str) -> list[InputItem]:
+    files, others = [], 0
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+            files.append(InputItem(str(path), path, _kind(path), Path(folder.resolve().name) / relative))
+        else:
+            others += 1
+    if not files:
+        note = f" ({others} other file{'s' * (others != 1)})" if others else ""
+        return [InputItem(display, error=f"{display}: folder holds no images or videos{note}")]
+    return files
+
+
+def expand_inputs(arguments: Sequence[str]) -> list[InputItem]:
+    """Files, folders (recursively) and globs -> inputs, in argument order, each folder and glob sorted."""
+    items: list[InputItem] = []
+    for argument in arguments:
+        path = Path(argument).expanduser()
+        if path.is_dir():
+            items += _folder_items(path, argument)
+        elif path.is_file():
+            items.append(InputItem(argument, path, _kind(path), Path(path.name)))
+        elif any(c in argument for c in "*?["):
+            matches = sorted(glob.glob(str(path), recursive=True))
+            if not matches:
+                items.append(InputItem(argument, error=f"{argument}: no files match"))
+            for match in matches:
+                found = Path(match)
+                if found.is_dir():
+                    items += _folder_items(found, match)
+                else:
+                    items.append(InputItem(match, found, _kind(found), Path(found.name)))
+        else:
+            items.append(InputItem(argument, error=f"{argument}: no such file or folder"))
+    return items
+
+
+class _Annotations:
+    """Where annotated copies go: DIR/<relative path>, never over an input, never twice the same name."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.used: set[Path] = set()
+
+    def target(self, item: InputItem, suffixer: Callable[[Path], Path]) -> Path | None:
+        if self.folder is None or item.path is None:
+            return None
+        base = suffixer(self.folder / (item.relative or Path(item.path.name)))
+        out, n = base, 1
+        while out in self.used:
+            n += 1
+            out = base.with_name(f"{base.stem}-{n}{base.suffix}")
+        if out.resolve() == item.path.resolve():
+            raise ValueError(f"{item.display}: its annotated copy would overwrite it; choose another --annotate folder")
+        self.used.add(out)
+        return out
+
+
+def run_inputs(
+    recognizer: EmotionRecognizer,
+    items: Sequence[InputItem],
+    every: int = 1,
+    annotate: str | Path | None = None,
+    progress: bool = False,
+) -> Iterator[InputResult]:
+    """Predict on every input, yielding results in input order; failures become results with an error."""
+    annotations = _Annotations(Path(annotate) if annotate is not None else None)
+    # Faces of up to CHUNK images go through the model together; an annotating run keeps each
+    # image only until its faces are classified.
+    chunk = 1 if annotate is not None else CHUNK
+    pending: list[tuple[InputResult, list[Face], np.ndarray | None]] = []
+
+    def flush() -> Iterator[InputResult]:
+        classified = iter(recognizer.classify([face for _, faces, _ in pending for face in faces]))
+        for result, faces, image in pending:
+            if result.error is None:
+                result.faces = [next(classified) for _ in faces]
+                if image is not None:
+                    try:
+                        target = annotations.target(result.item, annotated_image_path)
+                        result.annotated = write_annotated_image(image, result.faces, target) if target else None
+                    except INPUT_ERRORS as err:
+                        result.error = _message(result.item, err)
+            yield result
+        pending.clear()
+
+    bar = tqdm(total=len(items), unit="input", file=sys.stderr, disable=not progress, delay=1.0, dynamic_ncols=True)
+    with bar:
+        for item in items:
+            if item.error is not None:
+                pending.append((InputResult(item, error=item.error), [], None))
+            elif item.kind == "video":
+                yield from flush()
+                yield _run_video(recognizer, item, every, annotations, progress)
+            else:
+                result = InputResult(item)
+                faces: list[Face] = []
+                image = None
+                try:
+                    assert item.path is not None
+                    image = recognizer.load(item.path)
+                    result.size = (image.shape[1], image.shape[0])
+                    faces = recognizer.find_faces(image)
+                except INPUT_ERRORS as err:
+                    result.error, image = _message(item, err), None
+                pending.append((result, faces, image if annotate is not None else None))
+            bar.update(1)
+            if len(pending) >= chunk:
+                yield from flush()
+        yield from flush()
+
+
+def _run_video(
+    recognizer: EmotionRecognizer, item: InputItem, every: int, annotations: _Annotations, progress: bool
+) -> InputResult:
+    assert item.path is not None
+    result = InputResult(item, frames=[])
+    try:
+        capture, info = open_video(item.path)
+        capture.release()
+        result.size, result.fps = (info.width, info.height), info.fps
+        result.annotated = annotations.target(item, annotated_video_path)
+        total = -(-info.frames // every) if info.frames else None
+        with tqdm(total=total, unit="frame", file=sys.stderr, disable=not progress, delay=1.0, leave=False,
+                  desc=item.path.name) as bar:
+            for frame in predict_video(recognizer, item.path, every, result.annotated):
+                assert result.frames is not None
+                result.frames.append(frame)
+                bar.update(1)
+    except INPUT_ERRORS as err:
+        result.error = _message(item, err)
+    if result.frames:
+        result.faces = [face for frame in result.frames for face in frame.faces]
+    return result
+
+
+def _message(item: InputItem, err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text if text.startswith(item.display) or text.startswith(str(item.path)) else f"{item.display}: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def face_record(face: FaceResult, frame: FrameResult | None = None) -> dict[str, Any]:
+    record = face.to_dict(PROBABILITY_DIGITS)
+    if frame is not None:
+        record = {"frame": frame.frame, "time": round(frame.time, 3), **record}
+    return record
+
+
+def json_record(result: InputResult) -> dict[str, Any]:
+    """One input as the --json array holds it: path, faces, error, then what else is known."""
+    if result.frames is not None:
+        faces = [face_record(face, frame) for frame in result.frames for face in frame.faces]
+    else:
+        faces = [face_record(face) for face in result.faces]
+    record: dict[str, Any] = {"path": result.item.display, "faces": faces, "error": result.error,
+                              "type": result.item.kind if result.item.path is not None else None}
+    if result.size is not None:
+        record["width"], record["height"] = result.size
+    if result.frames is not None:
+        record["fps"] = result.fps
+        record["sampled_frames"] = [frame.frame for frame in result.frames]
+    if result.annotated is not None:
+        record["annotated"] = str(result.annotated)
+    return record
+
+
+def _rows(result: InputResult) -> Iterator[tuple[FrameResult | None, int, FaceResult | None]]:
+    """(frame, face number, face) per face; one row with no face per image or sampled frame without any."""
+    if result.error is not None:
+        yield None, 0, None
+        return
+    groups = [(frame, frame.faces) for frame in result.frames] if result.frames is not None else [
+        (None, result.faces)]
+    for frame, faces in groups:
+        if not faces:
+            yield frame, 0, None
+        for number, face in enumerate(faces, start=1):
+            yield frame, number, face
+
+
+class Writer:
+    """Streams results to `out` as a table, CSV or a JSON array."""
+
+    def __init__(self, out: TextIO, fmt: str, classes: Sequence[str], items: Sequence[InputItem],
+                 emit: Callable[[str], None] | None = None) -> None:
+        self.out, self.fmt, self.classes = out, fmt, list(classes)
+        self.emit = emit or (lambda line: print(line, file=out))
+        self.count = 0
+        self.path_width = min(max([len(i.display) for i in items] + [4]), 60)
+        self.has_video = any(i.kind == "video" and i.path is not None for i in items)
+
+    def start(self) -> None:
+        if self.fmt == "json":
+            self.out.write("[")
+        elif self.fmt == "csv":
+            self.csv = csv.writer(self.out, lineterminator="\n")
+            self.csv.writerow(["path", "frame", "time", "face", "x", "y", "w", "h", "label", "probability", "score",
+                               *self.classes, "error"])
+        else:
+            frame = f"{'frame':>7} " if self.has_video else ""
+            self.emit(f"{'path':<{self.path_width}} {frame}{'face':>4}  {'box (x, y, w, h)':<22} {'label':<9} "
+                      f"{'p':>5} {'score':>6}")
+
+    def add(self, result: InputResult) -> None:
+        if self.fmt == "json":
+            text = json.dumps(json_record(result))
+            self.out.write(("\n" if self.count == 0 else ",\n") + text)
+            self.out.flush()
+        elif self.fmt == "csv":
+            for frame, number, face in _rows(result):
+                self.csv.writerow(self._csv_row(result, frame, number, face))
+            self.out.flush()
+        else:
+            for frame, number, face in _rows(result):
+                self.emit(self._table_row(result, frame, number, face))
+        self.count += 1
+
+    def finish(self) -> None:
+        if self.fmt == "json":
+            self.out.write("\n]\n" if self.count else "]\n")
+            self.out.flush()
+
+    def _csv_row(self, result: InputResult, frame: FrameResult | None, number: int, face: FaceResult | None
+                 ) -> list[Any]:
+        row: list[Any] = [result.item.display, "" if frame is None else frame.frame,
+                          "" if frame is None else round(frame.time, 3)]
+        if face is None:
+            row += [""] * (8 + len(self.classes))
+        else:
+            row += [number, *face.box, face.label, round(face.probabilities[face.label], PROBABILITY_DIGITS),
+                    "" if face.score is None else face.score,
+                    *(round(face.probabilities[c], PROBABILITY_DIGITS) for c in self.classes)]
+        return [*row, result.error or ""]
+
+    def _table_row(self, result: InputResult, frame: FrameResult | None, number: int, face: FaceResult | None
+                   ) -> str:
+        path = result.item.display
+        if len(path) > self.path_width:
+            path = "..." + path[-(self.path_width - 3):]
+        head = f"{path:<{self.path_width}} " + (f"{'' if frame is None else frame.frame:>7} " if self.has_video else "")
+        if result.error is not None:
+            return f"{head}{'-':>4}  error: {result.error}"
+        if face is None:
+            return f"{head}{'-':>4}  no face"
+        box = ", ".join(map(str, face.box))
+        score = "" if face.score is None else f"{face.score:.2f}"
+        return (f"{head}{number:>4}  {box:<22} {face.label:<9} {face.probabilities[face.label]:>5.2f} "
+                f"{score:>6}")
+
+
+def predict_command(
+    recognizer: EmotionRecognizer,
+    arguments: Sequence[str],
+    fmt: str = "table",
+    every: int = 1,
+    annotate: str | None = None,
+    progress: bool | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """`ferkit predict PATH...`: write every input's result to `out`; 1 if any input failed, else 0.
+
+    Failures also go to stderr, one line each, when stdout is for machines (CSV, JSON).
+    """
+    if every < 1:
+        raise ValueError(f"--every must be at least 1, not {every}")
+    out = out or sys.stdout
+    items = expand_inputs(arguments)
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    emit = (lambda line: tqdm.write(line, file=out)) if show_progress else None
+    writer = Writer(out, fmt, recognizer.classes, items, emit)
+    failed = 0
+    writer.start()
+    try:
+        for result in run_inputs(recognizer, items, every, annotate, show_progress):
+            writer.add(result)
+            if result.error is not None:
+                failed += 1
+                if fmt != "table":
+                    print(f"ferkit: {result.error}", file=sys.stderr)
+    finally:
+        writer.finish()
+    if failed:
+        print(f"ferkit: {failed} of {len(items)} input{'s' * (len(items) != 1)} failed", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,145 @@
+"""User images in whatever form they come -> one upright uint8 array: the loader for prediction.
+
+`load_image` takes a path, a PIL image or a numpy array and returns (H, W) gray or (H, W, 3) RGB
+uint8, upright. Files are decoded with Pillow so EXIF orientation is honoured, and an image over a
+pixel limit is refused from its header, before anything is decoded (decompression bombs). Every
+failure is an `ImageError` whose message names the file.
+
+Numpy convention: (H, W) or (H, W, 1) is gray; (H, W, 3) is RGB and (H, W, 4) RGBA, unless
+`color_order="bgr"` says the channels come in OpenCV's BGR / BGRA order. Alpha is dropped.
+uint8 is taken as is; bool, uint16 and floats in [0, 1] are scaled to 0..255.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Literal, Union
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 (a runtime alias, py3.10)
+ColorOrder = Literal["rgb", "bgr"]
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Pillow's own decompression-bomb threshold (about 0.25 GB of RGBA): larger images are refused."""
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm"}
+)
+"""Files that folder expansion treats as images (a named file is tried whatever its extension)."""
+
+
+class ImageError(ValueError):
+    """An input that cannot be read as an image; the message names it and says why."""
+
+
+def load_image(
+    source: ImageInput, color_order: ColorOrder = "rgb", max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """A path, PIL image or numpy array -> upright (H, W) gray or (H, W, 3) RGB uint8 array."""
+    if color_order not in ("rgb", "bgr"):
+        raise ValueError(f"color_order must be 'rgb' or 'bgr', not {color_order!r}")
+    if isinstance(source, np.ndarray):
+        return from_array(source, color_order)
+    if isinstance(source, Image.Image):
+        try:
+            return from_pil(source)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"<PIL image>: cannot be converted ({err})") from None
+    if isinstance(source, (str, os.PathLike)):
+        return read_image_file(source, max_pixels)
+    raise TypeError(f"expected a path, a PIL image or a numpy array, not {type(source).__name__}")
+
+
+def read_image_file(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file, upright per its EXIF orientation, refusing it if over `max_pixels`."""
+    where = str(path)
+    if Path(path).is_dir():
+        raise ImageError(f"{where}: is a folder, not an image")
+    try:
+        # Our own limit below replaces Pillow's warning; Pillow still raises beyond twice its limit.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels and width * height > max_pixels:
+                    raise ImageError(
+                        f"{where}: {width}x{height} is {width * height:,} pixels, over the pixel limit of "
+                        f"{max_pixels:,} (a decompression-bomb guard; raise it with --max-pixels or max_pixels=)"
+                    )
+                return from_pil(image)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{where}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{where}: not an image (or in a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{where}: over the pixel limit, a possible decompression bomb ({err})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"{where}: corrupt or truncated image ({err})") from None
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    """A PIL image (decoded here if still lazy) -> upright gray or RGB uint8 array."""
+    upright = ImageOps.exif_transpose(image) or image
+    mode = upright.mode
+    if mode == "L":
+        return np.array(upright, dtype=np.uint8)
+    if mode in ("1", "LA", "La"):
+        return np.array(upright.convert("L"), dtype=np.uint8)
+    if mode.startswith("I;16"):
+        return _to_uint8(np.array(upright).astype(np.uint16), "<PIL image>")
+    if mode in ("I", "F"):
+        return np.array(upright.convert("L"), dtype=np.uint8)
+    return np.array(upright.convert("RGB"), dtype=np.uint8)
+
+
+def from_array(array: np.ndarray, color_order: ColorOrder = "rgb") -> np.ndarray:
+    """A numpy image in the module's convention -> gray or RGB uint8 array (a copy only when needed)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(f"<array>: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"<array>: empty image of shape {array.shape}")
+    array = _to_uint8(array, "<array>")
+    if array.ndim == 3:
+        array = array[..., :3]
+        if color_order == "bgr":
+            array = array[..., ::-1]
+        array = np.ascontiguousarray(array)
+    return array
+
+
+def _to_uint8(array: np.ndarray, where: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint16:
+        return np.round(array / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ImageError(f"{where}: float images must hold values in [0, 1]; pass uint8 for 0..255")
+        return np.round(array * 255.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise ImageError(f"{where}: {array.dtype} values outside 0..255; pass uint8 or uint16")
+        return array.astype(np.uint8)
+    raise ImageError(f"{where}: unsupported pixel type {array.dtype}")
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Gray or RGB uint8 -> gray uint8 (ITU-R 601 luma, as OpenCV and Pillow compute it)."""
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """Gray or RGB uint8 -> a new BGR uint8 array, for OpenCV's drawing and writing."""
+    code = cv2.COLOR_GRAY2BGR if image.ndim == 2 else cv2.COLOR_RGB2BGR
+    return cv2.cvtColor(image, code)

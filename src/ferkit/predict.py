@@ -1,0 +1,278 @@
+"""`EmotionRecognizer`: the emotions of the faces in photos, video frames and face crops.
+
+An image (path, PIL image or numpy array; see `ferkit.images` for the conventions) is loaded
+upright, its faces are found and cropped the FER-2013 way (`ferkit.faces`), and the crops go
+through the model. Two backends run the model:
+
+- PyTorch, for safetensors weights: crops go through `evaluate.predict_logits`, the very code that
+  `ferkit evaluate` scores, test-time augmentation included, so predictions on face crops are
+  exactly evaluate's.
+- onnxruntime, for an exported .onnx file: runs no torch code; its input comes from
+  `augment.preprocess_numpy`, bit-identical to `augment.preprocess`, and the graph holds the TTA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .faces import (
+    DEFAULT_DETECT_SIDE,
+    DEFAULT_MIN_FACE,
+    Box,
+    Face,
+    FaceDetector,
+    find_faces,
+    make_detector,
+    whole_image_face,
+)
+from .images import DEFAULT_MAX_PIXELS, ColorOrder, ImageInput, load_image
+from .labels import IMAGE_SIZE
+from .weights import WeightsError, WeightsMeta
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """One face: where it is, how likely each emotion is, the most likely one, and the detector's score.
+
+    `box` is (x, y, w, h) in the upright original image's pixels: the square region the model read
+    (FER-2013 framing), clipped to the image; the whole image when detection is off. `score` is
+    the detector's (see `ferkit.faces`), None when detection is off.
+    """
+
+    box: Box
+    probabilities: dict[str, float]
+    label: str
+    score: float | None
+
+    def to_dict(self, digits: int | None = None) -> dict[str, Any]:
+        """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}, optionally rounded."""
+        probabilities = {k: (round(v, digits) if digits is not None else v) for k, v in self.probabilities.items()}
+        return {"box": list(self.box), "label": self.label, "probabilities": probabilities, "score": self.score}
+
+
+class Backend(Protocol):
+    """What runs the model: uint8 crops (N, 48, 48) -> float32 logits (N, classes)."""
+
+    name: str
+    meta: WeightsMeta
+    path: Path
+
+    def logits(self, crops: np.ndarray) -> np.ndarray: ...
+
+
+SMALL_BATCH = 16
+"""Batches up to this many crops run on one CPU thread."""
+
+
+class TorchBackend:
+    """Safetensors weights on PyTorch, through `evaluate.predict_logits` with the weights' TTA."""
+
+    name = "torch"
+
+    def __init__(self, weights: str | os.PathLike[str] | None, device: str = "auto", batch_size: int = 512) -> None:
+        from .devices import pick_device
+        from .weights import load_model, resolve_weights
+
+        self.path = resolve_weights(weights)
+        self.device = pick_device(device)
+        self.model, self.meta = load_model(self.path, self.device)
+        self.batch_size = batch_size
+        check_meta(self.meta, self.path)
+
+    def logits(self, crops: np.ndarray) -> np.ndarray:
+        import torch
+
+        from .evaluate import predict_logits
+
+        if self.device.type != "cpu" or len(crops) > SMALL_BATCH:
+            return predict_logits(self.model, crops, self.device, self.batch_size, self.meta.tta).numpy()
+        # The few faces of one photo gain nothing from intra-op threads, and on a busy machine the
+        # OpenMP barriers between them can cost 100 ms; logits move by ~1e-6 with the thread
+        # count either way (as evaluate's own do), never enough to change a label in our checks.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return predict_logits(self.model, crops, self.device, self.batch_size, self.meta.tta).numpy()
+        finally:
+            torch.set_num_threads(threads)
+
+
+class OnnxBackend:
+    """An exported .onnx model on onnxruntime; no torch code runs."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike[str], device: str = "auto", batch_size: int = 512) -> None:
+        from .export import EXPORT_KEY, meta_from_json
+
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise WeightsError(f"{path}: ONNX models need onnxruntime: pip install 'ferkit[export]'") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise WeightsError(f"{path}: no such ONNX file")
+        available = ort.get_available_providers()
+        wanted = {"auto": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"],
+                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}.get(device.split(":")[0])
+        if wanted is None or (device.startswith("cuda") and "CUDAExecutionProvider" not in available):
+            raise WeightsError(f"{path}: onnxruntime cannot run on {device!r} here (providers: {', '.join(available)})")
+        options = ort.SessionOptions()
+        # Idle threads that spin steal the cores face detection runs on (a 640x480 photo took 24
+        # instead of 15 ms on 2 cores); throughput on batches is the same without spinning.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[p for p in wanted if p in available])
+        except Exception as err:  # onnxruntime's errors derive from Exception only
+            raise WeightsError(f"{path}: not an ONNX model onnxruntime can load ({err})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = meta_from_json(props.get("ferkit"), path)
+        self.export_info = _json_dict(props.get(EXPORT_KEY))
+        check_meta(self.meta, self.path)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        size = self.meta.image_size
+        if len(inputs) != 1 or list(inputs[0].shape)[1:] != [1, size, size]:
+            raise WeightsError(f"{path}: expects input {[i.shape for i in inputs]}, not one (N, 1, {size}, {size})")
+        if list(outputs[0].shape)[1:] != [len(self.meta.classes)]:
+            raise WeightsError(f"{path}: outputs {outputs[0].shape} do not fit {len(self.meta.classes)} classes")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        self.batch_size = batch_size
+
+    def logits(self, crops: np.ndarray) -> np.ndarray:
+        from .augment import preprocess_numpy
+
+        outputs = [
+            self.session.run([self.output_name], {self.input_name: preprocess_numpy(crops[i : i + self.batch_size])})[0]
+            for i in range(0, len(crops), self.batch_size)
+        ]
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.meta.classes)), np.float32)
+
+
+def _json_dict(text: str | None) -> dict[str, Any]:
+    import json
+
+    try:
+        return dict(json.loads(text)) if text else {}
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return {}
+
+
+def check_meta(meta: WeightsMeta, path: Path) -> None:
+    """Refuse weights whose input is not what `augment.preprocess` makes: they would predict garbage."""
+    from .augment import MEAN, STD
+
+    if meta.image_size != IMAGE_SIZE:
+        raise WeightsError(f"{path}: made for {meta.image_size}x{meta.image_size} input; ferkit crops faces to "
+                           f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+    norm = meta.normalization
+    if not isinstance(norm, dict) or (norm.get("mean"), norm.get("std")) != (MEAN, STD):
+        raise WeightsError(f"{path}: normalisation {norm} is not ferkit's (mean {MEAN}, std {STD})")
+    if len(meta.classes) < 2 or len(set(meta.classes)) != len(meta.classes):
+        raise WeightsError(f"{path}: classes {meta.classes} are not distinct names")
+
+
+def open_backend(weights: str | os.PathLike[str] | None, device: str = "auto", batch_size: int = 512) -> Backend:
+    """ONNX for a .onnx path, else PyTorch on a safetensors file, run folder or shipped model name."""
+    if weights is not None and str(weights).lower().endswith(".onnx"):
+        return OnnxBackend(weights, device, batch_size)
+    if weights is not None and Path(weights).suffix.lower() in (".pt", ".pth", ".ts", ".ckpt", ".torchscript"):
+        raise WeightsError(f"{weights}: ferkit loads only safetensors weights or exported .onnx models; pickle-based "
+                           "files (TorchScript, torch.save checkpoints) are never loaded")
+    return TorchBackend(weights, device, batch_size)
+
+
+class EmotionRecognizer:
+    """Reads the emotion of every face in an image.
+
+    >>> recognizer = EmotionRecognizer()              # the shipped default model, best device
+    >>> for face in recognizer.predict("photo.jpg"):  # doctest: +SKIP
+    ...     print(face.box, face.label, face.probabilities[face.label])
+
+    `weights`: None (the shipped default), a shipped model's name, a safetensors file, a run folder,
+    or an exported .onnx file (runs on onnxruntime). `detect=False` treats each image as one face
+    crop, like FER-2013's. `detector`: "haar", a Haar cascade .xml, a YuNet .onnx model, or an object
+    with `detect()` and `crop_scale` (see `ferkit.faces`). `min_face`: smallest face side in pixels;
+    `detect_max_side`: larger images are downscaled to this for detection (crops come from the original).
+    `max_pixels`: image files over this many pixels are refused (decompression bombs).
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "auto",
+        detect: bool = True,
+        detector: str | os.PathLike[str] | FaceDetector = "haar",
+        min_face: int = DEFAULT_MIN_FACE,
+        detect_max_side: int | None = DEFAULT_DETECT_SIDE,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        batch_size: int = 512,
+    ) -> None:
+        self.backend = open_backend(weights, device, batch_size)
+        self.meta = self.backend.meta
+        self.classes = list(self.meta.classes)
+        self.detect = detect
+        self.detector = make_detector(detector, min_face, detect_max_side) if detect else None
+        self.max_pixels = max_pixels
+
+    def __repr__(self) -> str:
+        return (f"EmotionRecognizer(weights={str(self.backend.path)!r}, backend={self.backend.name!r}, "
+                f"detect={self.detect})")
+
+    def load(self, image: ImageInput, color_order: ColorOrder = "rgb") -> np.ndarray:
+        """The upright gray or RGB uint8 array of an input (see `ferkit.images.load_image`)."""
+        return load_image(image, color_order, self.max_pixels)
+
+    def find_faces(self, image: np.ndarray) -> list[Face]:
+        """Faces (box, score, 48x48 crop) in a loaded image; the whole image when detection is off."""
+        if self.detector is None:
+            return [whole_image_face(image)]
+        return find_faces(image, self.detector)
+
+    def logits(self, crops: np.ndarray) -> np.ndarray:
+        """float32 logits (N, classes) for uint8 face crops (N, 48, 48)."""
+        crops = np.asarray(crops)
+        if crops.dtype != np.uint8 or crops.ndim != 3 or crops.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"expected uint8 crops of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), got {crops.dtype} "
+                             f"{crops.shape}")
+        if len(crops) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return np.asarray(self.backend.logits(crops), dtype=np.float32)
+
+    def classify(self, faces: Sequence[Face]) -> list[FaceResult]:
+        """Run the model on found faces, all in one batch."""
+        if not faces:
+            return []
+        logits = self.logits(np.stack([face.crop for face in faces]))
+        shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)
+        probabilities = np.exp(shifted)
+        probabilities /= probabilities.sum(1, keepdims=True)
+        # The label is the argmax of the logits, exactly as `ferkit evaluate` counts it.
+        labels = logits.argmax(1)
+        return [
+            FaceResult(face.box, dict(zip(self.classes, map(float, p), strict=True)), self.classes[int(k)], face.score)
+            for face, p, k in zip(faces, probabilities, labels, strict=True)
+        ]
+
+    def predict(self, image: ImageInput, *, color_order: ColorOrder = "rgb") -> list[FaceResult]:
+        """One result per face found in `image` (a path, PIL image or numpy array), largest face first.
+
+        No face is not an error: the list is empty. Unreadable input raises `ferkit.images.ImageError`.
+        `color_order="bgr"` for 3- or 4-channel numpy arrays from OpenCV.
+        """
+        return self.classify(self.find_faces(self.load(image, color_order)))
+
+    def predict_batch(
+        self, images: Iterable[ImageInput], *, color_order: ColorOrder = "rgb"
+    ) -> list[list[FaceResult]]:
+        """`predict` for many images, with one batched model call for all their faces."""
+        per_image = [self.find_faces(self.load(image, color_order)) for image in images]
+        results = iter(self.classify([face for faces in per_image for face in faces]))
+        return [[next(results) for _ in faces] for faces in per_image]

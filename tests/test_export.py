@@ -1,0 +1,138 @@
+"""Export to ONNX and TorchScript: outputs equal PyTorch's within 1e-4 on real faces; the ONNX path runs no torch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fer_photos import fer_faces, model_weights, read_gray
+from ferkit import cli
+from ferkit.evaluate import predict_logits
+from ferkit.export import (
+    PARITY_TOLERANCE,
+    check_parity,
+    export_model,
+    exported_logits,
+    format_for,
+    read_export_info,
+)
+from ferkit.labels import EMOTIONS
+from ferkit.predict import EmotionRecognizer
+from ferkit.weights import WeightsError, load_model, read_meta
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def weights() -> Path:
+    return model_weights()
+
+
+@pytest.fixture(scope="module")
+def faces(data_root: Path) -> np.ndarray:
+    """280 real PrivateTest faces, 40 of every class."""
+    return np.stack([read_gray(p) for cls in EMOTIONS for p in fer_faces(data_root, cls)[:40]])
+
+
+@pytest.fixture(scope="module")
+def onnx_file(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_model(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnx_matches_pytorch_on_real_faces(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
+    model, meta = load_model(weights)
+    reference = predict_logits(model, faces, tta=meta.tta).numpy()
+    exported = exported_logits(onnx_file, faces)
+    assert exported.shape == (len(faces), len(EMOTIONS))
+    assert np.abs(exported - reference).max() <= PARITY_TOLERANCE
+    assert check_parity(weights, onnx_file, faces) <= PARITY_TOLERANCE
+    for size in (1, 7):  # the batch dimension is free
+        assert np.abs(exported_logits(onnx_file, faces[:size]) - reference[:size]).max() <= PARITY_TOLERANCE
+
+
+def test_onnx_carries_the_weights_metadata(onnx_file: Path, weights: Path) -> None:
+    meta, info = read_export_info(onnx_file)
+    assert meta == read_meta(weights)
+    assert info["format"] == "onnx" and info["tta"] == meta.tta and info["opset"] >= 17
+
+
+def test_recognizer_on_onnx_runs_no_torch_code(
+    onnx_file: Path, weights: Path, faces: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    astronaut = skimage_data.astronaut()
+    torch_results = EmotionRecognizer(weights, device="cpu").predict(astronaut)
+    torch_crops = EmotionRecognizer(weights, device="cpu", detect=False).predict_batch(list(faces[:64]))
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch code ran on the ONNX path")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", forbidden)
+    monkeypatch.setattr("ferkit.evaluate.predict_logits", forbidden)
+    monkeypatch.setattr("ferkit.augment.preprocess", forbidden)
+    monkeypatch.setattr(torch, "from_numpy", forbidden)
+    recognizer = EmotionRecognizer(onnx_file, device="cpu")
+    assert recognizer.backend.name == "onnxruntime"
+    onnx_results = recognizer.predict(astronaut)
+    assert [(r.box, r.label) for r in onnx_results] == [(r.box, r.label) for r in torch_results]
+    onnx_crops = EmotionRecognizer(onnx_file, device="cpu", detect=False).predict_batch(list(faces[:64]))
+    for a, b in zip(onnx_crops, torch_crops, strict=True):
+        np.testing.assert_allclose(list(a[0].probabilities.values()), list(b[0].probabilities.values()), atol=1e-5)
+
+
+def test_torchscript_matches_pytorch_with_tta(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
+    out = export_model(weights, tmp_path / "model.pt", "torchscript", tta="flip")
+    model, _ = load_model(weights)
+    reference = predict_logits(model, faces, tta="flip").numpy()
+    assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
+    meta, info = read_export_info(out)
+    assert meta == read_meta(weights) and info == {**info, "format": "torchscript", "tta": "flip"}
+
+
+def test_cli_export_onnx_with_tta_checks_parity(weights: Path, faces: np.ndarray, tiny_root: Path,
+                                                 tmp_path: Path) -> None:
+    out = tmp_path / "flip.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = cli.main(["export", "--weights", str(weights), "--format", "onnx", "--out", str(out),
+                           "--tta", "flip", "--data", str(tiny_root), "--check-images", "14"])
+    assert status == 0
+    lines = stdout.getvalue().splitlines()
+    assert lines[0].startswith(f"wrote {out} (onnx, opset") and "tta flip" in lines[0]
+    assert lines[1].startswith("parity with PyTorch on 14 test images") and lines[1].endswith(": ok")
+    model, _ = load_model(weights)
+    reference = predict_logits(model, faces, tta="flip").numpy()
+    assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
+
+
+def test_export_usage_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["export", "--weights", str(weights), "--out", str(tmp_path / "model.bin")]) == 2
+    assert "cannot tell the format" in capsys.readouterr().err
+    assert cli.main(["export", "--weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "no such weights file" in capsys.readouterr().err
+    assert format_for("m.ONNX") == "onnx" and format_for("m.pt") == "torchscript"
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_broken_onnx_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(WeightsError, match="not an ONNX model"):
+        EmotionRecognizer(tmp_path / "junk.onnx")
+    with pytest.raises(WeightsError, match="no such ONNX file"):
+        EmotionRecognizer(tmp_path / "missing.onnx")
+
+
+def test_onnx_without_ferkit_metadata_is_refused(onnx_file: Path, tmp_path: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(onnx_file))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    with pytest.raises(WeightsError, match="no ferkit metadata"):
+        EmotionRecognizer(tmp_path / "bare.onnx")

@@ -1,0 +1,181 @@
+"""The Python API: EmotionRecognizer on every input type, on real photos and crops, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import ferkit
+from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, model_weights, photo, read_gray
+from ferkit.evaluate import predict_logits
+from ferkit.faces import find_faces
+from ferkit.labels import EMOTIONS
+from ferkit.models import create_model
+from ferkit.predict import EmotionRecognizer, FaceResult
+from ferkit.weights import METADATA_KEY, WeightsError, WeightsMeta, load_model, resolve_weights
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def weights() -> Path:
+    return model_weights()
+
+
+@pytest.fixture(scope="module")
+def recognizer(weights: Path) -> EmotionRecognizer:
+    return EmotionRecognizer(weights, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def crops_reader(weights: Path) -> EmotionRecognizer:
+    return EmotionRecognizer(weights, device="cpu", detect=False)
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return skimage_data.astronaut()
+
+
+def _same(a: list[FaceResult], b: list[FaceResult], atol: float = 0.0) -> None:
+    assert [(r.box, r.label, r.score) for r in a] == [(r.box, r.label, r.score) for r in b]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(list(x.probabilities.values()), list(y.probabilities.values()), atol=atol, rtol=0)
+
+
+def test_the_astronaut(recognizer: EmotionRecognizer, astronaut: np.ndarray) -> None:
+    (face,) = recognizer.predict(astronaut)
+    assert iou(face.box, ASTRONAUT_FACE) > 0.7
+    assert list(face.probabilities) == list(EMOTIONS)
+    assert abs(sum(face.probabilities.values()) - 1) < 1e-6
+    assert face.label == max(face.probabilities, key=face.probabilities.__getitem__)
+    assert face.score is not None and face.score > 0
+    record = face.to_dict(6)
+    assert record["box"] == list(face.box) and record["label"] == face.label
+    json.dumps(record)
+
+
+def test_every_input_type_gives_the_same_result(recognizer: EmotionRecognizer, astronaut: np.ndarray,
+                                                tmp_path: Path) -> None:
+    Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
+    expected = recognizer.predict(astronaut)
+    assert len(expected) == 1
+    for image in (str(tmp_path / "astronaut.png"), tmp_path / "astronaut.png", Image.open(tmp_path / "astronaut.png"),
+                  Image.fromarray(astronaut).convert("RGBA")):
+        _same(recognizer.predict(image), expected)
+    bgr = np.ascontiguousarray(astronaut[..., ::-1])
+    _same(recognizer.predict(bgr, color_order="bgr"), expected)
+    # A gray array and a PIL "L" image are read as the same gray face.
+    gray = np.asarray(Image.fromarray(astronaut).convert("L"))
+    gray_result = recognizer.predict(gray)
+    _same(recognizer.predict(Image.fromarray(gray)), gray_result)
+    assert len(gray_result) == 1 and iou(gray_result[0].box, expected[0].box) > 0.8
+
+
+def test_predict_batch_equals_predict(recognizer: EmotionRecognizer, astronaut: np.ndarray, data_root: Path) -> None:
+    faces = [read_gray(p) for p in fer_faces(data_root, "happy")[:4]]
+    images = [astronaut, photo(faces[:2], [(40, 60, 150, 150), (360, 150, 180, 180)]), background(seed=2),
+              photo(faces[2:], [(60, 80, 170, 170), (380, 120, 160, 160)], seed=3)]
+    batch = recognizer.predict_batch(images)
+    assert len(batch) == 4 and batch[2] == []
+    for image, results in zip(images, batch, strict=True):
+        _same(results, recognizer.predict(image), atol=1e-6)
+
+
+def test_no_face_is_an_empty_result_not_an_error(recognizer: EmotionRecognizer) -> None:
+    assert recognizer.predict(background(seed=4)) == []
+    assert recognizer.predict_batch([]) == []
+
+
+def test_crops_predict_what_evaluate_scores(crops_reader: EmotionRecognizer, weights: Path, data_root: Path) -> None:
+    files = [p for cls in EMOTIONS for p in fer_faces(data_root, cls)[:12]]
+    crops = np.stack([read_gray(p) for p in files])
+    model, meta = load_model(weights)
+    logits = predict_logits(model, crops, tta=meta.tta)
+    results = crops_reader.predict_batch(files)
+    assert [r[0].label for r in results] == [meta.classes[int(k)] for k in logits.argmax(1)]
+    probabilities = torch.softmax(logits.double(), 1).numpy()
+    np.testing.assert_allclose([list(r[0].probabilities.values()) for r in results], probabilities, atol=1e-6)
+    assert all(r[0].box == (0, 0, 48, 48) and r[0].score is None for r in results)
+
+
+def test_labels_of_pasted_faces_match_the_model_on_their_crops(
+    recognizer: EmotionRecognizer, crops_reader: EmotionRecognizer, data_root: Path
+) -> None:
+    files = fer_faces(data_root, "happy")[:16]
+    originals = crops_reader.predict_batch(files)
+    checked, agree = 0, 0
+    for i in range(0, 16, 2):
+        faces = [read_gray(p) for p in files[i : i + 2]]
+        boxes = [(40 + 3 * i, 60, 150, 150), (360, 150 + 3 * i, 180, 180)]
+        image = photo(faces, boxes, seed=i)
+        results = recognizer.predict(image)
+        # Exactly the model on the detector's crop: the API adds nothing between crop and model.
+        detected = find_faces(image, recognizer.detector)  # type: ignore[arg-type]
+        assert [r.label for r in results] == [crops_reader.predict(f.crop)[0].label for f in detected]
+        for j, box in enumerate(boxes):
+            matches = [r for r in results if iou(r.box, box) >= 0.5]
+            direct = originals[i + j][0]
+            if matches and direct.probabilities[direct.label] >= 0.7:
+                checked += 1
+                agree += matches[0].label == direct.label
+    # Against the original 48x48 crop the pasted face went through upscaling, JPEG-free pasting
+    # and re-cropping, so only confident faces are compared, and most (not all) must agree.
+    assert checked >= 4
+    assert agree >= 0.8 * checked, f"{agree} of {checked} confident faces agree"
+
+
+def test_default_recognizer_loads_the_shipped_model() -> None:
+    try:
+        expected = resolve_weights(None)
+    except WeightsError:
+        pytest.skip("no shipped default model in this checkout")
+    recognizer = EmotionRecognizer()
+    assert recognizer.backend.path == expected and recognizer.backend.name == "torch"
+    assert "EmotionRecognizer(" in repr(recognizer)
+
+
+def test_logits_checks_its_input(recognizer: EmotionRecognizer) -> None:
+    assert recognizer.logits(np.zeros((0, 48, 48), np.uint8)).shape == (0, len(EMOTIONS))
+    with pytest.raises(ValueError, match="uint8 crops"):
+        recognizer.logits(np.zeros((2, 48, 48), np.float32))
+
+
+def test_import_ferkit_is_light_and_exports_the_api() -> None:
+    code = "import sys, ferkit; print(sorted(m for m in ('torch', 'cv2', 'onnxruntime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert ferkit.EmotionRecognizer is EmotionRecognizer
+    assert ferkit.FaceResult is FaceResult
+    with pytest.raises(AttributeError):
+        _ = ferkit.NoSuchThing  # type: ignore[attr-defined]
+
+
+def _weights_with(tmp_path: Path, **fields: object) -> Path:
+    path = tmp_path / "odd.safetensors"
+    meta = {**WeightsMeta(arch="seed").__dict__, **fields}
+    save_file(dict(create_model("seed").state_dict()), str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="made for 64x64 input"):
+        EmotionRecognizer(_weights_with(tmp_path, image_size=64))
+    with pytest.raises(WeightsError, match="normalisation"):
+        EmotionRecognizer(_weights_with(tmp_path, normalization={"mean": 0.0, "std": 1.0}))
+    with pytest.raises(WeightsError, match="tensors do not fit"):
+        EmotionRecognizer(_weights_with(tmp_path, classes=["a", "b", "c"]))
+    for name in ("model.pt", "model.pth", "checkpoint.ckpt"):
+        (tmp_path / name).write_bytes(b"\x80\x04")
+        with pytest.raises(WeightsError, match="never loaded"):
+            EmotionRecognizer(tmp_path / name)
+    with pytest.raises(WeightsError, match="no such"):
+        EmotionRecognizer(tmp_path / "missing.safetensors")
