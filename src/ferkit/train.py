@@ -12,6 +12,7 @@ trains on its own shard of each epoch's shuffle and only rank 0 writes files.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import random
@@ -291,6 +292,10 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     if env.is_main:
         finish_run(run_dir, data, device, config.eval_batch_size)
     if dist.is_initialized():
+        # The DDP wrapper's reducer must die before its process group does: freed after it, at exit,
+        # it can abort the process.
+        del model, ctx
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return run_dir
