@@ -56,6 +56,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path, faces: tor
     save_weights(tmp_path / "sub" / "model.safetensors", model, meta)
     loaded, loaded_meta = load_model(tmp_path / "sub" / "model.safetensors")
     assert not loaded.training
+    # load_model hands models back channels-last (the fast layout for inference); same layout, same outputs.
+    model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(loaded(faces), model(faces), rtol=0, atol=0)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
