@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ import torch
 
 from ferkit.data import FerData, Split, load_fer2013
 from ferkit.labels import EMOTIONS, SPLIT_TO_USAGE, SPLITS
+
+if TYPE_CHECKING:
+    from ferkit.predict import EmotionRecognizer
 
 DATA_ROOT = Path(
     os.environ.get("FERKIT_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013"
@@ -186,3 +190,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, small_data: FerData) -> P
 def run_copy(tmp_path: Path, tiny_run: Path) -> Path:
     """A private, modifiable copy of `tiny_run`."""
     return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def weights() -> Path:
+    """The weights the prediction and export tests use (the shipped default; see fer_photos.model_weights)."""
+    from fer_photos import model_weights
+
+    return model_weights()
+
+
+@pytest.fixture(scope="session")
+def recognizer(weights: Path) -> EmotionRecognizer:
+    """The shipped model with face detection, on the CPU."""
+    from ferkit.predict import EmotionRecognizer
+
+    return EmotionRecognizer(weights, device="cpu")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fer_photos import fer_faces, model_weights, read_gray
+from fer_photos import fer_faces, read_gray
 from ferkit import cli
 from ferkit.evaluate import predict_logits
 from ferkit.export import (
@@ -28,11 +28,6 @@ from ferkit.weights import WeightsError, load_model, read_meta
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 skimage_data = pytest.importorskip("skimage.data")
-
-
-@pytest.fixture(scope="module")
-def weights() -> Path:
-    return model_weights()
 
 
 @pytest.fixture(scope="module")

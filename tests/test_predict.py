@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ferkit
-from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, model_weights, photo, read_gray
+from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray
 from ferkit.evaluate import predict_logits
 from ferkit.faces import find_faces
 from ferkit.labels import EMOTIONS
@@ -23,16 +23,6 @@ from ferkit.predict import EmotionRecognizer, FaceResult
 from ferkit.weights import METADATA_KEY, WeightsError, WeightsMeta, load_model, resolve_weights
 
 skimage_data = pytest.importorskip("skimage.data")
-
-
-@pytest.fixture(scope="module")
-def weights() -> Path:
-    return model_weights()
-
-
-@pytest.fixture(scope="module")
-def recognizer(weights: Path) -> EmotionRecognizer:
-    return EmotionRecognizer(weights, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, model_weights, photo, read_gray, write_video
+from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray, write_video
 from ferkit import cli
 from ferkit.batch import expand_inputs, predict_command
 from ferkit.evaluate import predict_logits
@@ -29,16 +29,6 @@ PASTED = {
     "two.jpg": [(40, 60, 150, 150), (360, 150, 180, 180)],
     "people/one.png": [(220, 110, 170, 170)],
 }
-
-
-@pytest.fixture(scope="module")
-def weights() -> Path:
-    return model_weights()
-
-
-@pytest.fixture(scope="module")
-def recognizer(weights: Path) -> EmotionRecognizer:
-    return EmotionRecognizer(weights, device="cpu")
 
 
 @pytest.fixture(scope="module")
