@@ -669,3 +669,22 @@ def test_every_architecture_takes_a_training_step_on_real_faces(
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)) == len(before)
+
+
+def test_refresh_batchnorm_re_estimates_statistics_on_real_faces(small_data: FerData) -> None:
+    images = to_tensor(small_data["train"].images[:200])
+    model = create_model("seed").eval()
+    first_bn = model.features[0][1]
+    first_bn.running_mean.fill_(100.0)
+    first_bn.running_var.fill_(1e-3)
+    train_module.refresh_batchnorm(model, images, batch_size=50)
+    assert not model.training
+    with torch.no_grad():
+        conv_out = model.features[0][0](preprocess(images))
+    # BatchNorm's cumulative statistics: the average over the four batches of each batch's mean and
+    # unbiased variance.
+    batches = conv_out.split(50)
+    expected_mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    expected_var = torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0)
+    torch.testing.assert_close(first_bn.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first_bn.running_var, expected_var, rtol=1e-4, atol=1e-5)
