@@ -192,10 +192,11 @@ def test_resolve_a_missing_path_lists_the_shipped_models(tmp_path: Path) -> None
         resolve_weights(tmp_path / "empty-run")  # a folder without best.safetensors
 
 
-def test_default_weights_are_the_shipped_seed_model() -> None:
+def test_the_default_model_is_the_shipped_best_model() -> None:
     shipped = shipped_models()
-    if weights_module.DEFAULT_MODEL in shipped:
-        assert resolve_weights(None) == resolve_weights("default") == shipped[weights_module.DEFAULT_MODEL]
-    else:
-        with pytest.raises(WeightsError, match=f"^{weights_module.DEFAULT_MODEL}: no such weights file"):
-            resolve_weights(None)
+    assert {"seed", "best"} <= set(shipped)
+    assert weights_module.DEFAULT_MODEL == "best"
+    assert resolve_weights(None) == resolve_weights("default") == shipped["best"]
+    meta = read_meta(shipped["best"])
+    assert (meta.arch, meta.tta) == ("resnet", "crops")  # the `best` preset's model and test-time augmentation
+    assert read_meta(shipped["seed"]).arch == "seed"

@@ -25,7 +25,7 @@ from .labels import EMOTIONS, IMAGE_SIZE
 from .models import create_model
 
 METADATA_KEY = "ferkit"
-DEFAULT_MODEL = "seed"
+DEFAULT_MODEL = "best"
 """The shipped model that `ferkit` uses when no weights are named."""
 
 
