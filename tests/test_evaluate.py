@@ -140,8 +140,9 @@ def test_evaluate_weights_on_val_into_another_folder(run_copy: Path, small_root:
 
 
 # The PrivateTest accuracy each shipped model must keep, with its own test-time augmentation: the
-# reference's 63.33% for `seed`; for the default `best` model, the 70.55% (2,532 of 3,589) it scored when it shipped.
-SHIPPED_MODEL_FLOOR = {"seed": 0.6333, "best": 0.7054}
+# reference's 63.33% for `seed`; for the default `best` model, the 71.80% (2,577 of 3,589) it scored when it shipped,
+# less two images for bf16 rounding on another CPU (and still above the 71% it must reach).
+SHIPPED_MODEL_FLOOR = {"seed": 0.6333, "best": 0.7175}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_MODEL_FLOOR))
