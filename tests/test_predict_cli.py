@@ -16,7 +16,7 @@ from PIL import Image
 
 from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray, write_video
 from ferkit import cli
-from ferkit.batch import expand_inputs, predict_command
+from ferkit.predict_files import expand_inputs, predict_command
 from ferkit.evaluate import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.predict import EmotionRecognizer

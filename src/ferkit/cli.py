@@ -84,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .batch import predict_command
+    from .predict_files import predict_command
     from .predict import EmotionRecognizer
 
     if (args.camera is None) == (not args.paths):
