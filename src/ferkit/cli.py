@@ -125,6 +125,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if diff <= PARITY_TOLERANCE else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, make_recognizer, resolve_api_key, serve
+
+    config = ServeConfig(weights=args.weights, device=args.device, detector=args.detector, min_face=args.min_face,
+                         detect_max_side=args.detect_max_side or None, host=args.host, port=args.port,
+                         workers=args.workers, api_key=resolve_api_key(args.api_key),
+                         max_file_bytes=round(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                         max_files=args.max_files, batch_window_ms=0 if args.no_batching else args.batch_window_ms,
+                         max_batch=args.max_batch, max_pending=args.max_pending, timeout_s=args.timeout)
+    problem = config.problem()
+    if problem:
+        raise ValueError(problem)
+    # Loaded before the server starts, so that bad weights stop here with exit status 2.
+    recognizer = make_recognizer(config)
+    print(f"ferkit: serving {recognizer.backend.path.name} on http://{config.host}:{config.port}/ "
+          f"({'API key required' if config.api_key else 'no API key'}; batching "
+          f"{f'{config.batch_window_ms:g} ms, up to {config.max_batch} faces' if config.batch_window_ms else 'off'})",
+          file=sys.stderr)
+    serve(config, recognizer, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .faces import DEFAULT_DETECT_SIDE, DEFAULT_MIN_FACE
     from .images import DEFAULT_MAX_PIXELS
@@ -191,6 +213,49 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--check-images", type=int, default=256, metavar="N",
                         help="compare with PyTorch on N test images (default: 256; 0: skip)")
     export.set_defaults(func=cmd_export)
+
+    from .serve import API_KEY_ENV, ServeConfig
+
+    defaults = ServeConfig()
+    serve = commands.add_parser("serve", help="the HTTP API and a web page (needs the serve extra)",
+                                description="Serves POST /v1/predict, GET /v1/models, /healthz, /readyz, /metrics, "
+                                            "/docs and the page at /. Exit status: 2 bad usage or weights.")
+    serve.add_argument("--host", default=defaults.host, help=f"address to bind (default: {defaults.host}, this "
+                                                             "machine only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=defaults.port, help=f"(default: {defaults.port})")
+    serve.add_argument("--weights", default="default",
+                       help="weights file, run folder, shipped model name or exported .onnx (default: shipped)")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--detector", default=defaults.detector,
+                       help="haar, a Haar cascade .xml or a YuNet .onnx model file")
+    serve.add_argument("--min-face", type=int, default=defaults.min_face, metavar="PX",
+                       help=f"smallest face side in pixels (default: {defaults.min_face})")
+    serve.add_argument("--detect-max-side", type=int, default=defaults.detect_max_side, metavar="PX",
+                       help=f"detect on images shrunk to this longer side (default: {defaults.detect_max_side}; "
+                            "0: never)")
+    serve.add_argument("--workers", type=int, default=defaults.workers, metavar="N",
+                       help=f"threads that decode images and find faces (default: {defaults.workers})")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV}, else none)")
+    serve.add_argument("--max-upload-mb", type=float, default=defaults.max_file_bytes / 2**20, metavar="MB",
+                       help=f"largest image file (default: {defaults.max_file_bytes / 2**20:g} MB)")
+    serve.add_argument("--max-pixels", type=int, default=defaults.max_pixels, metavar="N",
+                       help=f"largest image in pixels (default: {defaults.max_pixels:,})")
+    serve.add_argument("--max-files", type=int, default=defaults.max_files, metavar="N",
+                       help=f"images a request (default: {defaults.max_files})")
+    serve.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms, metavar="MS",
+                       help=f"wait this long for other requests' faces to share a model call (default: "
+                            f"{defaults.batch_window_ms:g}; 0: no batching)")
+    serve.add_argument("--no-batching", action="store_true", help="each request's faces on their own (same as "
+                                                                  "--batch-window-ms 0)")
+    serve.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="N",
+                       help=f"faces a model call (default: {defaults.max_batch})")
+    serve.add_argument("--max-pending", type=int, default=defaults.max_pending, metavar="N",
+                       help=f"predict requests in progress at once; more get 503 (default: {defaults.max_pending})")
+    serve.add_argument("--timeout", type=float, default=defaults.timeout_s, metavar="S",
+                       help=f"seconds a predict request may take (default: {defaults.timeout_s:g})")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -211,19 +211,21 @@ def _message(item: InputItem, err: BaseException) -> str:
 # Output
 
 
-def face_record(face: FaceResult, frame: FrameResult | None = None) -> dict[str, Any]:
-    record = face.to_dict(PROBABILITY_DIGITS)
+def face_record(face: FaceResult, frame: FrameResult | None = None, digits: int = PROBABILITY_DIGITS
+                ) -> dict[str, Any]:
+    """One face as the --json records hold it (`ferkit serve` writes the same)."""
+    record = face.to_dict(digits)
     if frame is not None:
         record = {"frame": frame.frame, "time": round(frame.time, 3), **record}
     return record
 
 
-def json_record(result: InputResult) -> dict[str, Any]:
+def json_record(result: InputResult, digits: int = PROBABILITY_DIGITS) -> dict[str, Any]:
     """One input as the --json array holds it: path, faces, error, then what else is known."""
     if result.frames is not None:
-        faces = [face_record(face, frame) for frame in result.frames for face in frame.faces]
+        faces = [face_record(face, frame, digits) for frame in result.frames for face in frame.faces]
     else:
-        faces = [face_record(face) for face in result.faces]
+        faces = [face_record(face, digits=digits) for face in result.faces]
     record: dict[str, Any] = {"path": result.item.display, "faces": faces, "error": result.error,
                               "type": result.item.kind if result.item.path is not None else None}
     if result.size is not None:

@@ -1,0 +1,253 @@
+// The ferkit page: photos or webcam frames go to POST /v1/predict; each face is boxed with its label,
+// and its seven probabilities are drawn as bars. Plain JS, no dependencies, works offline.
+"use strict";
+
+const KEY_STORE = "ferkit-api-key";
+const FRAME_INTERVAL_MS = 250; // webcam frames sent a second: at most 4, one in flight at a time
+
+const $ = (id) => document.getElementById(id);
+
+function apiKey() { return localStorage.getItem(KEY_STORE) || ""; }
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (apiKey()) headers.set("Authorization", "Bearer " + apiKey());
+  const response = await fetch(path, { ...options, headers });
+  let body = null;
+  try { body = await response.json(); } catch (_) { body = null; }
+  if (response.status === 401) $("key-row").hidden = false;
+  if (!response.ok) {
+    const message = (body && body.error) || `${response.status} ${response.statusText}`;
+    throw new Error(message);
+  }
+  return body;
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function color(label) { return `var(--${label}, var(--accent))`; }
+
+function topProbability(face) { return face.probabilities[face.label]; }
+
+// Bars for one face's probabilities, in the model's class order, into `container` (reused when live).
+function drawBars(container, face) {
+  const names = Object.keys(face.probabilities);
+  if (container.childElementCount !== names.length * 3) {
+    container.replaceChildren();
+    for (const name of names) {
+      const track = el("div", "bar-track");
+      const fill = el("div", "bar-fill");
+      fill.style.setProperty("--c", color(name));
+      track.append(fill);
+      const label = el("span", "bar-name", name);
+      label.dataset.emotion = name;
+      const value = el("span", "bar-value");
+      track.dataset.emotion = name;
+      track.className = "bar-track bar";
+      container.append(label, track, value);
+    }
+  }
+  names.forEach((name, i) => {
+    const p = face.probabilities[name];
+    const [label, track, value] = [container.children[3 * i], container.children[3 * i + 1], container.children[3 * i + 2]];
+    label.classList.toggle("top", name === face.label);
+    track.firstChild.style.width = `${(100 * p).toFixed(1)}%`;
+    track.setAttribute("aria-valuenow", p.toFixed(3));
+    value.textContent = p.toFixed(2);
+  });
+}
+
+// Boxes as percentages of the image's size, so they follow it at any display size.
+function drawBoxes(layer, record, className) {
+  layer.querySelectorAll(".box").forEach((box) => box.remove());
+  record.faces.forEach((face, i) => {
+    const [x, y, w, h] = face.box;
+    const box = el("div", `box ${className || ""}`);
+    box.style.left = `${(100 * x) / record.width}%`;
+    box.style.top = `${(100 * y) / record.height}%`;
+    box.style.width = `${(100 * w) / record.width}%`;
+    box.style.height = `${(100 * h) / record.height}%`;
+    box.style.setProperty("--c", color(face.label));
+    const label = el("span", "box-label", `${i + 1}: ${face.label} ${topProbability(face).toFixed(2)}`);
+    label.dataset.label = face.label;
+    box.append(label);
+    layer.append(box);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Photos
+
+async function predictFiles(files) {
+  const images = [...files];
+  if (!images.length) return;
+  const status = $("photo-status");
+  status.className = "status";
+  status.textContent = `reading ${images.length} photo${images.length > 1 ? "s" : ""}…`;
+  const detect = $("detect").checked;
+  // One request per photo: a bad one is reported alone and the others still show.
+  let done = 0, failed = 0;
+  await Promise.all(images.map(async (file) => {
+    const card = el("article", "result");
+    $("results").prepend(card);
+    const form = new FormData();
+    form.append("files", file, file.name);
+    try {
+      const [record] = await api(`/v1/predict?detect=${detect}`, { method: "POST", body: form });
+      renderPhoto(card, file, record);
+    } catch (err) {
+      failed += 1;
+      card.append(el("h3", "", file.name), el("p", "error", err.message));
+    }
+    done += 1;
+    status.textContent = `${done} of ${images.length} read` + (failed ? `, ${failed} failed` : "");
+  }));
+}
+
+function renderPhoto(card, file, record) {
+  const picture = el("div", "picture");
+  const img = el("img");
+  img.alt = file.name;
+  img.src = URL.createObjectURL(file);
+  picture.append(img);
+  drawBoxes(picture, record);
+  const faces = el("div", "faces");
+  faces.append(el("h3", "", `${record.path}: ${record.faces.length} face${record.faces.length === 1 ? "" : "s"}`));
+  if (!record.faces.length) faces.append(el("p", "muted", "no face found"));
+  record.faces.forEach((face, i) => {
+    const block = el("div", "face");
+    const title = el("div", "face-title", `Face ${i + 1}: `);
+    const label = el("span", "label", face.label);
+    label.style.color = color(face.label);
+    title.append(label, ` (${topProbability(face).toFixed(2)})`);
+    const bars = el("div", "bars");
+    drawBars(bars, face);
+    block.append(title, bars);
+    faces.append(block);
+  });
+  card.append(picture, faces);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Webcam
+
+const webcam = { stream: null, timer: null, busy: false, canvas: document.createElement("canvas"), sent: 0 };
+
+async function startWebcam() {
+  const status = $("webcam-status");
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    status.textContent = "this browser has no camera access here (it needs https or localhost)";
+    status.className = "status error";
+    return;
+  }
+  try {
+    webcam.stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+  } catch (err) {
+    status.textContent = `no camera: ${err.message || err.name}`;
+    status.className = "status error";
+    return;
+  }
+  $("video").srcObject = webcam.stream;
+  $("webcam-start").disabled = true;
+  $("webcam-stop").disabled = false;
+  status.className = "status";
+  status.textContent = "live";
+  webcam.timer = setInterval(sendFrame, FRAME_INTERVAL_MS);
+}
+
+function stopWebcam() {
+  clearInterval(webcam.timer);
+  webcam.timer = null;
+  if (webcam.stream) webcam.stream.getTracks().forEach((track) => track.stop());
+  webcam.stream = null;
+  $("video").srcObject = null;
+  $("overlay").replaceChildren();
+  $("webcam-start").disabled = false;
+  $("webcam-stop").disabled = true;
+  $("webcam-status").textContent = "stopped";
+}
+
+async function sendFrame() {
+  const video = $("video");
+  if (webcam.busy || !video.videoWidth) return;
+  webcam.busy = true;
+  const started = performance.now();
+  try {
+    const { canvas } = webcam;
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    canvas.getContext("2d").drawImage(video, 0, 0);
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.85));
+    const form = new FormData();
+    form.append("files", blob, `frame-${webcam.sent++}.jpg`);
+    const [record] = await api("/v1/predict", { method: "POST", body: form });
+    if (!webcam.stream) return;
+    drawBoxes($("overlay"), record, "live-box");
+    const face = record.faces[0];
+    $("live-label").textContent = face ? `${face.label} ${topProbability(face).toFixed(2)}` : "no face";
+    $("live-label").style.color = face ? color(face.label) : "";
+    if (face) drawBars($("live-bars"), face);
+    $("webcam-status").className = "status";
+    $("webcam-status").textContent = `live: ${record.faces.length} face${record.faces.length === 1 ? "" : "s"}, ` +
+      `${Math.round(performance.now() - started)} ms a frame`;
+  } catch (err) {
+    $("webcam-status").className = "status error";
+    $("webcam-status").textContent = err.message;
+  } finally {
+    webcam.busy = false;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Page
+
+function showTab(name) {
+  for (const tab of ["photos", "webcam"]) {
+    $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
+    $(`${tab}-panel`).hidden = tab !== name;
+  }
+  if (name !== "webcam" && webcam.stream) stopWebcam();
+}
+
+async function showModel() {
+  try {
+    const models = await api("/v1/models");
+    const model = models.find((m) => m.loaded);
+    const accuracy = model.accuracy.test ?? model.accuracy.val;
+    $("model-info").textContent = `model: ${model.name} (${model.arch}, ${model.views_per_face} view` +
+      `${model.views_per_face === 1 ? "" : "s"} a face` +
+      (accuracy != null ? `, ${(100 * accuracy).toFixed(1)}% ${model.accuracy.test != null ? "test" : "validation"} accuracy` : "") + ")";
+  } catch (err) {
+    $("model-info").textContent = `model information unavailable: ${err.message}`;
+  }
+}
+
+function init() {
+  $("tab-photos").addEventListener("click", () => showTab("photos"));
+  $("tab-webcam").addEventListener("click", () => showTab("webcam"));
+  $("file-input").addEventListener("change", (event) => predictFiles(event.target.files));
+  const zone = $("drop-zone");
+  zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("dragging"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    predictFiles(event.dataTransfer.files);
+  });
+  $("webcam-start").addEventListener("click", startWebcam);
+  $("webcam-stop").addEventListener("click", stopWebcam);
+  $("api-key").value = apiKey();
+  $("save-key").addEventListener("click", () => {
+    localStorage.setItem(KEY_STORE, $("api-key").value.trim());
+    $("key-row").hidden = true;
+    showModel();
+  });
+  showModel();
+}
+
+init();
