@@ -6,6 +6,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,10 @@ from PIL import Image
 from conftest import assert_same_data, rows_from_data, write_fer_csv
 from ferkit import cli
 from ferkit.data import DataError, FerData, detect_format, load_fer2013, resolve_data_path, summarize
+from ferkit.faces import crop_face
+from ferkit.images import load_image, to_gray
 from ferkit.labels import EMOTIONS, SPLITS
+from fuzzing import call_with_timeout, unblock_fifo
 
 # The table of the data set's README, in FER-2013 id order (angry disgust fear happy sad surprise neutral).
 README_COUNTS = {
@@ -330,7 +335,16 @@ BAD_ROWS = {
     "label name": (set_field(0, "happy"), "emotion 'happy' is not an integer id 0..6"),
     "label float": (set_field(0, "3.0"), "emotion '3.0' is not an integer id 0..6"),
     "label empty": (set_field(0, ""), "emotion '' is not an integer id 0..6"),
-    "unknown usage": (set_field(1, "Validation"), "unknown Usage 'Validation'"),
+    "unknown usage": (set_field(1, "Validation"),
+                      "unknown Usage 'Validation' (expected Training, PublicTest or PrivateTest)"),
+    "pixel sign": (set_pixel(4, "+5"), "pixel 4 is '+5', not an integer"),
+    "pixel underscore": (set_pixel(5, "1_0"), "pixel 5 is '1_0', not an integer"),
+    "pixel arabic digit": (set_pixel(6, "\u0663"), "pixel 6 is '\u0663', not an integer"),
+    "pixel separator": (set_pixel(8, "1\x1c2"), "pixel 8 is '1\\x1c2', not an integer"),
+    "label sign": (set_field(0, "+3"), "emotion '+3' is not an integer id 0..6"),
+    "label arabic digit": (set_field(0, "\u0663"), "emotion '\u0663' is not an integer id 0..6"),
+    "label 5000 digits": (set_field(0, "9" * 5000), f"emotion {'9' * 40}...(5,000 characters) outside 0..6"),
+    "pixel 5000 digits": (set_pixel(1, "9" * 5000), f"pixel 1 is {'9' * 40}...(5,000 characters), outside 0..255"),
 }
 
 
@@ -342,9 +356,7 @@ def test_bad_csv_row_names_file_and_row(tmp_path: Path, tiny_rows: list[list[str
     path = write_fer_csv(tmp_path / "fer2013.csv", tiny_rows, fmt)
     with pytest.raises(DataError) as err:
         load_fer2013(path)
-    text = str(err.value)
-    assert text.startswith(f"{path}: 1 problem(s):")
-    assert f"row {ROW + 2}: {message}" in text
+    assert str(err.value) == f"{path}: row {ROW + 2}: {message}"  # one line: the file, the row, the problem
 
 
 def test_short_row_and_several_problems_are_all_reported(tmp_path: Path, tiny_rows: list[list[str]]) -> None:
@@ -395,9 +407,7 @@ def test_text_file_named_jpg(tiny_copy: Path) -> None:
     (tiny_copy / "train" / "happy" / "Training_99999999.jpg").write_text("not a face\n")
     with pytest.raises(DataError) as err:
         load_fer2013(tiny_copy)
-    text = str(err.value)
-    assert text.startswith(f"{tiny_copy}: 1 problem(s):")
-    assert "train/happy/Training_99999999.jpg: not an image" in text
+    assert str(err.value).startswith(f"{tiny_copy}: train/happy/Training_99999999.jpg: not an image")
 
 
 def test_truncated_jpeg(tiny_copy: Path) -> None:
@@ -487,3 +497,219 @@ def test_rgb_96px_png_is_converted_and_counted(tiny_copy: Path, tiny_data: FerDa
     original = tiny_data["train"].images[list(tiny_data["train"].names).index(f"train/surprise/{source.name}")]
     assert np.abs(image.astype(int) - original).mean() < 4
     assert np.abs(image.astype(int) - tiny_data["train"].images[0]).mean() > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input (issue 11): each case gives one line naming the file and the row or entry, never a
+# traceback, a silent drop or a hang
+
+
+def _joined_rows_csv(tmp_path: Path, tiny_rows: list[list[str]]) -> tuple[Path, str]:
+    """Two rows joined by a comma: 6 fields where the header has 3 (the loader used to take the first 3)."""
+    path = write_fer_csv(tmp_path / "joined.csv", tiny_rows, "kaggle")
+    lines = path.read_text().splitlines()
+    lines[ROW + 1 : ROW + 3] = [lines[ROW + 1] + "," + lines[ROW + 2]]
+    path.write_text("\n".join(lines) + "\n")
+    return path, f"row {ROW + 2}: expected 3 columns, got 6"
+
+
+def _big_field_csv(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "big.csv"
+    path.write_text("emotion,pixels,Usage\n" + "0," + "1 " * 70000 + ",Training\n")
+    return path, "row 2: line of 140,011 bytes, over the limit of 65,536"
+
+
+def _unclosed_quote_csv(tmp_path: Path, tiny_rows: list[list[str]]) -> tuple[Path, str]:
+    """A quote opened in one row and never closed: the csv module swallowed the rest of the file."""
+    tiny_rows[ROW][2] = '"' + tiny_rows[ROW][2]
+    return write_fer_csv(tmp_path / "quote.csv", tiny_rows, "icml"), f"row {ROW + 2}: unclosed quote"
+
+
+def _non_utf8_csv(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"emotion,pixels,Usage\n\xff\n")
+    return path, "row 2: not UTF-8 text (byte 0xff at offset 0)"
+
+
+def _symlink_loop(folder: Path) -> tuple[Path, str]:
+    (folder / "train" / "happy" / "loop.jpg").symlink_to("loop.jpg")
+    return folder, "train/happy/loop.jpg: cannot be opened (Too many levels of symbolic links)"
+
+
+def _fifo(folder: Path) -> tuple[Path, str]:
+    os.mkfifo(folder / "train" / "happy" / "Training_0.jpg")
+    return folder, "train/happy/Training_0.jpg: not a regular file (a FIFO)"
+
+
+def _bad_crc_zip(tmp_path: Path, folder: Path) -> tuple[Path, str]:
+    """A stored member with one byte changed in its data: the zip reads, the member fails its CRC."""
+    victim = _first(folder, "train", "fear")
+    archive = zip_folder(folder, tmp_path / "fer.zip", "fer2013/")
+    blob = bytearray(archive.read_bytes())
+    data_at = blob.index(victim.read_bytes())
+    blob[data_at + 300] ^= 0x55
+    archive.write_bytes(bytes(blob))
+    return archive, f"fer2013/train/fear/{victim.name}: unreadable zip member (Bad CRC-32"
+
+
+def _hostile_case(case: str, tmp_path: Path, tiny_root: Path, tiny_rows: list[list[str]]) -> tuple[Path, str]:
+    """The source for one numbered case of issue 11 and the text its error must hold."""
+    if case == "big field":
+        return _big_field_csv(tmp_path)
+    if case == "unclosed quote":
+        return _unclosed_quote_csv(tmp_path, tiny_rows)
+    if case == "joined rows":
+        return _joined_rows_csv(tmp_path, tiny_rows)
+    if case == "non-utf8":
+        return _non_utf8_csv(tmp_path)
+    folder = Path(shutil.copytree(tiny_root, tmp_path / "fer2013"))
+    if case == "symlink loop":
+        return _symlink_loop(folder)
+    if case == "fifo":
+        return _fifo(folder)
+    assert case == "bad crc", case
+    return _bad_crc_zip(tmp_path, folder)
+
+
+HOSTILE = ["big field", "unclosed quote", "joined rows", "non-utf8", "symlink loop", "fifo", "bad crc"]
+
+
+def _load_within(path: Path, seconds: float = 30) -> FerData:
+    fifos = [p for p in path.rglob("*") if p.is_fifo()] if path.is_dir() else []
+    unblockers = [unblock_fifo(p) for p in fifos]
+    return call_with_timeout(lambda: load_fer2013(path, use_cache=False), seconds,
+                             unblock=lambda: [u() for u in unblockers] and None)
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_source_gives_one_line_naming_file_and_place(
+    case: str, tmp_path: Path, tiny_root: Path, tiny_rows: list[list[str]]
+) -> None:
+    path, expected = _hostile_case(case, tmp_path, tiny_root, tiny_rows)
+    with pytest.raises(DataError) as err:
+        _load_within(path)
+    text = str(err.value)
+    assert "\n" not in text, text
+    assert text.startswith(f"{path}: "), text
+    assert expected in text, text
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_source_on_the_command_line(
+    case: str, tmp_path: Path, tiny_root: Path, tiny_rows: list[list[str]]
+) -> None:
+    path, expected = _hostile_case(case, tmp_path, tiny_root, tiny_rows)
+    try:
+        done = subprocess.run([sys.executable, "-m", "ferkit", "data", "info", "--data", str(path), "--no-cache"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        for fifo in (p for p in tmp_path.rglob("*") if p.is_fifo()):
+            unblock_fifo(fifo)()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ferkit: error: {path}: ") and expected in lines[0], lines
+
+
+def test_joined_rows_are_not_loaded_as_one(tmp_path: Path, tiny_rows: list[list[str]]) -> None:
+    # Before: 41 of 42 rows loaded, exit 0, nothing said.
+    path, _ = _joined_rows_csv(tmp_path, tiny_rows)
+    with pytest.raises(DataError, match=f"row {ROW + 2}: expected 3 columns, got 6"):
+        load_fer2013(path)
+
+
+def test_unclosed_quote_swallows_no_rows(tmp_path: Path, tiny_rows: list[list[str]]) -> None:
+    # A quote left open at the end of a row must not pull the next rows into one field, whatever follows.
+    tiny_rows[ROW][2] = '"' + tiny_rows[ROW][2]
+    tiny_rows[ROW + 3][2] = tiny_rows[ROW + 3][2] + '"'
+    path = write_fer_csv(tmp_path / "quote.csv", tiny_rows, "icml")
+    with pytest.raises(DataError) as err:
+        load_fer2013(path)
+    text = str(err.value)
+    assert f"row {ROW + 2}: unclosed quote" in text
+    assert f"row {ROW + 5}: " in text  # the closing quote's row is a problem of its own, not part of row 7
+
+
+def test_quoted_fields_are_read(tmp_path: Path, tiny_rows: list[list[str]], tiny_data: FerData) -> None:
+    path = tmp_path / "quoted.csv"
+    path.write_text("emotion,pixels,Usage\n" + "".join(f'"{e}","{p}","{u}"\n' for e, u, p in tiny_rows))
+    assert_same_data(load_fer2013(path), tiny_data, names=False)
+
+
+def _sixteen_bit_png(path: Path, face: np.ndarray) -> np.ndarray:
+    """Save a 48x48 face as a 16-bit grayscale PNG (each level v as 257 v, full range); returns the 16-bit array."""
+    wide = face.astype(np.uint16) * 257
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode == "I;16"
+    return wide
+
+
+def test_16_bit_png_is_scaled_not_clipped(tiny_copy: Path, tiny_data: FerData) -> None:
+    # Before: clipped by PIL's convert("L"), 99.6% of the pixels became 255.
+    source = _first(tiny_copy, "train", "angry")
+    face = np.asarray(Image.open(source))
+    _sixteen_bit_png(source.with_suffix(".png"), face)
+    source.unlink()
+    data = load_fer2013(tiny_copy, use_cache=False)
+    index = list(data["train"].names).index(f"train/angry/{source.with_suffix('.png').name}")
+    np.testing.assert_array_equal(data["train"].images[index], face)
+    assert data.converted == 1
+    np.testing.assert_array_equal(load_image(source.with_suffix(".png")), face)  # the predict path agrees
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGB", "RGBA", "LA", "P", "CMYK", "1", "exif-rotated"])
+def test_data_set_images_decode_like_predict_does(tiny_copy: Path, mode: str) -> None:
+    """One decoding path: a data-set image is the predict path's gray image, cropped by `crop_face`."""
+    source = _first(tiny_copy, "train", "sad")
+    face = Image.open(source)
+    target = source.with_name("Training_odd.png" if mode != "CMYK" and mode != "exif-rotated" else "Training_odd.jpg")
+    if mode == "I;16":
+        _sixteen_bit_png(target, np.asarray(face))
+    elif mode == "exif-rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        face.resize((64, 96)).transpose(Image.Transpose.ROTATE_90).save(target, exif=exif.tobytes())
+    else:
+        face.resize((96, 96)).convert(mode).save(target)
+    data = load_fer2013(tiny_copy, use_cache=False)
+    index = list(data["train"].names).index(f"train/sad/{target.name}")
+    np.testing.assert_array_equal(data["train"].images[index], crop_face(to_gray(load_image(target))))
+    if mode not in ("exif-rotated", "1"):  # "1" is dithered black and white: the same face, not the same levels
+        assert np.abs(data["train"].images[index].astype(int) - np.asarray(face)).mean() < 6
+
+
+def test_fifo_and_socket_in_a_folder_do_not_hang(tiny_copy: Path) -> None:
+    os.mkfifo(tiny_copy / "test" / "sad" / "PrivateTest_0.jpg")
+    with pytest.raises(DataError) as err:
+        _load_within(tiny_copy)
+    assert "test/sad/PrivateTest_0.jpg: not a regular file (a FIFO)" in str(err.value)
+
+
+def test_fifo_named_csv_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "fer2013.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as err:
+        call_with_timeout(lambda: load_fer2013(fifo, use_cache=False), 30, unblock=unblock_fifo(fifo))
+    assert str(err.value) == f"{fifo}: not a regular file (a FIFO)"
+
+
+def test_symlink_loop_as_the_source(tmp_path: Path) -> None:
+    loop = tmp_path / "fer2013.csv"
+    loop.symlink_to(loop.name)
+    with pytest.raises(DataError) as err:
+        load_fer2013(loop)
+    assert str(err.value).startswith(f"{loop}: ") and "symbolic link" in str(err.value)
+
+
+def test_symlinks_to_real_images_are_followed(tiny_copy: Path, tiny_root: Path, tiny_data: FerData) -> None:
+    victim = _first(tiny_copy, "train", "happy")
+    victim.unlink()
+    victim.symlink_to(_first(tiny_root, "train", "happy"))
+    assert_same_data(load_fer2013(tiny_copy, use_cache=False), tiny_data)
+
+
+def test_folder_inside_a_class_folder_is_named(tiny_copy: Path) -> None:
+    (tiny_copy / "train" / "happy" / "more").symlink_to(tiny_copy / "train")  # a loop, were it followed
+    with pytest.raises(DataError) as err:
+        _load_within(tiny_copy)
+    assert "train/happy/more: a folder inside a class folder (expected image files)" in str(err.value)

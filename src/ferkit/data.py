@@ -4,33 +4,47 @@ Formats, detected from the path: the Kaggle challenge `fer2013.csv` (`emotion,pi
 the later `icml_face_data.csv` (`emotion, Usage, pixels`), the image-folder layout
 `train|test/<class>/<Usage>_<id>.jpg`, and a .zip of that layout read in place. Each source is
 decoded once into a uint8 cache keyed by the source's identity. Bad input raises `DataError`
-naming the file and the row or image; nothing is dropped without a word.
+naming the file and the row, image or zip member; nothing is dropped without a word.
+
+Images are decoded by `ferkit.images` and cut to 48x48 by `ferkit.faces.crop_face`, the same code
+that prediction uses, so a data-set image and the same picture given to `ferkit predict` become the
+same crop. Only regular files are read, opened so that a FIFO or device can never block the loader.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
-import io
 import json
 import os
 import re
+import stat
+import struct
 import sys
 import zipfile
+import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from .faces import crop_face
+from .images import ImageError, NotRegularFileError, decode_image_bytes, open_regular_file, os_error_reason, to_gray
 from .labels import EMOTION_TO_ID, EMOTIONS, IMAGE_SIZE, NUM_PIXELS, SPLIT_TO_USAGE, SPLITS, USAGE_TO_SPLIT
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images decoded by ferkit.images and cropped by faces.crop_face (16-bit, RGB, EXIF)
 DEFAULT_DATA_PATH = Path("data/fer2013")
 MAX_REPORTED_ERRORS = 20
+MAX_LINE_BYTES = 1 << 16
+"""Longest CSV line read: a FER-2013 row is under 10 kB, so a longer line is not one (and is not kept)."""
+MAX_MEMBER_BYTES = 1 << 26
+"""Largest zip member read (64 MiB uncompressed): a face image is kilobytes; this bounds a zip bomb."""
 SPLIT_SEED = 0
 _USAGE_PREFIX = re.compile(r"^(Training|PublicTest|PrivateTest)_")
 _FOLDER_ENTRY = re.compile(r"^(?P<prefix>(?:.*/)?)(?P<part>train|test)/(?P<cls>[^/]+)/(?P<name>[^/]+)$")
@@ -91,8 +105,14 @@ def load_fer2013(
 ) -> FerData:
     """Load FER-2013 from a CSV, an image folder or a zip of one, through the uint8 cache."""
     source = resolve_data_path(path).expanduser()
-    if not source.exists():
-        raise DataError(f"{source}: no such file or folder (pass --data or set FERKIT_DATA)")
+    try:
+        os.stat(source)
+    except FileNotFoundError:
+        if os.path.islink(source):
+            raise DataError(f"{source}: a symlink to nothing ({os.readlink(source)})") from None
+        raise DataError(f"{source}: no such file or folder (pass --data or set FERKIT_DATA)") from None
+    except OSError as err:
+        raise DataError(f"{source}: cannot be opened ({os_error_reason(err)})") from None
     fmt = detect_format(source)
     cache_file = None
     if use_cache:
@@ -117,9 +137,9 @@ def detect_format(path: Path) -> str:
     if suffix == ".zip":
         return "zip"
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
-        return "icml-csv" if [h.strip() for h in header] == ["emotion", "Usage", "pixels"] else "csv"
+        with _open_source(path) as f:
+            header = _read_header(_csv_lines(f), path)
+        return "icml-csv" if header == ["emotion", "Usage", "pixels"] else "csv"
     raise DataError(f"{path}: not a FER-2013 source (expected a folder, a .zip or a .csv)")
 
 
@@ -127,62 +147,154 @@ def detect_format(path: Path) -> str:
 # CSV formats
 
 
+def _open_source(path: Path) -> BinaryIO:
+    """A source file opened for reading: a FIFO, socket or device is refused (it could block forever)."""
+    try:
+        return open_regular_file(path)
+    except OSError as err:
+        raise DataError(f"{path}: {_unreadable(err)}") from None
+
+
+def _unreadable(err: OSError) -> str:
+    if isinstance(err, NotRegularFileError):
+        return str(err)
+    return f"cannot be opened ({os_error_reason(err)})"
+
+
+def _csv_lines(f: BinaryIO) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text without its line ending, "") or (number, None, the problem), line by line.
+
+    Lines end in \n (an \r before it belongs to the ending). Each is decoded on its own, so a
+    non-UTF-8 byte is reported at its line, and none is read beyond MAX_LINE_BYTES, so a line
+    with no end in sight (a binary file, an unclosed 300 MB field) is skipped, not held in memory.
+    """
+    number = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            length = len(raw)
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+                length += len(raw)
+            length -= raw.endswith(b"\n")
+            yield number, None, (f"line of {length:,} bytes, over the limit of {MAX_LINE_BYTES:,} for one row "
+                                 "(a FER-2013 row is under 10 kB)")
+            continue
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            yield number, raw.decode("utf-8"), ""
+        except UnicodeDecodeError as err:
+            yield number, None, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})"
+
+
+def _split_csv_line(text: str) -> list[str]:
+    """The fields of one CSV line; a record never continues on the next line (FER-2013 fields hold no newline)."""
+    if "\r" in text:
+        raise DataError("a carriage return (\\r) inside the line; lines must end in \\n or \\r\\n")
+    try:
+        return next(csv.reader([text], strict=True))
+    except csv.Error as err:
+        if str(err) == "unexpected end of data":
+            raise DataError("unclosed quote") from None
+        raise DataError(f"not a CSV line ({err})") from None
+
+
+def _read_header(lines: Iterator[tuple[int, str | None, str]], path: Path) -> list[str]:
+    """The first line's column names, trimmed of spaces and tabs; [] for an empty file."""
+    for number, text, problem in lines:
+        if text is None:
+            raise DataError(f"{path}: row {number} (the header): {problem}")
+        try:
+            return [name.strip(" \t") for name in _split_csv_line(text)] if text else []
+        except DataError as err:
+            raise DataError(f"{path}: row {number} (the header): {err}") from None
+    return []
+
+
 def _load_csv(path: Path) -> FerData:
     items: list[tuple[str, int, np.ndarray, str]] = []
     errors: list[str] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
+    with _open_source(path) as f:
+        lines = _csv_lines(f)
+        header = _read_header(lines, path)
         missing = [c for c in ("emotion", "pixels", "Usage") if c not in header]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
+        twice = [c for c in ("emotion", "pixels", "Usage") if header.count(c) > 1]
+        if twice:
+            raise DataError(f"{path}: column(s) {', '.join(twice)} named more than once in the header "
+                            f"({','.join(header)})")
         col = {name: header.index(name) for name in ("emotion", "pixels", "Usage")}
-        for row_number, row in enumerate(reader, start=2):
-            if not row:
-                continue
+        for row_number, text, problem in lines:
+            if text == "":
+                continue  # a blank line
             try:
-                items.append(_parse_csv_row(row, col, row_number))
+                if text is None:
+                    raise DataError(problem)
+                items.append(_parse_csv_row(_split_csv_line(text), col, len(header), row_number))
             except DataError as err:
-                errors.append(str(err))
+                errors.append(f"row {row_number}: {err}")
     _raise_collected(path, errors)
-    data = _assemble(items, source=path, fmt=detect_format(path))
-    return data
+    return _assemble(items, source=path, fmt="icml-csv" if header == ["emotion", "Usage", "pixels"] else "csv")
 
 
-def _parse_csv_row(row: list[str], col: dict[str, int], row_number: int) -> tuple[str, int, np.ndarray, str]:
-    where = f"row {row_number}"
-    if len(row) <= max(col.values()):
-        raise DataError(f"{where}: expected {len(col)} columns, got {len(row)}")
-    label = _parse_label(row[col["emotion"]].strip(), where)
-    usage = row[col["Usage"]].strip()
+_NEGATIVE = re.compile(r"-[0-9]+")
+
+
+def _parse_csv_row(
+    row: list[str], col: dict[str, int], columns: int, row_number: int
+) -> tuple[str, int, np.ndarray, str]:
+    """One CSV row's (split, label, image, name); DataError (without the row: the caller adds it) if bad."""
+    if len(row) != columns:
+        raise DataError(f"expected {columns} columns, got {len(row)}")
+    label = _parse_label(row[col["emotion"]].strip(" \t"))
+    usage = row[col["Usage"]].strip(" \t")
     if usage not in USAGE_TO_SPLIT:
-        raise DataError(f"{where}: unknown Usage {usage!r} (expected Training, PublicTest or PrivateTest)")
-    tokens = row[col["pixels"]].split()
+        raise DataError(f"unknown Usage {usage!r} (expected Training, PublicTest or PrivateTest)")
+    # Only spaces and tabs separate pixels: str.split() would also split on \x1c-\x1f and Unicode spaces.
+    tokens = [t for t in row[col["pixels"]].replace("\t", " ").split(" ") if t]
     if len(tokens) != NUM_PIXELS:
-        raise DataError(f"{where}: expected {NUM_PIXELS} pixels, got {len(tokens)}")
-    try:
-        pixels = np.array(tokens, dtype=np.int64)
-    except (ValueError, OverflowError):
-        bad = next(i for i, t in enumerate(tokens) if not t.isdecimal() or int(t) > 255)
-        if tokens[bad].isdecimal():
-            raise DataError(f"{where}: pixel {bad} is {tokens[bad]}, outside 0..255") from None
-        raise DataError(f"{where}: pixel {bad} is {tokens[bad]!r}, not an integer") from None
-    out_of_range = np.flatnonzero((pixels < 0) | (pixels > 255))
+        raise DataError(f"expected {NUM_PIXELS} pixels, got {len(tokens)}")
+    joined = "".join(tokens)
+    if not (joined.isascii() and joined.isdigit()):  # ASCII digits only: no signs, "_", "٣" or "１"
+        bad = next(i for i, t in enumerate(tokens) if not (t.isascii() and t.isdigit()))
+        if _NEGATIVE.fullmatch(tokens[bad]):
+            raise DataError(f"pixel {bad} is {tokens[bad]}, outside 0..255")
+        raise DataError(f"pixel {bad} is {tokens[bad]!r}, not an integer")
+    # Over three digits (leading zeros aside) is out of range; int() of 4,300+ digits would raise.
+    too_long = next((i for i, t in enumerate(tokens) if len(t) > 3 and len(t.lstrip("0")) > 3), None)
+    if too_long is not None:
+        raise DataError(f"pixel {too_long} is {_shorten(tokens[too_long])}, outside 0..255")
+    pixels = np.array(tokens, dtype=np.int64)
+    out_of_range = np.flatnonzero(pixels > 255)
     if out_of_range.size:
         i = int(out_of_range[0])
-        raise DataError(f"{where}: pixel {i} is {pixels[i]}, outside 0..255")
+        raise DataError(f"pixel {i} is {pixels[i]}, outside 0..255")
     image = pixels.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
-    return USAGE_TO_SPLIT[usage], label, image, where
+    return USAGE_TO_SPLIT[usage], label, image, f"row {row_number}"
 
 
-def _parse_label(text: str, where: str) -> int:
-    try:
-        label = int(text)
-    except ValueError:
-        raise DataError(f"{where}: emotion {text!r} is not an integer id 0..6") from None
-    if not 0 <= label < len(EMOTIONS):
-        raise DataError(f"{where}: emotion {label} outside 0..6")
-    return label
+def _parse_label(text: str) -> int:
+    """An emotion id: ASCII digits with value 0..6 (no sign, no "3.0", no "٣")."""
+    if _NEGATIVE.fullmatch(text):
+        raise DataError(f"emotion {_shorten(text)} outside 0..6")
+    if not (text.isascii() and text.isdigit()):
+        raise DataError(f"emotion {_shorten(text)!r} is not an integer id 0..6")
+    if len(text.lstrip("0")) > 1 or int(text) >= len(EMOTIONS):
+        raise DataError(f"emotion {_shorten(text.lstrip('0'))} outside 0..6")
+    return int(text)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,64 +306,137 @@ class _ImageEntry:
     part: str  # "train" or "test": the top folder
     cls: str
     name: str
-    read: object  # () -> bytes
+    where: str  # how messages name it: train/<class>/<name> in a folder, the member's full name in a zip
+    read: Callable[[], bytes]
+
+    @property
+    def layout_name(self) -> str:
+        return f"{self.part}/{self.cls}/{self.name}"
+
+
+@dataclass
+class _Listing:
+    """What a folder or zip holds: images to decode, hidden files skipped, problems found while listing."""
+
+    entries: list[_ImageEntry] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_file(path: Path) -> bytes:
+    with open_regular_file(path) as f:
+        return f.read()
 
 
 def _load_folder(root: Path) -> FerData:
-    entries = []
+    listing = _Listing()
     for part in ("train", "test"):
         part_dir = root / part
         if not part_dir.is_dir():
             raise DataError(f"{root}: missing the {part}/ folder of the image-folder layout")
-        for path in sorted(part_dir.rglob("*")):
-            if path.is_dir():
-                continue
-            rel = path.relative_to(part_dir)
-            if len(rel.parts) != 2:
-                if path.name.startswith("."):
+        for cls, cls_dir, cls_kind in _list_dir(part_dir, part, listing):
+            if cls_kind != "dir":
+                if cls.startswith("."):
                     continue  # e.g. train/.DS_Store: not part of the layout, as in a zip
-                raise DataError(f"{path}: expected {part}/<class>/<image>, not in a class folder")
-            entries.append(_ImageEntry(part, rel.parts[0], rel.parts[1], path.read_bytes))
-    return _decode_entries(entries, source=root, fmt="folder")
+                raise DataError(f"{cls_dir}: expected {part}/<class>/<image>, not in a class folder")
+            for name, path, kind in _list_dir(cls_dir, f"{part}/{cls}", listing):
+                where = f"{part}/{cls}/{name}"
+                if name.startswith("."):
+                    listing.hidden.append(where)
+                elif kind == "dir":
+                    listing.problems.append(f"{where}: a folder inside a class folder (expected image files)")
+                else:  # a file, or something that open_regular_file will refuse by name when it is read
+                    listing.entries.append(_ImageEntry(part, cls, name, where, partial(_read_file, path)))
+    return _decode_entries(listing, source=root, fmt="folder")
+
+
+def _list_dir(folder: Path, where: str, listing: _Listing) -> Iterator[tuple[str, Path, str]]:
+    """(name, path, "dir" or "other") for each entry of a folder, sorted; one that cannot be examined
+    (a symlink loop, no permission) is a problem in `listing`, not a traceback."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as err:
+        listing.problems.append(f"{where}: {_unreadable(err)}")
+        return
+    for name in names:
+        path = folder / name
+        try:
+            kind = "dir" if stat.S_ISDIR(os.stat(path).st_mode) else "other"
+        except OSError as err:
+            if name.startswith(".") and err.errno in (errno.ENOENT, errno.ELOOP):
+                kind = "other"  # a hidden dangling link: skipped like any hidden file
+            else:
+                listing.problems.append(f"{where}/{name}: {_unreadable(err)}")
+                continue
+        yield name, path, kind
+
+
+_ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError, ValueError, struct.error,
+)
+"""What zipfile raises on a damaged archive or member (bad CRC, header, compression; encrypted members)."""
 
 
 def _load_zip(path: Path) -> FerData:
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as err:
-        raise DataError(f"{path}: not a readable zip file ({err})") from None
-    with archive:
-        entries = list(_zip_entries(archive, path))
-        return _decode_entries(entries, source=path, fmt="zip")
+    with _open_source(path) as f:
+        try:
+            archive = zipfile.ZipFile(f)
+        except _ZIP_ERRORS as err:
+            raise DataError(f"{path}: not a readable zip file ({err})") from None
+        with archive:
+            return _decode_entries(_zip_listing(archive, path), source=path, fmt="zip")
 
 
-def _zip_entries(archive: zipfile.ZipFile, path: Path) -> Iterator[_ImageEntry]:
+def _zip_listing(archive: zipfile.ZipFile, path: Path) -> _Listing:
+    listing = _Listing()
     matches = []
+    others = []
     for info in archive.infolist():
         if info.is_dir() or info.filename.startswith("__MACOSX/"):
             continue
         match = _FOLDER_ENTRY.match(info.filename)
         if match:
             matches.append((match, info))
+        else:
+            others.append(info.filename)
     if not matches:
         raise DataError(f"{path}: no train/<class>/<image> entries in this zip")
     prefix = min((m["prefix"] for m, _ in matches), key=len)
+    for name in others:  # under train/ or test/ but deeper or shallower than train/<class>/<image>
+        if name.startswith((f"{prefix}train/", f"{prefix}test/")) and not name.rsplit("/", 1)[-1].startswith("."):
+            listing.problems.append(f"{name}: expected {prefix}train|test/<class>/<image>, not in a class folder")
+        elif not name.startswith((f"{prefix}train/", f"{prefix}test/")):
+            listing.notes.append(name)
     for match, info in sorted(matches, key=lambda mi: mi[1].filename):
         if match["prefix"] != prefix:
             raise DataError(f"{path}: {info.filename} lies outside {prefix or 'the top'} train/ or test/")
-        name = info.filename
+        if match["name"].startswith("."):
+            listing.hidden.append(f"{match['part']}/{match['cls']}/{match['name']}")
+            continue
+        listing.entries.append(_ImageEntry(match["part"], match["cls"], match["name"], info.filename,
+                                           partial(_read_member, archive, info)))
+    if listing.notes:
+        ignored = listing.notes
+        listing.notes = [f"ignored {len(ignored)} zip member(s) outside {prefix}train/ and {prefix}test/, "
+                         f"e.g. {ignored[0]}"]
+    return listing
 
-        def read(name: str = name) -> bytes:
-            return archive.read(name)
 
-        yield _ImageEntry(match["part"], match["cls"], match["name"], read)
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise DataError(f"{info.file_size:,} bytes uncompressed, over the limit of {MAX_MEMBER_BYTES:,} for one "
+                        "image (a zip bomb?)")
+    try:
+        return archive.read(info)
+    except _ZIP_ERRORS as err:
+        raise DataError(f"unreadable zip member ({err})") from None
 
 
-def _decode_entries(entries: list[_ImageEntry], source: Path, fmt: str) -> FerData:
-    skipped = [e for e in entries if e.name.startswith(".")]
-    entries = [e for e in entries if not e.name.startswith(".")]
-    errors = [
-        f"{e.part}/{e.cls}/{e.name}: unknown class folder {e.cls!r} (expected one of {', '.join(EMOTIONS)})"
+def _decode_entries(listing: _Listing, source: Path, fmt: str) -> FerData:
+    entries = listing.entries
+    errors = listing.problems + [
+        f"{e.where}: unknown class folder {e.cls!r} (expected one of {', '.join(EMOTIONS)})"
         for e in entries
         if e.cls not in EMOTION_TO_ID
     ]
@@ -273,42 +458,39 @@ def _decode_entries(entries: list[_ImageEntry], source: Path, fmt: str) -> FerDa
         if split is None:
             unprefixed_test.append(len(items))
             split = "test"
-        items.append((split, EMOTION_TO_ID[entry.cls], image, f"{entry.part}/{entry.cls}/{entry.name}"))
+        items.append((split, EMOTION_TO_ID[entry.cls], image, entry.layout_name))
     data = _assemble(items, source=source, fmt=fmt, converted=converted)
-    if skipped:
-        data.notes.append(f"skipped {len(skipped)} hidden file(s), e.g. {skipped[0].part}/{skipped[0].cls}/"
-                          f"{skipped[0].name}")
+    data.notes.extend(listing.notes)
+    if listing.hidden:
+        data.notes.append(f"skipped {len(listing.hidden)} hidden file(s), e.g. {listing.hidden[0]}")
     if unprefixed_test:
         _split_unprefixed_test(data, items, unprefixed_test)
     return data
 
 
 def _decode_entry(entry: _ImageEntry) -> tuple[np.ndarray, bool] | str:
-    where = f"{entry.part}/{entry.cls}/{entry.name}"
+    """(48x48 image, converted) or the problem, naming the entry."""
     try:
-        return decode_face_image(entry.read())  # type: ignore[operator]
+        return decode_face_image(entry.read(), entry.where)
     except DataError as err:
-        return f"{where}: {err}"
+        return str(err) if str(err).startswith(f"{entry.where}: ") else f"{entry.where}: {err}"
     except OSError as err:
-        return f"{where}: unreadable ({err})"
+        return f"{entry.where}: {_unreadable(err)}"
 
 
-def decode_face_image(blob: bytes) -> tuple[np.ndarray, bool]:
-    """Image file bytes -> (48x48 uint8 grayscale array, whether it had to be converted)."""
+def decode_face_image(blob: bytes, where: str = "<image>") -> tuple[np.ndarray, bool]:
+    """Image file bytes -> (48x48 uint8 grayscale array, whether it had to be converted).
+
+    Decoded by `ferkit.images` (EXIF orientation, 16-bit scaled, palette, alpha and CMYK handled as
+    at prediction) and cut by `ferkit.faces.crop_face` over the whole image. A 48x48 8-bit gray
+    image, like every stock FER-2013 file, comes back pixel for pixel. `DataError` names `where`.
+    """
     try:
-        with Image.open(io.BytesIO(blob)) as opened:
-            opened.load()
-            image: Image.Image = opened
-            converted = image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE)
-            if image.mode != "L":
-                image = image.convert("L")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8).copy(), converted
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise DataError(f"not an image ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"corrupt or truncated image ({err})") from None
+        image, mode = decode_image_bytes(blob, where)
+    except ImageError as err:
+        raise DataError(str(err)) from None
+    crop = crop_face(to_gray(image))
+    return crop, mode != "L" or image.shape != (IMAGE_SIZE, IMAGE_SIZE)
 
 
 def _split_from_name(entry: _ImageEntry) -> str | None:
@@ -364,8 +546,11 @@ def _check_not_empty(data: FerData) -> None:
 
 
 def _raise_collected(source: Path, errors: list[str]) -> None:
+    """One problem: one line, `<source>: <where>: <what>`. Several: a count, then up to MAX_REPORTED_ERRORS."""
     if not errors:
         return
+    if len(errors) == 1:
+        raise DataError(f"{source}: {errors[0]}")
     shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
     more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
     raise DataError(f"{source}: {len(errors)} problem(s):\n  {shown}{more}")

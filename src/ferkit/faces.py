@@ -234,8 +234,19 @@ def resize_to_input(gray: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def crop_face(gray: np.ndarray, square: Box, size: int = IMAGE_SIZE) -> np.ndarray:
-    """The size x size uint8 crop of `square` from a gray image, replicating edges outside it."""
+def crop_face(image: np.ndarray, square: Box | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The size x size uint8 model crop of a gray (or RGB) uint8 image: the one way ferkit makes a face crop.
+
+    `square` is the FER-framed region (`crop_box` of a detector's box), read with the image's edges
+    replicated where it leaves the image; None takes the whole image, squashed to a square if it is
+    not one, which is how data-set images and `--no-detect` inputs are read. Both the data loader
+    (for any data-set image that is not already 48x48 gray) and face detection at prediction time
+    call this, so a model sees a face framed and resampled the same way in training and in use.
+    A gray image that already has the size comes back untouched (the array itself).
+    """
+    gray = to_gray(image)
+    if square is None:
+        return resize_to_input(gray, size)
     x, y, side, _ = square
     height, width = gray.shape[:2]
     region = gray[max(y, 0) : max(min(y + side, height), 0), max(x, 0) : max(min(x + side, width), 0)]
@@ -260,6 +271,5 @@ def find_faces(image: np.ndarray, detector: FaceDetector) -> list[Face]:
 
 def whole_image_face(image: np.ndarray) -> Face:
     """The image itself as one face, for inputs that are already face crops (no detection)."""
-    gray = to_gray(image)
-    height, width = gray.shape[:2]
-    return Face((0, 0, width, height), None, resize_to_input(gray))
+    height, width = image.shape[:2]
+    return Face((0, 0, width, height), None, crop_face(image))

@@ -8,14 +8,24 @@ failure is an `ImageError` whose message names the file.
 Numpy convention: (H, W) or (H, W, 1) is gray; (H, W, 3) is RGB and (H, W, 4) RGBA, unless
 `color_order="bgr"` says the channels come in OpenCV's BGR / BGRA order. Alpha is dropped.
 uint8 is taken as is; bool, uint16 and floats in [0, 1] are scaled to 0..255.
+
+This is the one place where image files become arrays: prediction reads files with `read_image_file`
+and the data loader reads data-set images (files or zip members) with `decode_image_bytes`, both
+through `from_pil`, so a 16-bit, palette, CMYK or EXIF-rotated image means the same everywhere.
+Files are opened with `open_regular_file`, which refuses FIFOs, sockets and devices instead of
+blocking on them.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import stat
+import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Union
+from typing import BinaryIO, Literal, Union
 
 import cv2
 import numpy as np
@@ -35,6 +45,43 @@ IMAGE_EXTENSIONS = frozenset(
 
 class ImageError(ValueError):
     """An input that cannot be read as an image; the message names it and says why."""
+
+
+class NotRegularFileError(OSError):
+    """A path that is a FIFO, socket, device or folder: reading it could block forever or never end."""
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+)
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file (or a symlink to one) for binary reading, never blocking.
+
+    The open itself is non-blocking, so a FIFO with no writer cannot hang it, and anything but a
+    regular file is refused with `NotRegularFileError` ("not a regular file (a FIFO)"). Other
+    failures (missing, a symlink loop, no permission) are the `OSError` that `os.open` raises.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise NotRegularFileError(f"not a regular file ({kind})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def os_error_reason(err: OSError) -> str:
+    """An OSError's reason without the path it repeats: 'Too many levels of symbolic links'."""
+    if isinstance(err, NotRegularFileError):
+        return str(err)
+    return err.strerror or str(err)
 
 
 def load_image(
@@ -58,30 +105,56 @@ def load_image(
 def read_image_file(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file, upright per its EXIF orientation, refusing it if over `max_pixels`."""
     where = str(path)
-    if Path(path).is_dir():
-        raise ImageError(f"{where}: is a folder, not an image")
+    try:
+        file = open_regular_file(path)
+    except FileNotFoundError:
+        raise ImageError(f"{where}: no such file") from None
+    except (NotRegularFileError, IsADirectoryError) as err:
+        if Path(path).is_dir():
+            raise ImageError(f"{where}: is a folder, not an image") from None
+        raise ImageError(f"{where}: {err}") from None
+    except OSError as err:
+        raise ImageError(f"{where}: cannot be opened ({os_error_reason(err)})") from None
+    with file:
+        return _decode(lambda: file, where, max_pixels)[0]
+
+
+def decode_image_bytes(
+    blob: bytes, where: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, str]:
+    """Image file bytes -> (upright gray or RGB uint8 array, the file's Pillow mode, e.g. "L" or "I;16").
+
+    The same decoding as `read_image_file`; `where` names the bytes in any `ImageError`.
+    """
+    return _decode(lambda: io.BytesIO(blob), where, max_pixels)
+
+
+def _decode(
+    open_file: Callable[[], BinaryIO], where: str, max_pixels: int | None
+) -> tuple[np.ndarray, str]:
     try:
         # Our own limit below replaces Pillow's warning; Pillow still raises beyond twice its limit.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(open_file()) as image:
                 width, height = image.size
                 if max_pixels and width * height > max_pixels:
                     raise ImageError(
                         f"{where}: {width}x{height} is {width * height:,} pixels, over the pixel limit of "
                         f"{max_pixels:,} (a decompression-bomb guard; raise it with --max-pixels or max_pixels=)"
                     )
-                return from_pil(image)
+                return from_pil(image), image.mode
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{where}: no such file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{where}: not an image (or in a format Pillow cannot read)") from None
     except Image.DecompressionBombError as err:
         raise ImageError(f"{where}: over the pixel limit, a possible decompression bomb ({err})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{where}: corrupt or truncated image ({err})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
+            ZeroDivisionError) as err:
+        # Pillow's decoders report damaged files with any of these (its own fuzzers allow the first four;
+        # the rest come from plugins parsing corrupt headers).
+        raise ImageError(f"{where}: corrupt or truncated image ({err or type(err).__name__})") from None
 
 
 def from_pil(image: Image.Image) -> np.ndarray:
