@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import hmac
 import importlib
+import importlib.util
 import io
 import json
 import math
@@ -519,6 +520,14 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
     shared; each detection thread makes its own detector from `config.detector`, `min_face` and
     `detect_max_side`).
     """
+    # python-multipart is imported by starlette only at the first upload: check it here.
+    missing = [name for name, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
+                                          ("prometheus-client", ["prometheus_client"]),
+                                          ("python-multipart", ["python_multipart", "multipart"]))
+               if not any(importlib.util.find_spec(m) for m in modules)]
+    if missing:
+        raise ValueError(f"ferkit serve needs the serve extra ({', '.join(missing)} missing): "
+                         "pip install 'ferkit[serve]'")
     from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -742,7 +751,7 @@ def resolve_api_key(given: str | None) -> str | None:
 
 def serve(config: ServeConfig, recognizer: EmotionRecognizer | None = None, log_level: str = "info") -> None:
     """Run the service with uvicorn until interrupted."""
+    app = create_app(config, recognizer)
     import uvicorn
 
-    app = create_app(config, recognizer)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
