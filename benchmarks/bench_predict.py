@@ -6,8 +6,8 @@
   astronaut portrait, resized), detection included: median and p95, from an in-memory array and
   from a JPEG file (decoding included).
 
-    .venv/bin/python benchmarks/bench_predict.py                      # the seed and the default model
-    .venv/bin/python benchmarks/bench_predict.py --weights seed --json
+    .venv/bin/python benchmarks/bench_predict.py                      # ferkit-refcnn and the default model
+    .venv/bin/python benchmarks/bench_predict.py --weights ferkit-refcnn --json
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def bench_weights(name: str, args: argparse.Namespace, crops: np.ndarray, image:
     result: dict[str, Any] = {"weights": name, "path": str(path)}
     for backend, weights in (("torch", path), ("onnxruntime", onnx_path)):
         recognizer = EmotionRecognizer(weights, device="cpu")
-        result["tta"] = recognizer.meta.tta
+        result["views"] = recognizer.meta.views
         result["arch"] = recognizer.meta.arch
         result[f"{backend}_crops_per_s"] = crops_per_second(recognizer.logits, crops, args.batch_size, args.seconds)
         faces = recognizer.predict(image)
@@ -91,8 +91,8 @@ def bench_weights(name: str, args: argparse.Namespace, crops: np.ndarray, image:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", nargs="+", default=["seed", "default"],
-                        help="shipped names, weights files or run folders (default: seed and the default model)")
+    parser.add_argument("--weights", nargs="+", default=["ferkit-refcnn", "default"],
+                        help="shipped names, weights files or run folders (default: ferkit-refcnn, the default)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--crops", type=int, default=4096, help="crops per timed pass")
     parser.add_argument("--seconds", type=float, default=5.0, help="time spent on each throughput figure")
@@ -127,14 +127,14 @@ def main() -> int:
         print(json.dumps({"machine": machine, "results": results}, indent=2))
         return 0
     print(f"machine: {machine}")
-    print(f"{'weights':<28}{'tta':>6}{'torch crops/s':>15}{'ort crops/s':>13}"
+    print(f"{'weights':<28}{'views':>6}{'torch crops/s':>15}{'ort crops/s':>13}"
           f"{'photo torch ms (med/p95)':>26}{'photo ort ms (med/p95)':>24}{'jpeg torch ms':>15}{'detect ms':>11}")
     for r in results:
         if "same_as" in r:
             print(f"{r['weights']:<28} same file as {r['same_as']} ({r['path']})")
             continue
         torch_photo, ort_photo = r["torch_photo"], r["onnxruntime_photo"]
-        print(f"{Path(r['weights']).name[:27]:<28}{r['tta']:>6}{r['torch_crops_per_s']:>15.0f}"
+        print(f"{Path(r['weights']).name[:27]:<28}{r['views']:>6}{r['torch_crops_per_s']:>15.0f}"
               f"{r['onnxruntime_crops_per_s']:>13.0f}"
               f"{torch_photo['median_ms']:>15.1f} / {torch_photo['p95_ms']:<8.1f}"
               f"{ort_photo['median_ms']:>13.1f} / {ort_photo['p95_ms']:<8.1f}"

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from ferkit.data import load_fer2013
-from ferkit.train import TrainConfig, fit, read_metrics_csv
+from ferkit.runs import read_metrics_csv
+from ferkit.train import TrainConfig, fit
 
 REFERENCE_ACCURACY = 0.6333
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA)")
     parser.add_argument("--preset", default="fast")
-    parser.add_argument("--out", help="keep the run here (default: a temporary folder)")
+    parser.add_argument("--run-dir", help="keep the run here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -34,8 +35,8 @@ def main() -> None:
     data = load_fer2013(args.data)
     load_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out or Path(tmp) / "run")
-        config = TrainConfig.from_preset(args.preset, out=str(out), data=args.data, progress=False)
+        out = Path(args.run_dir or Path(tmp) / "run")
+        config = TrainConfig.from_preset(args.preset, run_dir=str(out), data=args.data, progress=False)
         start = time.perf_counter()
         fit(config, data)
         wall = time.perf_counter() - start
@@ -48,7 +49,7 @@ def main() -> None:
         "wall_s": wall,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "tta": test["tta"],
+        "views": test["views"],
         "best_epoch": test["best_epoch"],
         "reached_reference": test["accuracy"] >= REFERENCE_ACCURACY,
     }
@@ -57,7 +58,7 @@ def main() -> None:
         return
     verdict = "reached" if result["reached_reference"] else "did NOT reach"
     print(f"--preset {args.preset}: {len(epochs)} epochs in {wall / 60:.1f} min (data load {load_seconds:.1f} s); "
-          f"PrivateTest accuracy {100 * test['accuracy']:.2f}% (tta {test['tta']}): {verdict} the reference's "
+          f"PrivateTest accuracy {100 * test['accuracy']:.2f}% ({test['views']} view(s)): {verdict} the reference's "
           f"{100 * REFERENCE_ACCURACY:.2f}% in {wall / 60:.1f} min")
 
 

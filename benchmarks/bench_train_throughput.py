@@ -54,7 +54,7 @@ class PerSampleDataset(Dataset):
 
 def measure_ferkit(images: np.ndarray, labels: np.ndarray, epochs: int) -> float:
     device = torch.device("cpu")
-    model = create_model("seed").to(memory_format=torch.channels_last)
+    model = create_model("refcnn").to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     ctx = StepContext(device, AugmentConfig(), autocast_dtype(device, True), channels_last=True)
     x, y = to_tensor(images), torch.from_numpy(labels)
@@ -67,7 +67,7 @@ def measure_ferkit(images: np.ndarray, labels: np.ndarray, epochs: int) -> float
 
 
 def measure_per_sample(images: np.ndarray, labels: np.ndarray, epochs: int) -> float:
-    model = create_model("seed")
+    model = create_model("refcnn")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     loader = DataLoader(PerSampleDataset(images, labels), batch_size=BATCH, shuffle=True, num_workers=2,
@@ -95,7 +95,7 @@ def measure_bare_step(images: np.ndarray, labels: np.ndarray, steps: int) -> flo
     The batches cycle rather than one batch repeating: a model fitted to a single batch drives its
     activations towards denormal floats, which slows a CPU down many times over.
     """
-    model = create_model("seed").to(memory_format=torch.channels_last)
+    model = create_model("refcnn").to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     dtype = autocast_dtype(torch.device("cpu"), True)

@@ -182,7 +182,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, small_data: FerData) -> P
     from ferkit.train import TrainConfig, fit
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = TrainConfig(out=str(out), epochs=2, limit_train=256, eval_batch_size=64, progress=False)
+    config = TrainConfig(run_dir=str(out), epochs=2, limit_train=256, eval_batch_size=64, progress=False)
     return fit(config, small_data)
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ferkit.augment import AugmentConfig, preprocess, to_tensor, train_transform
+from ferkit.augment import AugmentConfig, train_transform
 from ferkit.data import FerData
-from ferkit.evaluate import predict_logits
+from ferkit.inference import predict_logits, preprocess, to_tensor
 from ferkit.models import create_model
 
 
@@ -132,7 +132,7 @@ def test_erasing_blanks_one_rectangle_to_mid_grey(faces: np.ndarray) -> None:
 
 def test_eval_path_is_normalisation_only(faces: np.ndarray) -> None:
     torch.manual_seed(0)
-    model = create_model("seed")
+    model = create_model("refcnn")
     model.train()  # predict_logits must switch to eval mode and back
     logits = predict_logits(model, faces[:16], batch_size=5)
     assert model.training

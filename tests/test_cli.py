@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import ferkit
 from ferkit import cli
 from ferkit.labels import EMOTIONS
+from ferkit.weights import read_meta
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -32,7 +35,7 @@ def test_train_help_lists_the_config_options(capsys: pytest.CaptureFixture[str])
         cli.main(["train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--data", "--out", "--arch", "--epochs", "--batch-size", "--lr", "--limit-train", "--resume",
+    for flag in ("--data", "--run-dir", "--arch", "--epochs", "--batch-size", "--lr", "--limit-train", "--resume",
                  "--no-resume", "--amp", "--no-amp", "--channels-last", "--progress", "--no-progress"):
         assert f" {flag}" in out, flag
 
@@ -64,18 +67,24 @@ def test_data_info_table(tiny_root: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_train_then_evaluate(small_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "train", "--data", str(small_root), "--out", str(run), "--limit-train", "64",
+    code, out, err = run_cli(capsys, "train", "--data", str(small_root), "--run-dir", str(run), "--limit-train", "64",
                              "--epochs", "1", "--eval-batch-size", "64", "--no-progress")
     assert code == 0, err
     assert "64 images" in out and "epoch   1/1" in out
     assert {"best.safetensors", "last.safetensors", "checkpoint.pt", "metrics.csv", "test_metrics.json",
-            "curves.png", "confusion_matrix_test.png"} <= {p.name for p in run.iterdir()}
+            "curves.png", "confusion_matrix_test.png", "config.json"} <= {p.name for p in run.iterdir()}
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["run_dir"] == str(run) and config["config"]["limit_train"] == 64
+    assert config["ferkit_version"] == ferkit.__version__ and config["torch_version"] == torch.__version__
+    assert config["data"]["source"] == str(small_root) and config["data"]["counts"]["test"] == 42
+    assert len(config["data"]["sha256"]) == 64
+    assert read_meta(run / "best.safetensors").recipe == config["config"]  # the weights carry the recipe
 
     code, out, err = run_cli(capsys, "evaluate", "--weights", str(run), "--data", str(small_root), "--json")
     assert code == 0, err
     report = json.loads(out)  # nothing but JSON on stdout
     assert {"accuracy", "loss", "per_class", "confusion_matrix", "num_images"} <= report.keys()
-    assert report["num_images"] == 42 and report["split"] == "test" and report["tta"] == "none"
+    assert report["num_images"] == 42 and report["split"] == "test" and report["views"] == 1
     assert 0 <= report["accuracy"] <= 1
     trained = json.loads((run / "test_metrics.json").read_text())
     assert report["accuracy"] == trained["accuracy"]
@@ -90,6 +99,7 @@ def test_train_then_evaluate(small_root: Path, tmp_path: Path, capsys: pytest.Ca
     code, _, err = run_cli(capsys, "train", "--data", str(small_root), "--out", str(run), "--limit-train", "64",
                            "--epochs", "1", "--no-progress")
     assert code == 2 and "already holds a run: pass --resume" in err
+    assert "--out is now --run-dir" in err  # the old name still works, with a warning
 
 
 @pytest.mark.parametrize("command", [
@@ -103,7 +113,7 @@ def test_a_bad_data_path_exits_2_with_a_clear_message(
     missing = tmp_path / "no" / "fer2013"
     argv = [*command, "--data", str(missing)]
     if command[0] == "train":
-        argv += ["--out", str(tmp_path / "run")]
+        argv += ["--run-dir", str(tmp_path / "run")]
     if command[0] == "evaluate":
         argv += ["--weights", str(tiny_run)]
     code, out, err = run_cli(capsys, *argv)
@@ -117,7 +127,7 @@ def test_bad_inputs_of_other_kinds_exit_2(tiny_root: Path, tmp_path: Path, capsy
     code, _, err = run_cli(capsys, "evaluate", "--weights", str(tmp_path / "none.safetensors"),
                            "--data", str(tiny_root))
     assert code == 2 and err.startswith(f"ferkit: error: {tmp_path / 'none.safetensors'}: no such weights file")
-    code, _, err = run_cli(capsys, "train", "--data", str(tiny_root), "--out", str(tmp_path / "r"), "--resume",
+    code, _, err = run_cli(capsys, "train", "--data", str(tiny_root), "--run-dir", str(tmp_path / "r"), "--resume",
                            "--no-progress")
     assert code == 2 and err == f"ferkit: error: {tmp_path / 'r' / 'checkpoint.pt'}: nothing to resume\n"
     bad_csv = tmp_path / "fer2013.csv"

@@ -36,13 +36,15 @@ import torch
 
 from conftest import build_subset
 from ferkit.data import load_fer2013
-from ferkit.evaluate import compute_metrics, predict_logits
-from ferkit.train import Distributed, read_metrics_csv, shard_order
+from ferkit.evaluate import compute_metrics
+from ferkit.inference import predict_logits
+from ferkit.runs import read_metrics_csv
+from ferkit.train import Distributed, shard_order
 from ferkit.weights import load_model
 
 EPOCHS = 4
 RUN_FILES = {"best.safetensors", "last.safetensors", "checkpoint.pt", "metrics.csv", "test_metrics.json",
-             "curves.png", "confusion_matrix_test.png"}
+             "curves.png", "confusion_matrix_test.png", "config.json"}
 # Rotation off and a learning rate below the reference's 1e-3: a few hundred faces learn within 4 epochs.
 RECIPE = ["--limit-train", "700", "--rotate-degrees", "0", "--lr", "3e-4", "--eval-batch-size", "256",
           "--device", "cpu", "--no-progress"]
@@ -120,18 +122,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str,
     train = ["-m", "ferkit", "train", "--data", str(root), *RECIPE]
     single_dir, ddp_dir = base / "single", base / "ddp"
 
-    single = subprocess.Popen([sys.executable, *train, "--out", str(single_dir), "--epochs", str(EPOCHS),
+    single = subprocess.Popen([sys.executable, *train, "--run-dir", str(single_dir), "--epochs", str(EPOCHS),
                                "--batch-size", "32"], env=env, cwd=cwd, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        first = _run(_torchrun(*train, "--out", str(ddp_dir), "--epochs", "2", "--batch-size", "16"), env, cwd)
+        first = _run(_torchrun(*train, "--run-dir", str(ddp_dir), "--epochs", "2", "--batch-size", "16"), env, cwd)
         after_first = {"files": sorted(p.name for p in ddp_dir.iterdir()),
                        "metrics": read_metrics_csv(ddp_dir / "metrics.csv"),
                        "test": json.loads((ddp_dir / "test_metrics.json").read_text())}
         # The resumed run goes through the same CLI, wrapped to report each rank's state at the end.
         recorder = base / "record_ranks.py"
         recorder.write_text(RECORDER)
-        resumed = _run(_torchrun(str(recorder), *train[2:], "--out", str(ddp_dir), "--epochs", str(EPOCHS),
+        resumed = _run(_torchrun(str(recorder), *train[2:], "--run-dir", str(ddp_dir), "--epochs", str(EPOCHS),
                                  "--batch-size", "16", "--resume"), env, cwd)
         single_out, single_err = single.communicate(timeout=300)
     finally:
@@ -181,7 +183,7 @@ def test_torchrun_weights_load_and_score_what_training_reported(runs: dict[str, 
     data = load_fer2013(runs["root"], cache_dir=runs["cache"])
     for run in ("ddp", "single"):
         model, meta = load_model(runs[run] / "best.safetensors")
-        assert meta.arch == "seed" and 1 <= meta.epoch <= EPOCHS
+        assert meta.arch == "refcnn" and 1 <= meta.epoch <= EPOCHS
         report = json.loads((runs[run] / "test_metrics.json").read_text())
         assert report["best_epoch"] == meta.epoch and report["num_images"] == 210
         test = compute_metrics(predict_logits(model, data["test"].images), data["test"].labels)

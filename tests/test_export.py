@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import torch
 
 from fer_photos import fer_faces, read_gray
 from ferkit import cli
-from ferkit.evaluate import predict_logits
 from ferkit.export import (
     PARITY_TOLERANCE,
     check_parity,
@@ -21,6 +21,7 @@ from ferkit.export import (
     format_for,
     read_export_info,
 )
+from ferkit.inference import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.predict import EmotionRecognizer
 from ferkit.weights import WeightsError, load_model, read_meta
@@ -43,7 +44,7 @@ def onnx_file(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_onnx_matches_pytorch_on_real_faces(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
     model, meta = load_model(weights)
-    reference = predict_logits(model, faces, tta=meta.tta).numpy()
+    reference = predict_logits(model, faces, preprocessing=meta.preprocessing).numpy()
     exported = exported_logits(onnx_file, faces)
     assert exported.shape == (len(faces), len(EMOTIONS))
     assert np.abs(exported - reference).max() <= PARITY_TOLERANCE
@@ -55,7 +56,25 @@ def test_onnx_matches_pytorch_on_real_faces(onnx_file: Path, weights: Path, face
 def test_onnx_carries_the_weights_metadata(onnx_file: Path, weights: Path) -> None:
     meta, info = read_export_info(onnx_file)
     assert meta == read_meta(weights)
-    assert info["format"] == "onnx" and info["tta"] == meta.tta and info["opset"] >= 17
+    assert info["format"] == "onnx" and info["views"] == meta.views and info["opset"] >= 17
+
+
+def test_onnx_runs_on_onnxruntime_and_numpy_alone(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
+    """What the README shows: uint8 crops in, logits out; the normalisation and views are in the graph."""
+    import json
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type, i.shape[1:]) for i in session.get_inputs()] == [("input", "tensor(uint8)", [1, 48, 48])]
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["ferkit"])
+    logits = session.run(None, {"input": faces[:, None]})[0] / meta["preprocessing"]["temperature"]
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    recognizer = EmotionRecognizer(weights, device="cpu", detect=False)
+    expected = [r[0] for r in recognizer.predict_batch(list(faces))]
+    assert [meta["classes"][k] for k in probabilities.argmax(1)] == [r.label for r in expected]
+    np.testing.assert_allclose(probabilities, [list(r.probabilities.values()) for r in expected], atol=1e-5)
 
 
 def test_recognizer_on_onnx_runs_no_torch_code(
@@ -69,8 +88,8 @@ def test_recognizer_on_onnx_runs_no_torch_code(
         raise AssertionError("torch code ran on the ONNX path")
 
     monkeypatch.setattr(torch.nn.Module, "__call__", forbidden)
-    monkeypatch.setattr("ferkit.evaluate.predict_logits", forbidden)
-    monkeypatch.setattr("ferkit.augment.preprocess", forbidden)
+    monkeypatch.setattr("ferkit.inference.predict_logits", forbidden)
+    monkeypatch.setattr("ferkit.inference.preprocess", forbidden)
     monkeypatch.setattr(torch, "from_numpy", forbidden)
     recognizer = EmotionRecognizer(onnx_file, device="cpu")
     assert recognizer.backend.name == "onnxruntime"
@@ -81,35 +100,50 @@ def test_recognizer_on_onnx_runs_no_torch_code(
         np.testing.assert_allclose(list(a[0].probabilities.values()), list(b[0].probabilities.values()), atol=1e-5)
 
 
-def test_torchscript_matches_pytorch_with_tta(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
-    out = export_model(weights, tmp_path / "model.pt", "torchscript", tta="flip")
+def test_torchscript_matches_pytorch_with_two_views(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
+    out = export_model(weights, tmp_path / "model.pt", "torchscript", views=2)
     model, _ = load_model(weights)
-    reference = predict_logits(model, faces, tta="flip").numpy()
+    reference = predict_logits(model, faces, views=2).numpy()
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
     meta, info = read_export_info(out)
-    assert meta == read_meta(weights) and info == {**info, "format": "torchscript", "tta": "flip"}
+    weights_meta = read_meta(weights)
+    assert meta == dataclasses.replace(weights_meta, preprocessing=weights_meta.preprocessing.with_views(2))
+    assert info == {**info, "format": "torchscript", "views": 2}
 
 
-def test_cli_export_onnx_with_tta_checks_parity(weights: Path, faces: np.ndarray, tiny_root: Path,
+def test_cli_export_onnx_with_views_checks_parity(weights: Path, faces: np.ndarray, tiny_root: Path,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "flip.onnx"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = cli.main(["export", "--weights", str(weights), "--format", "onnx", "--out", str(out),
-                           "--tta", "flip", "--data", str(tiny_root), "--check-images", "14"])
+        status = cli.main(["export", "--weights", str(weights), "--format", "onnx", "--output", str(out),
+                           "--views", "2", "--data", str(tiny_root), "--check-images", "14"])
     assert status == 0
     lines = stdout.getvalue().splitlines()
-    assert lines[0].startswith(f"wrote {out} (onnx, opset") and "tta flip" in lines[0]
+    assert lines[0].startswith(f"wrote {out} (onnx, opset") and "2 views" in lines[0]
     assert lines[1].startswith("parity with PyTorch on 14 test images") and lines[1].endswith(": ok")
     model, _ = load_model(weights)
-    reference = predict_logits(model, faces, tta="flip").numpy()
+    reference = predict_logits(model, faces, views=2).numpy()
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
 
 
+def test_old_export_options_still_work_with_a_warning(weights: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "old.onnx"
+    assert cli.main(["export", "--weights", str(weights), "--out", str(out), "--tta", "crops",
+                     "--check-images", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "--out is now --output" in err and "--tta is now --views" in err
+    assert read_export_info(out)[1]["views"] == 10
+
+
 def test_export_usage_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["export", "--weights", str(weights), "--out", str(tmp_path / "model.bin")]) == 2
+    assert cli.main(["export", "--weights", str(weights), "--output", str(tmp_path / "model.bin")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
-    assert cli.main(["export", "--weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert cli.main(["export", "--weights", str(weights)]) == 2
+    assert "needs --output FILE" in capsys.readouterr().err
+    assert cli.main(["export", "--weights", str(tmp_path / "none.safetensors"), "--output",
+                     str(tmp_path / "m.onnx")]) == 2
     assert "no such weights file" in capsys.readouterr().err
     assert format_for("m.ONNX") == "onnx" and format_for("m.pt") == "torchscript"
     assert not (tmp_path / "m.onnx").exists()

@@ -89,7 +89,7 @@ def test_a_photo_without_faces_has_none(haar: HaarDetector) -> None:
 
 def test_large_photos_are_downscaled_for_detection_and_cropped_from_the_original(astronaut: np.ndarray) -> None:
     big = cv2.resize(astronaut, (2048, 2048), interpolation=cv2.INTER_LINEAR)
-    detector = HaarDetector(max_side=512)  # detects on a 4x smaller copy
+    detector = HaarDetector(detect_max_side=512)  # detects on a 4x smaller copy
     (face,) = find_faces(big, detector)
     expected = tuple(4 * v for v in ASTRONAUT_FACE)
     assert iou(face.box, expected) > 0.7  # boxes come back in the original's pixels

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ferkit import models
-from ferkit.augment import preprocess
 from ferkit.data import FerData
+from ferkit.inference import preprocess
 from ferkit.models import count_macs, count_parameters, create_model, list_models, register_model
 
 
@@ -51,7 +51,7 @@ def test_counts_are_positive_and_match_the_docstring(name: str) -> None:
 
 
 def test_count_macs_leaves_no_hooks_and_keeps_the_mode() -> None:
-    model = create_model("seed").train()
+    model = create_model("refcnn").train()
     count_macs(model)
     assert model.training
     assert all(not m._forward_hooks for m in model.modules())
@@ -61,7 +61,7 @@ def test_count_macs_leaves_no_hooks_and_keeps_the_mode() -> None:
 
 
 def test_seed_model_has_the_reference_size_and_shapes(batch: torch.Tensor) -> None:
-    model = create_model("seed").eval()
+    model = create_model("refcnn").eval()
     assert count_parameters(model) == 980_679
     assert count_macs(model) == 33_105_664  # 663,552 + 3 x 10,616,832 (convs) + 591,616 (linear)
     shapes: list[tuple[int, ...]] = []
@@ -81,7 +81,7 @@ def test_seed_model_has_the_reference_size_and_shapes(batch: torch.Tensor) -> No
 
 def test_channels_last_gives_the_same_logits(batch: torch.Tensor) -> None:
     torch.manual_seed(0)
-    model = create_model("seed").eval()
+    model = create_model("refcnn").eval()
     with torch.no_grad():
         plain = model(batch)
         fast = model.to(memory_format=torch.channels_last)(batch.contiguous(memory_format=torch.channels_last))
@@ -94,13 +94,13 @@ def test_unknown_architecture_lists_the_choices() -> None:
     message = str(err.value)
     assert "'alexnet'" in message
     assert message.endswith(", ".join(list_models()))
-    assert "seed" in list_models()
+    assert "refcnn" in list_models() and "seed" not in list_models()
 
 
 def test_a_name_cannot_be_registered_twice() -> None:
-    def seed(num_classes: int = 7) -> nn.Module:
+    def refcnn(num_classes: int = 7) -> nn.Module:
         return nn.Linear(1, num_classes)
 
     with pytest.raises(ValueError, match="registered twice"):
-        register_model(seed)
-    assert isinstance(create_model("seed"), models.SeedCNN)
+        register_model(refcnn)
+    assert isinstance(create_model("refcnn"), models.ReferenceCNN)

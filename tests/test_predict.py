@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 import ferkit
 from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray
-from ferkit.evaluate import predict_logits
 from ferkit.faces import find_faces
+from ferkit.inference import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.models import create_model
 from ferkit.predict import EmotionRecognizer, FaceResult
@@ -89,7 +89,7 @@ def test_crops_predict_what_evaluate_scores(crops_reader: EmotionRecognizer, wei
     files = [p for cls in EMOTIONS for p in fer_faces(data_root, cls)[:12]]
     crops = np.stack([read_gray(p) for p in files])
     model, meta = load_model(weights)
-    logits = predict_logits(model, crops, tta=meta.tta)
+    logits = predict_logits(model, crops, preprocessing=meta.preprocessing)
     results = crops_reader.predict_batch(files)
     assert [r[0].label for r in results] == [meta.classes[int(k)] for k in logits.argmax(1)]
     probabilities = torch.softmax(logits.double(), 1).numpy()
@@ -151,16 +151,16 @@ def test_import_ferkit_is_light_and_exports_the_api() -> None:
 
 def _weights_with(tmp_path: Path, **fields: object) -> Path:
     path = tmp_path / "odd.safetensors"
-    meta = {**WeightsMeta(arch="seed").__dict__, **fields}
-    save_file(dict(create_model("seed").state_dict()), str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    meta = {**json.loads(WeightsMeta(arch="refcnn").to_json()), **fields}
+    save_file(dict(create_model("refcnn").state_dict()), str(path), metadata={METADATA_KEY: json.dumps(meta)})
     return path
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match="made for 64x64 input"):
-        EmotionRecognizer(_weights_with(tmp_path, image_size=64))
-    with pytest.raises(WeightsError, match="normalisation"):
-        EmotionRecognizer(_weights_with(tmp_path, normalization={"mean": 0.0, "std": 1.0}))
+    with pytest.raises(WeightsError, match="input size 64: ferkit crops faces to 48x48"):
+        EmotionRecognizer(_weights_with(tmp_path, preprocessing={"image_size": 64}))
+    with pytest.raises(WeightsError, match="std must be positive"):
+        EmotionRecognizer(_weights_with(tmp_path, preprocessing={"mean": 0.0, "std": -1.0}))
     with pytest.raises(WeightsError, match="tensors do not fit"):
         EmotionRecognizer(_weights_with(tmp_path, classes=["a", "b", "c"]))
     for name in ("model.pt", "model.pth", "checkpoint.ckpt"):

@@ -16,10 +16,10 @@ from PIL import Image
 
 from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray, write_video
 from ferkit import cli
-from ferkit.predict_files import expand_inputs, predict_command
-from ferkit.evaluate import predict_logits
+from ferkit.inference import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.predict import EmotionRecognizer
+from ferkit.predict_files import expand_inputs, predict_command
 from ferkit.video import VideoError, run_camera
 from ferkit.weights import load_model
 
@@ -174,7 +174,7 @@ def test_no_detect_on_privatetest_crops_predicts_what_evaluate_scores(
     assert status == 0
     records = json.loads(out)
     model, meta = load_model(weights)
-    logits = predict_logits(model, np.stack([read_gray(p) for p in files]), tta=meta.tta)
+    logits = predict_logits(model, np.stack([read_gray(p) for p in files]), preprocessing=meta.preprocessing)
     assert [r["faces"][0]["label"] for r in records] == [meta.classes[int(k)] for k in logits.argmax(1)]
     assert all(r["faces"][0]["box"] == [0, 0, 48, 48] and r["faces"][0]["score"] is None for r in records)
 

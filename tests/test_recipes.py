@@ -26,10 +26,11 @@ from torch.optim.swa_utils import AveragedModel
 
 import ferkit.train as train_module
 from conftest import take
-from ferkit.augment import AugmentConfig, mix_batch, preprocess, random_affine, random_erasing, to_tensor
+from ferkit.augment import AugmentConfig, mix_batch, random_affine, random_erasing
 from ferkit.cli import main as cli_main
 from ferkit.data import FerData
-from ferkit.evaluate import TTA_SHIFT, compute_metrics, evaluate_weights, predict_logits, tta_views
+from ferkit.evaluate import compute_metrics, evaluate_weights
+from ferkit.inference import DEFAULT_PREPROCESSING, make_views, predict_logits, preprocess, to_tensor
 from ferkit.labels import EMOTIONS, NUM_CLASSES
 from ferkit.models import create_model, list_models
 from ferkit.train import (
@@ -295,7 +296,7 @@ def test_label_smoothing_and_class_weights_change_the_training_loss_as_written(
 ) -> None:
     images, labels = faces
     torch.manual_seed(0)
-    model = create_model("seed")
+    model = create_model("refcnn")
     weights = _class_weights(real_train_labels)
     plain = _loss_of_one_step(model, images, labels)
     assert plain == pytest.approx(_hand_loss(model, images, labels), rel=1e-5)
@@ -330,7 +331,7 @@ def _decays(optimizer: torch.optim.Optimizer) -> dict[int, float]:
     return {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
 
 
-@pytest.mark.parametrize("arch", ["seed", "vgg_small"])
+@pytest.mark.parametrize("arch", ["refcnn", "vgg_small"])
 def test_optimizers_and_their_weight_decay_groups(arch: str) -> None:
     model = create_model(arch)
     named = dict(model.named_parameters())
@@ -450,7 +451,7 @@ def test_fit_hands_every_option_to_the_training_step(
 
     monkeypatch.setattr(train_module, "train_one_epoch", first_epoch)
     with pytest.raises(_Stop):
-        fit(TrainConfig(out=str(tmp_path / "a"), limit_train=100, device="cpu"), small_data)
+        fit(TrainConfig(run_dir=str(tmp_path / "a"), limit_train=100, device="cpu"), small_data)
     ctx = seen["ctx"]
     assert ctx.augment == AugmentConfig(hflip=True, rotate_degrees=10.0, shift_pixels=0, erasing=0.0)
     assert (ctx.mixup, ctx.cutmix, ctx.label_smoothing) == (0, 0, 0)
@@ -458,7 +459,7 @@ def test_fit_hands_every_option_to_the_training_step(
     assert ctx.step_scheduler is None  # plateau steps once an epoch, on the validation loss
     assert seen["batch_size"] == 64 and type(seen["optimizer"]) is torch.optim.Adam
 
-    config = TrainConfig(out=str(tmp_path / "b"), limit_train=100, device="cpu", batch_size=16, hflip=False,
+    config = TrainConfig(run_dir=str(tmp_path / "b"), limit_train=100, device="cpu", batch_size=16, hflip=False,
                          rotate_degrees=5, shift_pixels=2, erasing=0.3, mixup=0.2, cutmix=0.5, label_smoothing=0.1,
                          class_weights=True, ema_decay=0.9, schedule="cosine", optimizer="sgd", lr=0.05)
     with pytest.raises(_Stop):
@@ -488,8 +489,8 @@ def test_fit_hands_every_option_to_the_training_step(
 
 
 def _ema_config(out: Path, **overrides: Any) -> TrainConfig:
-    settings: dict[str, Any] = dict(out=str(out), limit_train=64, batch_size=32, eval_batch_size=64, progress=False,
-                                    device="cpu", ema_decay=0.9, tta="crops", epochs=2)
+    settings: dict[str, Any] = dict(run_dir=str(out), limit_train=64, batch_size=32, eval_batch_size=64, progress=False,
+                                    device="cpu", ema_decay=0.9, views=10, epochs=2)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -509,14 +510,14 @@ def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, smal
     assert differ > len(raw) / 2
     # Validation scored the EMA weights, and test-time augmentation comes from the config.
     model, meta = load_model(unbroken / "last.safetensors")
-    assert meta.tta == "crops"
+    assert meta.views == 10
     history = read_metrics_csv(unbroken / "metrics.csv")
     assert compute_metrics(predict_logits(model, data["val"].images), data["val"].labels)["loss"] == pytest.approx(
         history[-1]["val_loss"], abs=1e-4)
     best, best_meta = load_model(unbroken / "best.safetensors")
     report = json.loads((unbroken / "test_metrics.json").read_text())
-    test = compute_metrics(predict_logits(best, data["test"].images, tta="crops"), data["test"].labels)
-    assert report["tta"] == "crops" and report["loss"] == pytest.approx(test["loss"], abs=1e-6)
+    test = compute_metrics(predict_logits(best, data["test"].images, views=10), data["test"].labels)
+    assert report["views"] == 10 and report["loss"] == pytest.approx(test["loss"], abs=1e-6)
     assert report["loss"] != pytest.approx(compute_metrics(predict_logits(best, data["test"].images),
                                                            data["test"].labels)["loss"], abs=1e-6)
     if best_meta.epoch == 2:
@@ -537,22 +538,22 @@ def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, smal
 def test_a_checkpoint_without_ema_cannot_resume_with_it(run_copy: Path, small_data: FerData) -> None:
     before = (run_copy / "checkpoint.pt").read_bytes()
     with pytest.raises(ValueError, match="has no EMA weights to resume --ema-decay from"):
-        fit(_ema_config(run_copy, limit_train=256, epochs=3, resume=True, tta="none"), small_data)
+        fit(_ema_config(run_copy, limit_train=256, epochs=3, resume=True, views=1), small_data)
     assert (run_copy / "checkpoint.pt").read_bytes() == before
 
 
 def test_flip_and_crops_tta_average_the_logits_of_their_views(small_data: FerData) -> None:
     torch.manual_seed(0)
-    model = create_model("seed").eval()
+    model = create_model("refcnn").eval()
     faces = small_data["val"].images[:12]
     x = preprocess(faces)
     with torch.no_grad():
         plain, mirrored = model(x), model(x.flip(-1))
-    torch.testing.assert_close(predict_logits(model, faces, tta="flip", batch_size=5), (plain + mirrored) / 2,
+    torch.testing.assert_close(predict_logits(model, faces, views=2, batch_size=5), (plain + mirrored) / 2,
                                rtol=0, atol=1e-5)
 
-    views = tta_views(x, "crops")
-    assert len(views) == 10 and TTA_SHIFT == 2
+    views = make_views(x, 10, DEFAULT_PREPROCESSING.view_shift, -1.0)
+    assert len(views) == 10 and DEFAULT_PREPROCESSING.view_shift == 2
     assert torch.equal(views[0], x)
     shifts = []
     for view in views[1:5]:
@@ -564,11 +565,11 @@ def test_flip_and_crops_tta_average_the_logits_of_their_views(small_data: FerDat
         assert torch.equal(mirror, view.flip(-1))
     with torch.no_grad():
         expected = torch.stack([model(v) for v in views]).mean(0)
-    crops = predict_logits(model, faces, tta="crops", batch_size=5)
+    crops = predict_logits(model, faces, views=10, batch_size=5)
     torch.testing.assert_close(crops, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(crops, (plain + mirrored) / 2, atol=1e-3)
-    with pytest.raises(ValueError, match="unknown test-time augmentation 'ten'"):
-        predict_logits(model, faces, tta="ten")
+    with pytest.raises(ValueError, match="views 3: choose one of 1, 2, 10"):
+        predict_logits(model, faces, views=3)
 
 
 def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -580,18 +581,19 @@ def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
-def test_evaluate_auto_uses_the_tta_in_the_weights(run_copy: Path, small_root: Path, small_data: FerData) -> None:
+def test_evaluate_uses_the_views_in_the_weights(run_copy: Path, small_root: Path, small_data: FerData) -> None:
     model, meta = load_model(run_copy / "best.safetensors")
-    assert meta.tta == "none"
-    save_weights(run_copy / "best.safetensors", model, dataclasses.replace(meta, tta="flip"))
-    assert read_meta(run_copy / "best.safetensors").tta == "flip"
+    assert meta.views == 1
+    save_weights(run_copy / "best.safetensors", model,
+                 dataclasses.replace(meta, preprocessing=meta.preprocessing.with_views(2)))
+    assert read_meta(run_copy / "best.safetensors").views == 2
     test = small_data["test"]
-    auto = evaluate_weights(str(run_copy), str(small_root), out=str(run_copy / "figures"))
-    assert auto["tta"] == "flip"
-    flip = compute_metrics(predict_logits(model, test.images, tta="flip"), test.labels)
+    auto = evaluate_weights(str(run_copy), str(small_root), figures_dir=str(run_copy / "figures"))
+    assert auto["views"] == 2
+    flip = compute_metrics(predict_logits(model, test.images, views=2), test.labels)
     assert auto["loss"] == pytest.approx(flip["loss"], abs=1e-6) and auto["accuracy"] == flip["accuracy"]
-    forced = evaluate_weights(str(run_copy), str(small_root), out=str(run_copy / "figures"), tta="none")
-    assert forced["tta"] == "none"
+    forced = evaluate_weights(str(run_copy), str(small_root), figures_dir=str(run_copy / "figures"), views=1)
+    assert forced["views"] == 1
     assert forced["loss"] == pytest.approx(compute_metrics(predict_logits(model, test.images), test.labels)["loss"],
                                            abs=1e-6)
     assert forced["loss"] != pytest.approx(auto["loss"], abs=1e-5)
@@ -601,17 +603,17 @@ def test_evaluate_auto_uses_the_tta_in_the_weights(run_copy: Path, small_root: P
 # Presets
 
 
-def test_the_seed_preset_is_the_reference_recipe() -> None:
-    seed = TrainConfig.from_preset("seed")
+def test_the_reference_preset_is_the_reference_recipe() -> None:
+    seed = TrainConfig.from_preset("reference")
     assert seed == TrainConfig() == TrainConfig.from_preset()
-    reference = dict(arch="seed", optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="plateau",
+    reference = dict(arch="refcnn", optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="plateau",
                      plateau_factor=0.5, plateau_patience=2, epochs=50, batch_size=64, hflip=True,
                      rotate_degrees=10.0, shift_pixels=0, erasing=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
-                     class_weights=False, ema_decay=0.0, tta="none", limit_train=0, preset="seed")
+                     class_weights=False, ema_decay=0.0, views=1, limit_train=0, preset="reference")
     assert {k: getattr(seed, k) for k in reference} == reference
 
 
-@pytest.mark.parametrize("name", ["fast", "best"])
+@pytest.mark.parametrize("name", ["fast", "accurate"])
 def test_other_presets_change_the_recipe_and_flags_override_them(name: str) -> None:
     config = TrainConfig.from_preset(name)
     assert config.preset == name
@@ -620,10 +622,10 @@ def test_other_presets_change_the_recipe_and_flags_override_them(name: str) -> N
                                                                                                      f.name)}
     assert changed == {k for k, v in PRESETS[name].items() if v != getattr(TrainConfig(), k)} | {"preset"}
     assert {"lr", "schedule", "optimizer", "epochs"} <= changed
-    overridden = TrainConfig.from_preset(name, lr=0.123, epochs=2, hflip=False, out="x")
-    assert (overridden.lr, overridden.epochs, overridden.hflip, overridden.out) == (0.123, 2, False, "x")
+    overridden = TrainConfig.from_preset(name, lr=0.123, epochs=2, hflip=False, run_dir="x")
+    assert (overridden.lr, overridden.epochs, overridden.hflip, overridden.run_dir) == (0.123, 2, False, "x")
     assert overridden.schedule == PRESETS[name]["schedule"] and overridden.optimizer == PRESETS[name]["optimizer"]
-    with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of: seed, fast, best"):
+    with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of: reference, fast, accurate"):
         TrainConfig.from_preset("fastest")
 
 
@@ -631,22 +633,23 @@ def test_cli_preset_fast_trains_with_its_values_and_flags_win(
     tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    code = cli_main(["train", "--preset", "fast", "--data", str(tiny_root), "--out", str(run), "--epochs", "1",
+    code = cli_main(["train", "--preset", "fast", "--data", str(tiny_root), "--run-dir", str(run), "--epochs", "1",
                      "--limit-train", "14", "--lr", "0.002", "--no-hflip", "--no-progress", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0 and "(fast preset)" in out
     saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["config"]
     expected = dataclasses.asdict(TrainConfig.from_preset(
-        "fast", data=str(tiny_root), out=str(run), epochs=1, limit_train=14, lr=0.002, hflip=False, progress=False,
+        "fast", data=str(tiny_root), run_dir=str(run), epochs=1, limit_train=14, lr=0.002, hflip=False, progress=False,
         device="cpu"))
     assert saved == expected
     # The preset's values are in force, the flags on top of them.
     assert (saved["optimizer"], saved["schedule"], saved["batch_size"], saved["weight_decay"]) == (
         "adamw", "onecycle", 128, 0.05)
-    assert (saved["label_smoothing"], saved["shift_pixels"], saved["tta"]) == (0.1, 3, "flip")
+    assert (saved["label_smoothing"], saved["shift_pixels"], saved["views"]) == (0.1, 3, 2)
     assert (saved["epochs"], saved["lr"], saved["hflip"], saved["rotate_degrees"]) == (1, 0.002, False, 10.0)
-    assert read_meta(run / "best.safetensors").tta == "flip"
-    assert json.loads((run / "test_metrics.json").read_text())["tta"] == "flip"
+    assert read_meta(run / "best.safetensors").views == 2
+    assert json.loads((run / "test_metrics.json").read_text())["views"] == 2
+    assert json.loads((run / "config.json").read_text())["config"] == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,7 +676,7 @@ def test_every_architecture_takes_a_training_step_on_real_faces(
 
 def test_refresh_batchnorm_re_estimates_statistics_on_real_faces(small_data: FerData) -> None:
     images = to_tensor(small_data["train"].images[:200])
-    model = create_model("seed").eval()
+    model = create_model("refcnn").eval()
     first_bn = model.features[0][1]
     first_bn.running_mean.fill_(100.0)
     first_bn.running_var.fill_(1e-3)

@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import take
-from ferkit.augment import AugmentConfig, preprocess, to_tensor
+from ferkit.augment import AugmentConfig
 from ferkit.data import FerData
-from ferkit.evaluate import compute_metrics, predict_logits
+from ferkit.evaluate import compute_metrics
+from ferkit.inference import predict_logits, preprocess, to_tensor
 from ferkit.models import create_model
-from ferkit.train import StepContext, TrainConfig, autocast_dtype, fit, read_metrics_csv, train_one_epoch
+from ferkit.runs import read_metrics_csv
+from ferkit.train import StepContext, TrainConfig, autocast_dtype, fit, train_one_epoch
 from ferkit.weights import load_model, read_meta
 
 HISTORY_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
@@ -36,7 +38,7 @@ def test_training_steps_on_real_faces_lower_the_loss(small_data: FerData) -> Non
     images = to_tensor(train.images[index])
     labels = torch.from_numpy(train.labels[index])
     torch.manual_seed(0)
-    model = create_model("seed").to(memory_format=torch.channels_last)
+    model = create_model("refcnn").to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     device = torch.device("cpu")
     ctx = StepContext(device, AugmentConfig(hflip=False, rotate_degrees=0), autocast_dtype(device, True), True)
@@ -55,7 +57,7 @@ def test_training_steps_on_real_faces_lower_the_loss(small_data: FerData) -> Non
 def test_a_run_writes_every_file(tiny_run: Path, small_data: FerData) -> None:
     files = sorted(p.name for p in tiny_run.iterdir())
     assert files == sorted(["best.safetensors", "last.safetensors", "checkpoint.pt", "metrics.csv",
-                            "test_metrics.json", "curves.png", "confusion_matrix_test.png"])
+                            "test_metrics.json", "curves.png", "confusion_matrix_test.png", "config.json"])
     # Atomic writes leave no temporary files behind.
     assert not [name for name in files if "tmp" in name or name.startswith(".")]
     for figure in ("curves.png", "confusion_matrix_test.png"):
@@ -73,12 +75,12 @@ def test_a_run_writes_every_file(tiny_run: Path, small_data: FerData) -> None:
 
     checkpoint = torch.load(tiny_run / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
-    assert checkpoint["config"]["arch"] == "seed" and checkpoint["config"]["limit_train"] == 256
+    assert checkpoint["config"]["arch"] == "refcnn" and checkpoint["config"]["limit_train"] == 256
     assert checkpoint["best_val_acc"] == max(row["val_acc"] for row in history)
 
     # last.safetensors is the epoch-2 model: it reproduces the logged validation accuracy exactly.
     last, last_meta = load_model(tiny_run / "last.safetensors")
-    assert last_meta.epoch == 2 and last_meta.arch == "seed" and last_meta.data_source == small_data.source
+    assert last_meta.epoch == 2 and last_meta.arch == "refcnn" and last_meta.data_source == small_data.source
     val = compute_metrics(predict_logits(last, small_data["val"].images), small_data["val"].labels)
     assert val["accuracy"] == pytest.approx(history[-1]["val_acc"], abs=1e-9)
     assert val["loss"] == pytest.approx(history[-1]["val_loss"], abs=1e-4)
@@ -99,7 +101,7 @@ def test_a_run_writes_every_file(tiny_run: Path, small_data: FerData) -> None:
 
 
 def _config(out: Path, **overrides: object) -> TrainConfig:
-    settings: dict[str, object] = dict(out=str(out), limit_train=128, batch_size=32, eval_batch_size=64,
+    settings: dict[str, object] = dict(run_dir=str(out), limit_train=128, batch_size=32, eval_batch_size=64,
                                        progress=False, device="cpu")
     return TrainConfig(**{**settings, **overrides})  # type: ignore[arg-type]
 
@@ -126,7 +128,7 @@ def test_resume_continues_exactly_like_an_unbroken_run(tmp_path: Path, small_dat
 
 
 def test_resume_refuses_another_architecture(run_copy: Path, small_data: FerData) -> None:
-    with pytest.raises(ValueError, match=r"was trained as 'seed', not 'resnet'") as err:
+    with pytest.raises(ValueError, match=r"was trained as 'refcnn', not 'resnet'") as err:
         fit(_config(run_copy, arch="resnet", epochs=3, resume=True), small_data)
     assert str(run_copy / "checkpoint.pt") in str(err.value)
 

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from ferkit import weights as weights_module
-from ferkit.augment import preprocess
 from ferkit.data import FerData
+from ferkit.inference import Preprocessing, preprocess
+from ferkit.labels import EMOTIONS
 from ferkit.models import create_model
 from ferkit.weights import (
     METADATA_KEY,
@@ -42,7 +43,7 @@ def faces(small_data: FerData) -> torch.Tensor:
 def _trained_looking_model(faces: torch.Tensor) -> torch.nn.Module:
     """A seed model with non-default weights and BatchNorm running statistics."""
     torch.manual_seed(3)
-    model = create_model("seed")
+    model = create_model("refcnn")
     model.train()
     with torch.no_grad():
         for _ in range(3):
@@ -52,7 +53,8 @@ def _trained_looking_model(faces: torch.Tensor) -> torch.nn.Module:
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path, faces: torch.Tensor) -> None:
     model = _trained_looking_model(faces)
-    meta = WeightsMeta(arch="seed", data_source="/data/fer2013", epoch=7, metrics={"val_acc": 0.61}, tta="flip")
+    meta = WeightsMeta(arch="refcnn", data_source="/data/fer2013", epoch=7, metrics={"val_acc": 0.61},
+                       preprocessing=Preprocessing(views=2), recipe={"epochs": 7, "arch": "refcnn"})
     save_weights(tmp_path / "sub" / "model.safetensors", model, meta)
     loaded, loaded_meta = load_model(tmp_path / "sub" / "model.safetensors")
     assert not loaded.training
@@ -68,21 +70,22 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path, faces: tor
 
 
 def test_metadata_round_trip(tmp_path: Path) -> None:
-    meta = WeightsMeta(arch="seed", classes=["a", "b", "c"], data_source="x.zip", epoch=3,
-                       metrics={"val_acc": 0.5, "nested": {"k": [1, 2]}}, tta="crops")
-    save_weights(tmp_path / "w.safetensors", create_model("seed", num_classes=3), meta)
+    meta = WeightsMeta(arch="refcnn", classes=["a", "b", "c"], data_source="x.zip", epoch=3,
+                       metrics={"val_acc": 0.5, "nested": {"k": [1, 2]}},
+                       preprocessing=Preprocessing(views=10, temperature=1.5, class_prior=(0.5, 0.25, 0.25)))
+    save_weights(tmp_path / "w.safetensors", create_model("refcnn", num_classes=3), meta)
     assert read_meta(tmp_path / "w.safetensors") == meta
     model, loaded = load_model(tmp_path / "w.safetensors")
     assert loaded.classes == ["a", "b", "c"]
     assert model.classifier[-1].out_features == 3
-    defaults = WeightsMeta(arch="seed")
-    assert defaults.image_size == 48 and defaults.normalization == {"mean": 0.5, "std": 0.5}
+    defaults = WeightsMeta(arch="refcnn")
+    assert defaults.preprocessing == Preprocessing(48, 0.5, 0.5, 1.05, 1, 2, 1.0, None)
     assert defaults.classes == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
 def test_the_file_is_plain_safetensors(tmp_path: Path) -> None:
-    model = create_model("seed")
-    save_weights(tmp_path / "w.safetensors", model, WeightsMeta(arch="seed", epoch=2))
+    model = create_model("refcnn")
+    save_weights(tmp_path / "w.safetensors", model, WeightsMeta(arch="refcnn", epoch=2))
     blob = (tmp_path / "w.safetensors").read_bytes()
     (header_length,) = struct.unpack("<Q", blob[:8])  # safetensors: u64 header length, then JSON
     header = json.loads(blob[8 : 8 + header_length])
@@ -95,7 +98,7 @@ def test_the_file_is_plain_safetensors(tmp_path: Path) -> None:
 
 
 def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    save_weights(tmp_path / "w.safetensors", create_model("seed"), WeightsMeta(arch="seed"))
+    save_weights(tmp_path / "w.safetensors", create_model("refcnn"), WeightsMeta(arch="refcnn"))
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("unpickling while loading weights")
@@ -103,7 +106,7 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for target, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
         monkeypatch.setattr(target, name, forbidden)
     model, meta = load_model(tmp_path / "w.safetensors")
-    assert meta.arch == "seed" and sum(p.numel() for p in model.parameters()) == 980_679
+    assert meta.arch == "refcnn" and sum(p.numel() for p in model.parameters()) == 980_679
 
 
 class _Payload:
@@ -134,41 +137,61 @@ def test_a_text_file_is_not_weights(tmp_path: Path) -> None:
 
 
 def test_shapes_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
-    state = create_model("seed", num_classes=5).state_dict()  # a 5-class head, but 7 classes in the metadata
+    state = create_model("refcnn", num_classes=5).state_dict()  # a 5-class head, but 7 classes in the metadata
     path = tmp_path / "wrong.safetensors"
-    save_file(dict(state), str(path), metadata={METADATA_KEY: json.dumps(WeightsMeta(arch="seed").__dict__)})
+    save_file(dict(state), str(path), metadata={METADATA_KEY: WeightsMeta(arch="refcnn").to_json()})
     with pytest.raises(WeightsError) as err:
         load_model(path)
     message = str(err.value)
-    assert message.startswith(f"{path}: tensors do not fit architecture 'seed'")
+    assert message.startswith(f"{path}: tensors do not fit architecture 'refcnn'")
     assert "classifier.4.weight" in message
 
 
 def test_tensors_of_another_architecture(tmp_path: Path) -> None:
     state = create_model("vgg_small").state_dict()
     path = tmp_path / "vgg.safetensors"
-    save_file(dict(state), str(path), metadata={METADATA_KEY: json.dumps(WeightsMeta(arch="seed").__dict__)})
-    with pytest.raises(WeightsError, match="tensors do not fit architecture 'seed'"):
+    save_file(dict(state), str(path), metadata={METADATA_KEY: WeightsMeta(arch="refcnn").to_json()})
+    with pytest.raises(WeightsError, match="tensors do not fit architecture 'refcnn'"):
         load_model(path)
 
 
 def test_safetensors_without_ferkit_metadata(tmp_path: Path) -> None:
     path = tmp_path / "bare.safetensors"
-    save_file(dict(create_model("seed").state_dict()), str(path), metadata={"format": "pt"})
+    save_file(dict(create_model("refcnn").state_dict()), str(path), metadata={"format": "pt"})
     with pytest.raises(WeightsError) as err:
         load_model(path)
-    assert str(err.value) == f"{path}: no ferkit metadata in this safetensors file"
+    assert str(err.value).startswith(f"{path}: no ferkit metadata in this file")
 
 
 @pytest.mark.parametrize(("metadata", "message"), [
     ("{not json", "malformed ferkit metadata"),
-    (json.dumps({"arch": "seed", "colour": "blue"}), "malformed ferkit metadata"),
-    (json.dumps({"classes": ["a"]}), "malformed ferkit metadata"),
+    ("[1, 2]", "malformed ferkit metadata"),
+    (json.dumps({"arch": "seed", "colour": "blue"}), "unknown field.s. colour"),
+    (json.dumps({"classes": ["a"]}), "no architecture"),
     (json.dumps({"arch": "alexnet"}), "unknown architecture 'alexnet'"),
+    # Values of the wrong type, in the format-1 layout of ferkit 0.1 and in today's.
+    (json.dumps({"arch": "seed", "classes": None}), "classes must be a list of names, not None"),
+    (json.dumps({"arch": "seed", "classes": "angry"}), "classes must be a list of names"),
+    (json.dumps({"arch": "seed", "classes": ["a", "a"]}), "not two or more distinct names"),
+    (json.dumps({"arch": "seed", "tta": "bogus"}), "tta 'bogus' is not one of none, flip, crops"),
+    (json.dumps({"arch": "seed", "image_size": "48"}), "image_size must be an integer"),
+    (json.dumps({"arch": "seed", "normalization": None}), "normalization must be"),
+    (json.dumps({"arch": "seed", "epoch": "7"}), "epoch must be int"),
+    (json.dumps({"arch": 7}), "arch must be str"),
+    (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": {"views": 3}}), "views 3: choose one of 1, 2, 10"),
+    (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": {"std": 0}}), "std must be positive"),
+    (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": {"temperature": True}}), "must be a number"),
+    (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": {"class_prior": [0.5, 0.5]}}),
+     "class prior has 2 values for 7 classes"),
+    (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": []}), "preprocessing must be an object"),
+    (json.dumps({"arch": "refcnn", "format": 3}), "metadata format 3"),
+    # Names that would reach a terminal: escape codes, line breaks.
+    (json.dumps({"arch": "seed", "classes": ["\x1b[31mred", *EMOTIONS[1:]]}), "is not a printable name"),
+    (json.dumps({"arch": "seed", "classes": ["line\nbreak", *EMOTIONS[1:]]}), "is not a printable name"),
 ])
 def test_bad_ferkit_metadata(tmp_path: Path, metadata: str, message: str) -> None:
     path = tmp_path / "odd.safetensors"
-    save_file(dict(create_model("seed").state_dict()), str(path), metadata={METADATA_KEY: metadata})
+    save_file(dict(create_model("refcnn").state_dict()), str(path), metadata={METADATA_KEY: metadata})
     with pytest.raises(WeightsError, match=message) as err:
         load_model(path)
     assert str(path) in str(err.value)
@@ -192,11 +215,40 @@ def test_resolve_a_missing_path_lists_the_shipped_models(tmp_path: Path) -> None
         resolve_weights(tmp_path / "empty-run")  # a folder without best.safetensors
 
 
-def test_the_default_model_is_the_shipped_best_model() -> None:
+def test_the_default_model_is_the_shipped_resnet() -> None:
     shipped = shipped_models()
-    assert {"seed", "best"} <= set(shipped)
-    assert weights_module.DEFAULT_MODEL == "best"
-    assert resolve_weights(None) == resolve_weights("default") == shipped["best"]
-    meta = read_meta(shipped["best"])
-    assert (meta.arch, meta.tta) == ("resnet", "crops")  # the `best` preset's model and test-time augmentation
-    assert read_meta(shipped["seed"]).arch == "seed"
+    assert {"ferkit-refcnn", "ferkit-resnet"} <= set(shipped)
+    assert weights_module.DEFAULT_MODEL == "ferkit-resnet"
+    assert resolve_weights(None) == resolve_weights("default") == shipped["ferkit-resnet"]
+    meta = read_meta(shipped["ferkit-resnet"])
+    assert (meta.arch, meta.views) == ("resnet", 10)  # the `accurate` preset's model and its ten views
+    assert meta.recipe["preset"] == "accurate" and meta.recipe["epochs"] == 120
+    assert read_meta(shipped["ferkit-refcnn"]).arch == "refcnn"
+    for name in shipped:
+        prior = read_meta(shipped[name]).preprocessing.class_prior
+        assert prior is not None and max(prior) == pytest.approx(7215 / 28709)  # happy, FER-2013's training mix
+
+
+def test_old_names_keep_working_for_one_release_with_a_warning() -> None:
+    shipped = shipped_models()
+    for old, new in (("seed", "ferkit-refcnn"), ("best", "ferkit-resnet")):
+        with pytest.warns(FutureWarning, match=f"the shipped model '{old}' is now called '{new}'"):
+            assert resolve_weights(old) == shipped[new]
+    with pytest.warns(FutureWarning, match="the architecture 'seed' is now called 'refcnn'"):
+        assert sum(p.numel() for p in create_model("seed").parameters()) == 980_679
+
+
+def test_format_1_weights_files_still_load(tmp_path: Path, faces: torch.Tensor) -> None:
+    """A file written by ferkit 0.1: preprocessing at the top level, `tta` by name, the old architecture name."""
+    model = _trained_looking_model(faces)
+    old = {"arch": "seed", "classes": list(EMOTIONS), "image_size": 48, "normalization": {"mean": 0.5, "std": 0.5},
+           "data_source": "fer2013.csv", "epoch": 4, "metrics": {"val_acc": 0.5}, "tta": "flip",
+           "ferkit_version": "0.1.0"}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={METADATA_KEY: json.dumps(old)})
+    loaded, meta = load_model(path)
+    assert (meta.arch, meta.views, meta.epoch, meta.format) == ("refcnn", 2, 4, 2)
+    assert meta.preprocessing == Preprocessing(views=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(faces), model(faces), rtol=0, atol=1e-6)

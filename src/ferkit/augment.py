@@ -1,7 +1,6 @@
-"""Preprocessing and augmentation, on whole batches of tensors on the training device.
+"""Training-time augmentation, on whole batches of tensors on the training device.
 
-`preprocess` is the one function that turns uint8 face crops into model input; training,
-evaluation, prediction, export and the service all call it, so they can never drift apart.
+Normalisation comes from `ferkit.inference`, the one place that turns uint8 crops into model input.
 """
 
 from __future__ import annotations
@@ -13,41 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MEAN = 0.5
-STD = 0.5
-"""Normalisation of [0, 1] pixels to [-1, 1], as in the reference."""
-
-
-def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, 48, 48) or (N, 1, 48, 48) uint8 array -> uint8 tensor of shape (N, 1, 48, 48)."""
-    batch = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-    if batch.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 images, got {batch.dtype}")
-    return batch.unsqueeze(1) if batch.dim() == 3 else batch
-
-
-def normalize(pixels01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats -> [-1, 1]."""
-    return (pixels01 - MEAN) / STD
-
-
-def preprocess(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 face crops (N, 48, 48) -> float32 model input (N, 1, 48, 48) in [-1, 1] on `device`."""
-    batch = to_tensor(images).to(device, non_blocking=True)
-    return normalize(batch.float() / 255.0)
-
-
-def preprocess_numpy(images: np.ndarray) -> np.ndarray:
-    """`preprocess` in numpy, for runtimes without torch (onnxruntime): the same float32 values, bit for bit.
-
-    Same constants, same operations in the same order, each rounded to float32 as torch does.
-    """
-    batch = np.asarray(images)
-    if batch.dtype != np.uint8:
-        raise TypeError(f"expected uint8 images, got {batch.dtype}")
-    if batch.ndim == 3:
-        batch = batch[:, None]
-    return (batch.astype(np.float32) / np.float32(255.0) - np.float32(MEAN)) / np.float32(STD)
+from .inference import normalize
 
 
 @dataclass

@@ -27,7 +27,42 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
                                 help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                choices=f.metadata.get("choices"))
+
+
+class DeprecatedOption(argparse.Action):
+    """An option's name before 0.2: sets the new option's value (converted) and warns once."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", convert: Any = None,
+                 **kwargs: Any) -> None:
+        self.new, self.convert = new, convert
+        kwargs["default"] = argparse.SUPPRESS  # the new option's default (or a preset's value) stays in force
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"ferkit: warning: {option_string} is now {self.new}; the old name goes in 0.3", file=sys.stderr)
+        setattr(namespace, self.dest, self.convert(values) if self.convert else values)
+
+
+def views_from_tta(value: str) -> int | None:
+    """An old `--tta` value as a view count (auto: None, the weights' own)."""
+    from .weights import VIEWS_FROM_TTA
+
+    if value == "auto":
+        return None
+    if value not in VIEWS_FROM_TTA:
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from auto, none, flip, crops)")
+    return VIEWS_FROM_TTA[value]
+
+
+def add_views_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--views", type=int, choices=VIEW_CHOICES, help=help_text)
+    parser.add_argument("--tta", dest="views", action=DeprecatedOption, new="--views", convert=views_from_tta)
+
+
+VIEW_CHOICES = (1, 2, 10)
 
 
 def given_options(config_type: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -62,14 +97,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, fit
 
     options = given_options(TrainConfig, args)
-    fit(TrainConfig.from_preset(options.pop("preset", "seed"), **options))
+    fit(TrainConfig.from_preset(options.pop("preset", "reference"), **options))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_weights
 
-    report = evaluate_weights(args.weights, args.data, args.split, out=args.out, device=args.device, tta=args.tta)
+    report = evaluate_weights(args.weights, args.data, args.split, figures_dir=args.figures_dir, device=args.device,
+                              views=args.views)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -84,14 +120,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict_files import predict_command
     from .predict import EmotionRecognizer
+    from .predict_files import predict_command
 
     if (args.camera is None) == (not args.paths):
         raise ValueError("give image or video PATHs, or --camera INDEX (not both)")
     recognizer = EmotionRecognizer(args.weights, device=args.device, detect=not args.no_detect, detector=args.detector,
-                                   min_face=args.min_face, detect_max_side=args.detect_size or None,
-                                   max_pixels=args.max_pixels or None, batch_size=args.batch_size)
+                                   min_face=args.min_face, detect_max_side=args.detect_max_side or None,
+                                   max_pixels=args.max_pixels or None, batch_size=args.batch_size, prior=args.prior)
     if args.camera is not None:
         from .video import run_camera
 
@@ -104,10 +140,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import PARITY_TOLERANCE, check_parity, export_model, read_export_info
 
-    out = export_model(args.weights, args.out, args.format, tta=args.tta, opset=args.opset)
+    if not args.output:
+        raise ValueError("ferkit export needs --output FILE (.onnx or .pt)")
+
+    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset)
     _, info = read_export_info(out)
     print(f"wrote {out} ({info['format']}{', opset ' + str(info['opset']) if info.get('opset') else ''}, "
-          f"tta {info['tta']}, from {info['source']})")
+          f"{info['views']} view{'s' * (info['views'] > 1)}, from {info['source']})")
     if args.check_images <= 0:
         return 0
     from .data import load_fer2013
@@ -148,8 +187,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .faces import DEFAULT_DETECT_SIDE, DEFAULT_MIN_FACE
+    from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE
     from .images import DEFAULT_MAX_PIXELS
+    from .inference import PRIORS
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="ferkit", description=__doc__)
@@ -165,16 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model")
     add_dataclass_arguments(train, TrainConfig)
+    train.add_argument("--out", dest="run_dir", action=DeprecatedOption, new="--run-dir")
+    train.add_argument("--tta", dest="views", action=DeprecatedOption, new="--views", convert=views_from_tta)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score weights on a split")
     evaluate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     evaluate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
     evaluate.add_argument("--split", choices=SPLITS, default="test")
-    evaluate.add_argument("--out", help="folder for the figures (default: the run folder, else ./ferkit-eval)")
+    evaluate.add_argument("--figures-dir", metavar="DIR",
+                          help="folder for the figures (default: the run folder, else ./ferkit-eval)")
+    evaluate.add_argument("--out", dest="figures_dir", action=DeprecatedOption, new="--figures-dir")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--tta", choices=["auto", "none", "flip", "crops"], default="auto",
-                          help="test-time augmentation (auto: what the weights were selected with)")
+    add_views_argument(evaluate, "test-time views per face: 1, 2 or 10 (default: the weights' own)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -193,8 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--detector", default="haar", help="haar, a Haar cascade .xml or a YuNet .onnx model file")
     predict.add_argument("--min-face", type=int, default=DEFAULT_MIN_FACE, metavar="PX",
                          help=f"smallest face side in pixels (default: {DEFAULT_MIN_FACE})")
-    predict.add_argument("--detect-size", type=int, default=DEFAULT_DETECT_SIDE, metavar="PX",
-                         help=f"detect on images shrunk to this longer side (default: {DEFAULT_DETECT_SIDE}; 0: never)")
+    predict.add_argument("--detect-max-side", type=int, default=DEFAULT_DETECT_MAX_SIDE, metavar="PX",
+                         help=f"detect on images shrunk to this longer side (default: {DEFAULT_DETECT_MAX_SIDE}; "
+                              "0: never)")
+    predict.add_argument("--detect-size", dest="detect_max_side", type=int, action=DeprecatedOption,
+                         new="--detect-max-side")
+    predict.add_argument("--prior", choices=PRIORS, default="train",
+                         help="train: probabilities under FER-2013's class mix (default); uniform: that prior "
+                              "divided out, for faces whose emotions are not mixed like FER-2013's")
     predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help=f"refuse image files with more pixels (default: {DEFAULT_MAX_PIXELS}; 0: no limit)")
     predict.add_argument("--device", default="auto")
@@ -205,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export weights to ONNX or TorchScript")
     export.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --out suffix)")
-    export.add_argument("--out", required=True, help="the file to write (.onnx, .pt)")
-    export.add_argument("--tta", choices=["auto", "none", "flip", "crops"], default="auto",
-                        help="test-time augmentation built into the graph (auto: the weights')")
+    export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
+    export.add_argument("--out", dest="output", action=DeprecatedOption, new="--output")
+    add_views_argument(export, "test-time views built into the graph: 1, 2 or 10 (default: the weights' own)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
     export.add_argument("--check-images", type=int, default=256, metavar="N",

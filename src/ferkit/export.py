@@ -1,9 +1,9 @@
 """Export a weights file to ONNX or TorchScript, metadata inside, and check it against PyTorch.
 
-An exported model maps a float32 (N, 1, 48, 48) batch normalised as `augment.preprocess` makes it
-to (N, classes) logits, the batch size free. The weights' test-time augmentation (their `tta`
-metadata, or `tta=`) is built into the graph, so the exported model computes what
-`evaluate.predict_logits` does and `ferkit evaluate` scores.
+An exported model is `inference.InferenceModel` as a graph: uint8 face crops (N, 1, 48, 48) in,
+(N, classes) float32 logits out, the batch size free. Normalisation and the test-time views (the
+weights' own, or `views=`) are inside the graph, so it computes what `inference.predict_logits`
+does and `ferkit evaluate` scores, and a program using it needs only the crop and a softmax.
 
 ONNX files carry the weights' metadata as JSON in their metadata_props under `ferkit`, and what the
 export did under `ferkit_export`; TorchScript files carry the same as extra files `ferkit.json` and
@@ -13,6 +13,7 @@ export did under `ferkit_export`; TorchScript files carry the same as extra file
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,12 +27,18 @@ import torch
 from torch import nn
 
 from . import __version__
-from .augment import preprocess, preprocess_numpy
-from .evaluate import TTA_MODES, predict_logits, tta_views
-from .weights import METADATA_KEY, WeightsError, WeightsMeta, load_model, resolve_weights
+from .inference import VIEW_COUNTS, InferenceModel, predict_logits, to_tensor
+from .weights import (
+    EXPORT_KEY,
+    METADATA_KEY,
+    WeightsMeta,
+    load_model,
+    meta_from_json,
+    parse_json_object,
+    resolve_weights,
+)
 
 EXPORT_FORMATS = ("onnx", "torchscript")
-EXPORT_KEY = "ferkit_export"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 PARITY_TOLERANCE = 1e-4
@@ -39,20 +46,6 @@ PARITY_TOLERANCE = 1e-4
 
 class ExportError(ValueError):
     """An export that failed, or whose outputs do not match PyTorch's."""
-
-
-class InferenceModel(nn.Module):
-    """A model with its test-time augmentation: `predict_logits`'s computation after preprocessing."""
-
-    def __init__(self, model: nn.Module, tta: str = "none") -> None:
-        super().__init__()
-        if tta not in TTA_MODES:
-            raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
-        self.model = model
-        self.tta = tta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.model(view).float() for view in tta_views(x, self.tta)]).mean(0)
 
 
 def format_for(path: str | os.PathLike[str], fmt: str | None = None) -> str:
@@ -70,18 +63,24 @@ def format_for(path: str | os.PathLike[str], fmt: str | None = None) -> str:
 
 
 def export_model(
-    weights: str | os.PathLike[str] | None, out: str | os.PathLike[str], fmt: str | None = None,
-    tta: str = "auto", opset: int | None = None,
+    weights: str | os.PathLike[str] | None, output: str | os.PathLike[str], fmt: str | None = None,
+    views: int | None = None, opset: int | None = None,
 ) -> Path:
-    """Write `weights` (a file, run folder or shipped name) as ONNX or TorchScript to `out`."""
-    fmt = format_for(out, fmt)
+    """Write `weights` (a file, run folder or shipped name) as ONNX or TorchScript to `output`.
+
+    `views`: test-time views built into the graph (default: the weights' own); the metadata
+    inside the exported file says how many.
+    """
+    fmt = format_for(output, fmt)
+    if views is not None and views not in VIEW_COUNTS:
+        raise ValueError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
     source = resolve_weights(weights)
     model, meta = load_model(source, "cpu")
-    chosen_tta = meta.tta if tta == "auto" else tta
-    wrapped = InferenceModel(model, chosen_tta).eval()
-    info = {"format": fmt, "tta": chosen_tta, "source": source.name, "input": INPUT_NAME, "output": OUTPUT_NAME,
+    meta = dataclasses.replace(meta, preprocessing=meta.preprocessing.with_views(views))
+    wrapped = InferenceModel(model, meta.preprocessing, channels_last=False).eval()
+    info = {"format": fmt, "views": meta.views, "source": source.name, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "ferkit_version": __version__}
-    out = Path(out)
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
@@ -115,7 +114,7 @@ def _write_onnx(model: nn.Module, meta: WeightsMeta, info: dict[str, Any], path:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it; fail here with a clear message)
     except ImportError as err:
         raise ExportError(f"ONNX export needs onnx and onnxscript ({err}); pip install 'ferkit[export]'") from None
-    example = torch.zeros(2, 1, meta.image_size, meta.image_size)
+    example = _example_input(meta)
     with _quiet_exporter():
         program = torch.onnx.export(
             model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
@@ -125,21 +124,28 @@ def _write_onnx(model: nn.Module, meta: WeightsMeta, info: dict[str, Any], path:
         raise ExportError("torch.onnx.export returned no program")
     proto = program.model_proto
     info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    for key, value in ((METADATA_KEY, json.dumps(meta.__dict__)), (EXPORT_KEY, json.dumps(info))):
+    for key, value in ((METADATA_KEY, meta.to_json()), (EXPORT_KEY, json.dumps(info))):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = (f"ferkit {meta.arch}: float32 (N, 1, {meta.image_size}, {meta.image_size}) in [-1, 1] -> "
-                        f"(N, {len(meta.classes)}) logits over {', '.join(meta.classes)}; tta {info['tta']}")
+    size = meta.preprocessing.image_size
+    proto.doc_string = (f"ferkit {meta.arch}: uint8 face crops (N, 1, {size}, {size}) -> (N, {len(meta.classes)}) "
+                        f"logits over {', '.join(meta.classes)}; {meta.views} view(s) averaged; probabilities = "
+                        f"softmax(logits / {meta.preprocessing.temperature})")
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(path))
 
 
+def _example_input(meta: WeightsMeta) -> torch.Tensor:
+    size = meta.preprocessing.image_size
+    return torch.zeros(2, 1, size, size, dtype=torch.uint8)
+
+
 def _write_torchscript(model: nn.Module, meta: WeightsMeta, info: dict[str, Any], path: Path) -> None:
-    example = torch.zeros(2, 1, meta.image_size, meta.image_size)
+    example = _example_input(meta)
     # torch.jit is deprecated in torch 2.13 but still the format C++ (libtorch) deployments load.
     with _quiet_exporter(), torch.no_grad():
         traced = torch.jit.trace(model, (example,))
-        torch.jit.save(traced, str(path), _extra_files={"ferkit.json": json.dumps(meta.__dict__),
+        torch.jit.save(traced, str(path), _extra_files={"ferkit.json": meta.to_json(),
                                                         "ferkit_export.json": json.dumps(info)})
 
 
@@ -154,35 +160,20 @@ def read_export_info(path: str | os.PathLike[str]) -> tuple[WeightsMeta, dict[st
         with _quiet_exporter():
             torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         props = {METADATA_KEY: extra["ferkit.json"], EXPORT_KEY: extra["ferkit_export.json"]}
-    return meta_from_json(props.get(METADATA_KEY), path), json.loads(props.get(EXPORT_KEY) or "{}")
-
-
-def meta_from_json(text: str | bytes | None, path: str | os.PathLike[str]) -> WeightsMeta:
-    """WeightsMeta from the JSON an export embeds, with the weights loader's errors."""
-    if not text:
-        raise WeightsError(f"{path}: no ferkit metadata in this model file (export it with `ferkit export`)")
-    try:
-        return WeightsMeta(**json.loads(text))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise WeightsError(f"{path}: malformed ferkit metadata ({err})") from None
+    return meta_from_json(props.get(METADATA_KEY), path), parse_json_object(props.get(EXPORT_KEY))
 
 
 def exported_logits(path: str | os.PathLike[str], images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Run an exported model on uint8 crops (N, 48, 48): ONNX on onnxruntime, TorchScript on torch.jit."""
-    outputs = []
+    """Run an exported model on uint8 crops (N, 48, 48): ONNX through ferkit's onnxruntime backend, TorchScript on
+    torch.jit (which ferkit loads only here, for files it has just written)."""
     if format_for(path) == "onnx":
-        import onnxruntime as ort
+        from .predict import OnnxBackend
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for start in range(0, len(images), batch_size):
-            batch = preprocess_numpy(images[start : start + batch_size])
-            outputs.append(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
-    else:
-        with _quiet_exporter():
-            module = torch.jit.load(str(path), map_location="cpu")
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                outputs.append(module(preprocess(images[start : start + batch_size])).numpy())
+        return OnnxBackend(path, "cpu", batch_size).logits(images)
+    with _quiet_exporter():
+        module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        outputs = [module(to_tensor(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
@@ -191,6 +182,6 @@ def check_parity(
 ) -> float:
     """Largest absolute difference between the exported model's logits and PyTorch's on uint8 crops."""
     model, _ = load_model(resolve_weights(weights), "cpu")
-    _, info = read_export_info(exported)
-    reference = predict_logits(model, images, "cpu", tta=info.get("tta", "none")).numpy()
+    meta, _ = read_export_info(exported)
+    reference = predict_logits(model, images, "cpu", preprocessing=meta.preprocessing).numpy()
     return float(np.abs(exported_logits(exported, images) - reference).max())

@@ -34,7 +34,7 @@ Box = tuple[int, int, int, int]
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 HAAR_CROP_SCALE = 1.05
 DEFAULT_MIN_FACE = 64
-DEFAULT_DETECT_SIDE = 640
+DEFAULT_DETECT_MAX_SIDE = 640
 
 
 class DetectorError(ValueError):
@@ -68,10 +68,10 @@ class FaceDetector(Protocol):
         ...
 
 
-def detection_scale(height: int, width: int, max_side: int | None) -> float:
-    """The factor (<= 1) that brings the longer side down to `max_side` for detection."""
+def detection_scale(height: int, width: int, detect_max_side: int | None) -> float:
+    """The factor (<= 1) that brings the longer side down to `detect_max_side` for detection."""
     longer = max(height, width)
-    return 1.0 if not max_side or longer <= max_side else max_side / longer
+    return 1.0 if not detect_max_side or longer <= detect_max_side else detect_max_side / longer
 
 
 def _downscale(image: np.ndarray, scale: float) -> np.ndarray:
@@ -107,7 +107,7 @@ class HaarDetector:
         scale_factor: float = 1.2,
         min_neighbors: int = 4,
         min_face: int = DEFAULT_MIN_FACE,
-        max_side: int | None = DEFAULT_DETECT_SIDE,
+        detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE,
     ) -> None:
         path = Path(cascade)
         if not path.is_file():
@@ -126,12 +126,12 @@ class HaarDetector:
         self.scale_factor = scale_factor
         self.min_neighbors = min_neighbors
         self.min_face = min_face
-        self.max_side = max_side
+        self.detect_max_side = detect_max_side
         self.window = max(self.cascade.getOriginalWindowSize())
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         gray = to_gray(image)
-        scale = detection_scale(gray.shape[0], gray.shape[1], self.max_side)
+        scale = detection_scale(gray.shape[0], gray.shape[1], self.detect_max_side)
         small = _downscale(gray, scale)
         min_size = max(self.window, round(self.min_face * scale))
         if min(small.shape[:2]) < min_size:
@@ -163,7 +163,7 @@ class YuNetDetector:
         nms_threshold: float = 0.3,
         top_k: int = 100,
         min_face: int = DEFAULT_MIN_FACE,
-        max_side: int | None = DEFAULT_DETECT_SIDE,
+        detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE,
     ) -> None:
         if not Path(model).is_file():
             raise DetectorError(f"{model}: no such YuNet model file")
@@ -174,10 +174,10 @@ class YuNetDetector:
         except cv2.error as err:
             raise DetectorError(f"{model}: not a YuNet model OpenCV can load ({err})") from None
         self.min_face = min_face
-        self.max_side = max_side
+        self.detect_max_side = detect_max_side
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        scale = detection_scale(image.shape[0], image.shape[1], self.max_side)
+        scale = detection_scale(image.shape[0], image.shape[1], self.detect_max_side)
         small = _downscale(to_bgr(image), scale)
         self.net.setInputSize((small.shape[1], small.shape[0]))
         _, faces = self.net.detect(small)
@@ -192,18 +192,18 @@ class YuNetDetector:
 def make_detector(
     detector: str | os.PathLike[str] | FaceDetector = "haar",
     min_face: int = DEFAULT_MIN_FACE,
-    max_side: int | None = DEFAULT_DETECT_SIDE,
+    detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE,
 ) -> FaceDetector:
     """'haar' (the default), a path to a YuNet .onnx model or a Haar cascade .xml, or a detector object."""
     if not isinstance(detector, (str, os.PathLike)):
         return detector
     name = str(detector)
     if name == "haar":
-        return HaarDetector(min_face=min_face, max_side=max_side)
+        return HaarDetector(min_face=min_face, detect_max_side=detect_max_side)
     if name.lower().endswith(".xml"):
-        return HaarDetector(name, min_face=min_face, max_side=max_side)
+        return HaarDetector(name, min_face=min_face, detect_max_side=detect_max_side)
     if name.lower().endswith(".onnx"):
-        return YuNetDetector(name, min_face=min_face, max_side=max_side)
+        return YuNetDetector(name, min_face=min_face, detect_max_side=detect_max_side)
     raise DetectorError(f"unknown detector {name!r}: use 'haar', a Haar cascade .xml or a YuNet .onnx model file")
 
 

@@ -6,6 +6,7 @@ to (N, num_classes) logits.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -30,8 +31,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+ARCH_RENAMES = {"seed": "refcnn"}
+"""Architectures' names before 0.2, accepted with a warning until 0.3."""
+
+
 def create_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
     """Build the architecture registered as `name`."""
+    if name in ARCH_RENAMES:
+        warnings.warn(f"the architecture {name!r} is now called {ARCH_RENAMES[name]!r}; the old name goes in 0.3",
+                      FutureWarning, stacklevel=2)
+        name = ARCH_RENAMES[name]
     if name not in _REGISTRY:
         raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(list_models())}")
     return _REGISTRY[name](num_classes=num_classes)
@@ -80,7 +89,7 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class SeedCNN(nn.Module):
+class ReferenceCNN(nn.Module):
     """The reference CNN: four conv blocks (48 -> 24 -> 12 -> 6 -> 3), then two linear layers."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.4) -> None:
@@ -101,9 +110,9 @@ class SeedCNN(nn.Module):
 
 
 @register_model
-def seed(num_classes: int = NUM_CLASSES) -> nn.Module:
+def refcnn(num_classes: int = NUM_CLASSES) -> nn.Module:
     """The reference model: 980,679 parameters, about 33 M multiply-adds per image."""
-    return SeedCNN(num_classes)
+    return ReferenceCNN(num_classes)
 
 
 class VGGNet(nn.Module):

@@ -4,11 +4,13 @@ An image (path, PIL image or numpy array; see `ferkit.images` for the convention
 upright, its faces are found and cropped the FER-2013 way (`ferkit.faces`), and the crops go
 through the model. Two backends run the model:
 
-- PyTorch, for safetensors weights: crops go through `evaluate.predict_logits`, the very code that
-  `ferkit evaluate` scores, test-time augmentation included, so predictions on face crops are
-  exactly evaluate's.
-- onnxruntime, for an exported .onnx file: runs no torch code; its input comes from
-  `augment.preprocess_numpy`, bit-identical to `augment.preprocess`, and the graph holds the TTA.
+- PyTorch, for safetensors weights: crops go through `inference.predict_logits`, the very code that
+  `ferkit evaluate` scores, views included, so predictions on face crops are exactly evaluate's.
+- onnxruntime, for an exported .onnx file: runs no torch code; the graph takes the uint8 crops and
+  holds the same normalisation and views (`inference.InferenceModel`, exported).
+
+Probabilities are the softmax of the logits divided by the weights' temperature; `prior="uniform"`
+also divides out the training set's class prior (see `inference.adjusted_logits`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .faces import (
-    DEFAULT_DETECT_SIDE,
+    DEFAULT_DETECT_MAX_SIDE,
     DEFAULT_MIN_FACE,
     Box,
     Face,
@@ -32,6 +34,7 @@ from .faces import (
     whole_image_face,
 )
 from .images import DEFAULT_MAX_PIXELS, ColorOrder, ImageInput, load_image
+from .inference import PRIORS, adjusted_logits, softmax
 from .labels import IMAGE_SIZE
 from .weights import WeightsError, WeightsMeta
 
@@ -71,7 +74,7 @@ SMALL_BATCH = 16
 
 
 class TorchBackend:
-    """Safetensors weights on PyTorch, through `evaluate.predict_logits` with the weights' TTA."""
+    """Safetensors weights on PyTorch, through `inference.predict_logits` with the weights' preprocessing."""
 
     name = "torch"
 
@@ -83,22 +86,22 @@ class TorchBackend:
         self.device = pick_device(device)
         self.model, self.meta = load_model(self.path, self.device)
         self.batch_size = batch_size
-        check_meta(self.meta, self.path)
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
         import torch
 
-        from .evaluate import predict_logits
+        from .inference import predict_logits
 
+        pre = self.meta.preprocessing
         if self.device.type != "cpu" or len(crops) > SMALL_BATCH:
-            return predict_logits(self.model, crops, self.device, self.batch_size, self.meta.tta).numpy()
+            return predict_logits(self.model, crops, self.device, self.batch_size, pre).numpy()
         # The few faces of one photo gain nothing from intra-op threads, and on a busy machine the
         # OpenMP barriers between them can cost 100 ms; logits move by ~1e-6 with the thread
         # count either way (as evaluate's own do), never enough to change a label in our checks.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return predict_logits(self.model, crops, self.device, self.batch_size, self.meta.tta).numpy()
+            return predict_logits(self.model, crops, self.device, self.batch_size, pre).numpy()
         finally:
             torch.set_num_threads(threads)
 
@@ -109,7 +112,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike[str], device: str = "auto", batch_size: int = 512) -> None:
-        from .export import EXPORT_KEY, meta_from_json
+        from .weights import EXPORT_KEY, METADATA_KEY, meta_from_json, parse_json_object
 
         try:
             import onnxruntime as ort
@@ -132,13 +135,13 @@ class OnnxBackend:
         except Exception as err:  # onnxruntime's errors derive from Exception only
             raise WeightsError(f"{path}: not an ONNX model onnxruntime can load ({err})") from None
         props = self.session.get_modelmeta().custom_metadata_map
-        self.meta = meta_from_json(props.get("ferkit"), path)
-        self.export_info = _json_dict(props.get(EXPORT_KEY))
-        check_meta(self.meta, self.path)
+        self.meta = meta_from_json(props.get(METADATA_KEY), path)
+        self.export_info = parse_json_object(props.get(EXPORT_KEY))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        size = self.meta.image_size
-        if len(inputs) != 1 or list(inputs[0].shape)[1:] != [1, size, size]:
-            raise WeightsError(f"{path}: expects input {[i.shape for i in inputs]}, not one (N, 1, {size}, {size})")
+        size = self.meta.preprocessing.image_size
+        if len(inputs) != 1 or list(inputs[0].shape)[1:] != [1, size, size] or inputs[0].type != "tensor(uint8)":
+            raise WeightsError(f"{path}: expects input {[(i.type, i.shape) for i in inputs]}, not one uint8 "
+                               f"(N, 1, {size}, {size}); models exported before ferkit 0.2 took floats: export again")
         if list(outputs[0].shape)[1:] != [len(self.meta.classes)]:
             raise WeightsError(f"{path}: outputs {outputs[0].shape} do not fit {len(self.meta.classes)} classes")
         self.input_name = inputs[0].name
@@ -146,36 +149,12 @@ class OnnxBackend:
         self.batch_size = batch_size
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
-        from .augment import preprocess_numpy
-
+        """The graph takes the uint8 crops as they are: normalisation and views are inside it."""
         outputs = [
-            self.session.run([self.output_name], {self.input_name: preprocess_numpy(crops[i : i + self.batch_size])})[0]
-            for i in range(0, len(crops), self.batch_size)
+            self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch[:, None])})[0]
+            for batch in (crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size))
         ]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.meta.classes)), np.float32)
-
-
-def _json_dict(text: str | None) -> dict[str, Any]:
-    import json
-
-    try:
-        return dict(json.loads(text)) if text else {}
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return {}
-
-
-def check_meta(meta: WeightsMeta, path: Path) -> None:
-    """Refuse weights whose input is not what `augment.preprocess` makes: they would predict garbage."""
-    from .augment import MEAN, STD
-
-    if meta.image_size != IMAGE_SIZE:
-        raise WeightsError(f"{path}: made for {meta.image_size}x{meta.image_size} input; ferkit crops faces to "
-                           f"{IMAGE_SIZE}x{IMAGE_SIZE}")
-    norm = meta.normalization
-    if not isinstance(norm, dict) or (norm.get("mean"), norm.get("std")) != (MEAN, STD):
-        raise WeightsError(f"{path}: normalisation {norm} is not ferkit's (mean {MEAN}, std {STD})")
-    if len(meta.classes) < 2 or len(set(meta.classes)) != len(meta.classes):
-        raise WeightsError(f"{path}: classes {meta.classes} are not distinct names")
 
 
 def open_backend(weights: str | os.PathLike[str] | None, device: str = "auto", batch_size: int = 512) -> Backend:
@@ -200,7 +179,9 @@ class EmotionRecognizer:
     crop, like FER-2013's. `detector`: "haar", a Haar cascade .xml, a YuNet .onnx model, or an object
     with `detect()` and `crop_scale` (see `ferkit.faces`). `min_face`: smallest face side in pixels;
     `detect_max_side`: larger images are downscaled to this for detection (crops come from the original).
-    `max_pixels`: image files over this many pixels are refused (decompression bombs).
+    `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "train"
+    (probabilities under FER-2013's class mix, as trained) or "uniform" (that prior divided out, for faces
+    whose emotions are not mixed like FER-2013's; it can change the label).
     """
 
     def __init__(
@@ -211,16 +192,23 @@ class EmotionRecognizer:
         detect: bool = True,
         detector: str | os.PathLike[str] | FaceDetector = "haar",
         min_face: int = DEFAULT_MIN_FACE,
-        detect_max_side: int | None = DEFAULT_DETECT_SIDE,
+        detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 512,
+        prior: str = "train",
     ) -> None:
+        if prior not in PRIORS:
+            raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
         self.backend = open_backend(weights, device, batch_size)
         self.meta = self.backend.meta
         self.classes = list(self.meta.classes)
         self.detect = detect
         self.detector = make_detector(detector, min_face, detect_max_side) if detect else None
         self.max_pixels = max_pixels
+        if prior == "uniform" and self.meta.preprocessing.class_prior is None:
+            raise WeightsError(f"{self.backend.path}: these weights carry no training class prior, so "
+                               "prior='uniform' cannot be applied")
+        self.prior = prior
 
     def __repr__(self) -> str:
         return (f"EmotionRecognizer(weights={str(self.backend.path)!r}, backend={self.backend.name!r}, "
@@ -250,12 +238,12 @@ class EmotionRecognizer:
         """Run the model on found faces, all in one batch."""
         if not faces:
             return []
-        logits = self.logits(np.stack([face.crop for face in faces]))
-        shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)
-        probabilities = np.exp(shifted)
-        probabilities /= probabilities.sum(1, keepdims=True)
-        # The label is the argmax of the logits, exactly as `ferkit evaluate` counts it.
-        labels = logits.argmax(1)
+        adjusted = adjusted_logits(self.logits(np.stack([face.crop for face in faces])), self.meta.preprocessing,
+                                   self.prior)
+        probabilities = softmax(adjusted)
+        # The label is the argmax of the logits, exactly as `ferkit evaluate` counts it (a temperature
+        # cannot change it; the uniform prior can, and is meant to).
+        labels = adjusted.argmax(1)
         return [
             FaceResult(face.box, dict(zip(self.classes, map(float, p), strict=True)), self.classes[int(k)], face.score)
             for face, p, k in zip(faces, probabilities, labels, strict=True)

@@ -1,8 +1,10 @@
 """Training: `fit()` runs a whole run, `train_one_epoch()` one pass; recipes, checkpoints, resume, DDP.
 
-A run folder holds `checkpoint.pt` (everything needed to resume, written atomically after every
-epoch), `best.safetensors` (best validation accuracy) and `last.safetensors`, `metrics.csv` (one
-row per epoch), and at the end `test_metrics.json` plus the curves and confusion-matrix figures.
+A run folder (see `ferkit.runs`) holds `config.json` (the resolved recipe, versions and data
+identity), `checkpoint.pt` (everything needed to resume, written atomically after every epoch),
+`best.safetensors` (best validation accuracy) and `last.safetensors`, `metrics.csv` (one row per
+epoch), and at the end `test_metrics.json` plus the curves and confusion-matrix figures. The
+weights' metadata carries the recipe and the preprocessing (views, training class prior).
 Model selection sees only the validation split; the test split is scored once, at the end.
 
 Under `torchrun --nproc_per_node=N` the same `fit()` runs with DistributedDataParallel: every rank
@@ -11,12 +13,12 @@ trains on its own shard of each epoch's shuffle and only rank 0 writes files.
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,23 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
-from .augment import AugmentConfig, mix_batch, preprocess, to_tensor, train_transform
+from .augment import AugmentConfig, mix_batch, train_transform
 from .data import FerData, load_fer2013
 from .devices import autocast_dtype, pick_device
-from .evaluate import compute_metrics, predict_logits
+from .evaluate import compute_metrics
+from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
 from .labels import EMOTIONS, NUM_CLASSES
-from .models import create_model
+from .models import ARCH_RENAMES, create_model
 from .plots import plot_confusion, plot_curves
+from .runs import (
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    METRICS_CSV,
+    TEST_METRICS,
+    read_metrics_csv,
+    write_config_json,
+    write_metrics_csv,
+)
 from .weights import WeightsMeta, load_model, save_weights, unwrap
 
 
@@ -44,9 +56,10 @@ class TrainConfig:
     """One training run. The defaults are the reference recipe: seed CNN, Adam 1e-3, 50 epochs."""
 
     data: str | None = field(default=None, metadata={"help": "FER-2013 source (default: $FERKIT_DATA)"})
-    out: str = field(default="runs/seed", metadata={"help": "run folder"})
-    preset: str = field(default="seed", metadata={"help": "named recipe: seed, fast or best; flags override it"})
-    arch: str = field(default="seed", metadata={"help": "architecture from the model registry"})
+    run_dir: str = field(default="runs/reference", metadata={"help": "run folder: checkpoint, weights, metrics"})
+    preset: str = field(default="reference",
+                        metadata={"help": "named recipe: reference, fast or accurate; flags override it"})
+    arch: str = field(default="refcnn", metadata={"help": "architecture from the model registry"})
     epochs: int = 50
     batch_size: int = field(default=64, metadata={"help": "images per step and process"})
     optimizer: str = field(default="adam", metadata={"help": "adam, adamw or sgd (Nesterov momentum)"})
@@ -66,7 +79,8 @@ class TrainConfig:
     mixup: float = field(default=0.0, metadata={"help": "mixup Beta alpha (0: off)"})
     cutmix: float = field(default=0.0, metadata={"help": "CutMix Beta alpha (0: off)"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of the weights per step (0: off), e.g. 0.999"})
-    tta: str = field(default="none", metadata={"help": "test-time augmentation: none, flip or crops"})
+    views: int = field(default=1, metadata={"help": "test-time views per face, stored in the weights: 1, 2 (mirror) or "
+                                                    "10 (five positions, each mirrored)", "choices": VIEW_COUNTS})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast where the device supports it"})
@@ -77,31 +91,61 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @classmethod
-    def from_preset(cls, preset: str = "seed", **overrides: Any) -> TrainConfig:
-        """The named recipe, with `overrides` on top."""
+    def from_preset(cls, preset: str = "reference", **overrides: Any) -> TrainConfig:
+        """The named recipe, with `overrides` on top (old option names accepted with a warning)."""
+        if preset in PRESET_RENAMES:
+            _renamed("preset", preset, PRESET_RENAMES[preset])
+            preset = PRESET_RENAMES[preset]
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[preset], **overrides, "preset": preset})
+        return cls(**{**PRESETS[preset], **upgrade_config(overrides, warn=True), "preset": preset})
+
+
+def _renamed(kind: str, old: str, new: str) -> None:
+    warnings.warn(f"the {kind} {old!r} is now called {new!r}; the old name goes in 0.3", FutureWarning, stacklevel=3)
+
+
+def upgrade_config(values: dict[str, Any], warn: bool = False) -> dict[str, Any]:
+    """TrainConfig fields as ferkit 0.1 named them (`out`, `tta`, old preset and arch names) -> today's."""
+    values = dict(values)
+    if "out" in values:
+        if warn:
+            _renamed("option", "out", "run_dir")
+        values["run_dir"] = values.pop("out")
+    if "tta" in values:
+        if warn:
+            _renamed("option", "tta", "views")
+        tta = values.pop("tta")
+        values["views"] = {"none": 1, "flip": 2, "crops": 10}.get(tta, tta)
+    if values.get("preset") in PRESET_RENAMES:
+        values["preset"] = PRESET_RENAMES[values["preset"]]
+    if values.get("arch") in ARCH_RENAMES:
+        if warn:
+            _renamed("architecture", values["arch"], ARCH_RENAMES[values["arch"]])
+        values["arch"] = ARCH_RENAMES[values["arch"]]
+    return values
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference recipe, unchanged: the dataclass defaults.
-    "seed": {},
+    "reference": {},
     # Reaches the reference's test accuracy in a fraction of its time on a 2-core CPU.
     "fast": {
-        "out": "runs/fast", "epochs": 16, "batch_size": 128, "optimizer": "adamw", "lr": 4e-3,
-        "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 3, "tta": "flip",
+        "run_dir": "runs/fast", "epochs": 16, "batch_size": 128, "optimizer": "adamw", "lr": 4e-3,
+        "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 3, "views": 2,
     },
     # The most accurate single model in about 150 minutes on a 2-core CPU: the fast recipe's AdamW + one-cycle
     # on a ResNet, trained ~8x longer behind stronger augmentation, with an EMA of the weights and ten-view TTA.
     # Its full run: 71.80% PrivateTest in 138 min. Mixup and erasing at 0.5 are there because without them
     # (125 epochs, erasing 0.25) validation peaked at epoch 65 and slid as the model overfit: 70.55%.
-    "best": {
-        "out": "runs/best", "arch": "resnet", "epochs": 120, "batch_size": 128, "optimizer": "adamw", "lr": 3e-3,
-        "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 4, "erasing": 0.5,
-        "mixup": 0.2, "ema_decay": 0.999, "tta": "crops",
+    "accurate": {
+        "run_dir": "runs/accurate", "arch": "resnet", "epochs": 120, "batch_size": 128, "optimizer": "adamw",
+        "lr": 3e-3, "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 4,
+        "erasing": 0.5, "mixup": 0.2, "ema_decay": 0.999, "views": 10,
     },
 }
+PRESET_RENAMES = {"seed": "reference", "best": "accurate"}
+"""Presets' names before 0.2, accepted with a warning until 0.3."""
 
 
 def seed_everything(seed: int) -> None:
@@ -223,7 +267,7 @@ def shard_order(order: torch.Tensor, env: Distributed) -> torch.Tensor:
 def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     """Run (or resume) training as `config` says; returns the run folder."""
     env, device = init_distributed(config.device)
-    run_dir = Path(config.out)
+    run_dir = Path(config.run_dir)
     data = data or load_fer2013(config.data)
     seed_everything(config.seed)
     model = create_model(config.arch).to(device)
@@ -241,6 +285,7 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False) \
         if config.ema_decay > 0 else None
     state = _start_or_resume(run_dir, config, model, optimizer, scheduler, ema)
+    first_epoch = state["epoch"]
     if env.world_size > 1:
         model = _distributed_model(model, device)
     ctx = StepContext(
@@ -291,6 +336,8 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
         state["best_val_acc"] = max(state["best_val_acc"], val["accuracy"])
         if env.is_main:
             _save_epoch(run_dir, config, data, scored, model, optimizer, scheduler, ema, state, is_best)
+            if epoch == first_epoch:  # with the first checkpoint: a run folder is made by a finished epoch
+                write_config_json(run_dir, asdict(config), data)
             print(f"epoch {epoch + 1:3d}/{config.epochs}  "
                   f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                   f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {lr:.2e}  "
@@ -376,6 +423,12 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
     raise ValueError(f"unknown schedule {config.schedule!r}; choose plateau, onecycle or cosine")
 
 
+def class_prior(labels: np.ndarray) -> tuple[float, ...]:
+    """Each class's share of the training labels: the prior that `prior="uniform"` divides out."""
+    counts = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
+    return tuple(float(c) for c in counts / counts.sum())
+
+
 def _class_weights(labels: np.ndarray) -> torch.Tensor:
     """Inverse-frequency weights, normalised to mean 1: rare classes like disgust count for more."""
     counts = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
@@ -385,18 +438,18 @@ def _class_weights(labels: np.ndarray) -> torch.Tensor:
 
 def finish_run(run_dir: Path, data: FerData, device: torch.device, batch_size: int = 512) -> dict[str, Any]:
     """Score the best checkpoint once on the test split; write test_metrics.json and the figures."""
-    model, meta = load_model(run_dir / "best.safetensors", device)
-    metrics = compute_metrics(predict_logits(model, data["test"].images, device, batch_size, meta.tta),
+    model, meta = load_model(run_dir / BEST_WEIGHTS, device)
+    metrics = compute_metrics(predict_logits(model, data["test"].images, device, batch_size, meta.preprocessing),
                               data["test"].labels)
     metrics["best_epoch"] = meta.epoch
-    metrics["tta"] = meta.tta
-    (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-    history = read_metrics_csv(run_dir / "metrics.csv")
+    metrics["views"] = meta.views
+    (run_dir / TEST_METRICS).write_text(json.dumps(metrics, indent=2))
+    history = read_metrics_csv(run_dir / METRICS_CSV)
     plot_curves(history, run_dir / "curves.png", title=f"{meta.arch}: {run_dir.name}")
     plot_confusion(metrics["confusion_matrix"], EMOTIONS, run_dir / "confusion_matrix_test.png",
                    title=f"{meta.arch}, PrivateTest: accuracy {100 * metrics['accuracy']:.2f}%")
-    print(f"ferkit: best epoch {meta.epoch}, test accuracy {100 * metrics['accuracy']:.2f}% (tta {meta.tta}), "
-          f"loss {metrics['loss']:.4f} -> {run_dir / 'test_metrics.json'}", flush=True)
+    print(f"ferkit: best epoch {meta.epoch}, test accuracy {100 * metrics['accuracy']:.2f}% ({meta.views} view"
+          f"{'s' * (meta.views > 1)}), loss {metrics['loss']:.4f} -> {run_dir / TEST_METRICS}", flush=True)
     return metrics
 
 
@@ -414,14 +467,16 @@ def _save_epoch(
 ) -> None:
     row = state["history"][-1]
     meta = WeightsMeta(
-        arch=config.arch, data_source=data.source, epoch=row["epoch"], tta=config.tta,
+        arch=config.arch, data_source=data.source, epoch=row["epoch"], recipe=asdict(config),
+        preprocessing=Preprocessing(views=config.views, class_prior=class_prior(
+            data["train"].labels[_training_subset(len(data["train"]), config.limit_train, config.seed)])),
         metrics={"val_acc": row["val_acc"], "val_loss": row["val_loss"], "train_acc": row["train_acc"]},
     )
     if is_best:
-        save_weights(run_dir / "best.safetensors", scored, meta)
-    save_weights(run_dir / "last.safetensors", scored, meta)
+        save_weights(run_dir / BEST_WEIGHTS, scored, meta)
+    save_weights(run_dir / LAST_WEIGHTS, scored, meta)
     _save_checkpoint(run_dir, config, model, optimizer, scheduler, ema, state)
-    _write_metrics_csv(run_dir / "metrics.csv", state["history"])
+    write_metrics_csv(run_dir / METRICS_CSV, state["history"])
 
 
 def _start_or_resume(
@@ -436,8 +491,9 @@ def _start_or_resume(
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: nothing to resume")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if saved["config"]["arch"] != config.arch:
-        raise ValueError(f"{checkpoint} was trained as {saved['config']['arch']!r}, not {config.arch!r}")
+    saved_arch = upgrade_config(saved["config"])["arch"]
+    if saved_arch != config.arch:
+        raise ValueError(f"{checkpoint} was trained as {saved_arch!r}, not {config.arch!r}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -463,17 +519,3 @@ def _save_checkpoint(
     tmp = run_dir / f".checkpoint.pt.tmp{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, run_dir / "checkpoint.pt")
-
-
-def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
-
-
-def read_metrics_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -1,14 +1,17 @@
 """Weights files: safetensors tensors plus a JSON metadata header; the named models that ship.
 
 A weights file carries everything needed to rebuild and use its model: the architecture, the
-classes, the input size and normalisation, where it was trained and how well it did. Loading
-never unpickles anything.
+classes, the preprocessing (`ferkit.inference.Preprocessing`: input size, normalisation, crop
+scale, views, temperature, class prior), where it was trained, with what recipe and how well it
+did. The metadata is parsed and checked in one place, `meta_from_json`, for weights files and
+exported models alike. Loading never unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,13 +23,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .augment import MEAN, STD
-from .labels import EMOTIONS, IMAGE_SIZE
-from .models import create_model
+from .inference import DEFAULT_PREPROCESSING, Preprocessing
+from .labels import EMOTIONS
+from .models import ARCH_RENAMES, create_model
 
 METADATA_KEY = "ferkit"
-DEFAULT_MODEL = "best"
+EXPORT_KEY = "ferkit_export"
+"""Exported models also carry, under this key, what the export did (format, views, source, opset)."""
+META_FORMAT = 2
+"""Version of the metadata layout: 1 had `image_size`, `normalization` and `tta` at the top level."""
+DEFAULT_MODEL = "ferkit-resnet"
 """The shipped model that `ferkit` uses when no weights are named."""
+MODEL_RENAMES = {"seed": "ferkit-refcnn", "best": "ferkit-resnet"}
+"""Shipped models' names before 0.2, accepted with a warning until 0.3."""
+VIEWS_FROM_TTA = {"none": 1, "flip": 2, "crops": 10}
+"""Format-1 `tta` values (and the old `--tta` choices) as view counts."""
+MAX_CLASS_NAME = 40
 
 
 class WeightsError(ValueError):
@@ -39,13 +51,110 @@ class WeightsMeta:
 
     arch: str
     classes: list[str] = field(default_factory=lambda: list(EMOTIONS))
-    image_size: int = IMAGE_SIZE
-    normalization: dict[str, float] = field(default_factory=lambda: {"mean": MEAN, "std": STD})
+    preprocessing: Preprocessing = DEFAULT_PREPROCESSING
     data_source: str = ""
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
-    tta: str = "none"
+    recipe: dict[str, Any] = field(default_factory=dict)
     ferkit_version: str = __version__
+    format: int = META_FORMAT
+
+    @property
+    def views(self) -> int:
+        return self.preprocessing.views
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "preprocessing": self.preprocessing.to_dict()})
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "arch": str, "data_source": str, "epoch": int, "metrics": dict, "recipe": dict, "ferkit_version": str,
+    "format": int,
+}
+
+
+def meta_from_json(text: str | bytes | None, path: str | os.PathLike[str]) -> WeightsMeta:
+    """Parse and check the metadata JSON of a weights file or exported model; WeightsError naming `path`."""
+    if not text:
+        raise WeightsError(f"{path}: no ferkit metadata in this file (weights come from `ferkit train`, models "
+                           "from `ferkit export`)")
+    try:
+        values = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path}: malformed ferkit metadata ({err})") from None
+    if not isinstance(values, dict):
+        raise WeightsError(f"{path}: malformed ferkit metadata (a JSON object expected)")
+    try:
+        return _meta_from_dict(_upgrade(values))
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{path}: bad ferkit metadata: {err}") from None
+
+
+def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """Format-1 metadata (ferkit 0.1) -> format 2: preprocessing gathered, tta as views, old arch names."""
+    if values.get("format", 1) != 1:
+        return values
+    values = dict(values)
+    pre: dict[str, Any] = {}
+    if "image_size" in values:
+        pre["image_size"] = values.pop("image_size")
+    norm = values.pop("normalization", {"mean": 0.5, "std": 0.5})
+    if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
+        raise ValueError(f"normalization must be {{'mean': m, 'std': s}}, not {norm!r}")
+    pre.update(norm)
+    tta = values.pop("tta", "none")
+    if tta not in VIEWS_FROM_TTA:
+        raise ValueError(f"tta {tta!r} is not one of {', '.join(VIEWS_FROM_TTA)}")
+    pre["views"] = VIEWS_FROM_TTA[tta]
+    values["preprocessing"] = pre
+    if isinstance(values.get("arch"), str):
+        values["arch"] = ARCH_RENAMES.get(values["arch"], values["arch"])
+    values["format"] = META_FORMAT
+    return values
+
+
+def _meta_from_dict(values: dict[str, Any]) -> WeightsMeta:
+    known = set(WeightsMeta.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+    if "arch" not in values:
+        raise ValueError("no architecture ('arch')")
+    for name, kind in _FIELD_TYPES.items():
+        if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
+            raise ValueError(f"{name} must be {getattr(kind, '__name__', kind)}, not {values[name]!r}")
+    if values.get("format") != META_FORMAT:
+        raise ValueError(f"metadata format {values.get('format')!r}; this ferkit reads formats 1 and {META_FORMAT} "
+                         "(upgrade ferkit for newer files)")
+    classes = values.get("classes", list(EMOTIONS))
+    check_classes(classes)
+    pre = values.get("preprocessing", {})
+    if not isinstance(pre, dict):
+        raise ValueError(f"preprocessing must be an object, not {pre!r}")
+    preprocessing = Preprocessing.from_dict(pre)
+    if preprocessing.class_prior is not None and len(preprocessing.class_prior) != len(classes):
+        raise ValueError(f"class prior has {len(preprocessing.class_prior)} values for {len(classes)} classes")
+    return WeightsMeta(**{**values, "classes": list(classes), "preprocessing": preprocessing})
+
+
+def check_classes(classes: object) -> None:
+    """Class names must be distinct, short, printable words: they go to terminals, CSV headers and JSON keys."""
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"classes must be a list of names, not {classes!r}")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ValueError(f"classes {classes!r} are not two or more distinct names")
+    for name in classes:
+        if not name or len(name) > MAX_CLASS_NAME or not name.isprintable() or name != name.strip():
+            raise ValueError(f"class name {name!r} is not a printable name of 1 to {MAX_CLASS_NAME} characters")
+
+
+def parse_json_object(text: str | bytes | None) -> dict[str, Any]:
+    """A JSON object from optional metadata text; {} when absent or not an object."""
+    try:
+        value = json.loads(text) if text else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def shipped_models() -> dict[str, Path]:
@@ -64,8 +173,13 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
     if path.is_file():
         return path
     shipped = shipped_models()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
+    name = str(name_or_path)
+    if name in MODEL_RENAMES and not path.exists():
+        warnings.warn(f"the shipped model {name!r} is now called {MODEL_RENAMES[name]!r}; the old name goes in 0.3",
+                      FutureWarning, stacklevel=2)
+        name = MODEL_RENAMES[name]
+    if name in shipped:
+        return shipped[name]
     names = ", ".join(sorted(shipped)) or "none"
     raise WeightsError(f"{name_or_path}: no such weights file, run folder or shipped model (shipped: {names})")
 
@@ -76,11 +190,14 @@ def save_weights(path: str | os.PathLike[str], model: nn.Module, meta: WeightsMe
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta.__dict__)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); weights are meant to be shared
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={METADATA_KEY: meta.to_json()})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); weights are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_meta(path: str | os.PathLike[str]) -> WeightsMeta:
@@ -92,13 +209,7 @@ def read_meta(path: str | os.PathLike[str]) -> WeightsMeta:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
-    if METADATA_KEY not in header:
-        raise WeightsError(f"{path}: no ferkit metadata in this safetensors file")
-    try:
-        fields = json.loads(header[METADATA_KEY])
-        return WeightsMeta(**fields)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise WeightsError(f"{path}: malformed ferkit metadata ({err})") from None
+    return meta_from_json(header.get(METADATA_KEY), path)
 
 
 def load_model(
@@ -111,9 +222,11 @@ def load_model(
         model = create_model(meta.arch, num_classes=len(meta.classes))
     except ValueError as err:
         raise WeightsError(f"{path}: {err}") from None
-    state = load_file(str(path))
     try:
+        state = load_file(str(path))
         model.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
     except RuntimeError as err:
         raise WeightsError(f"{path}: tensors do not fit architecture {meta.arch!r}: {err}") from None
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
