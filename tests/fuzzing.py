@@ -94,7 +94,7 @@ def _fields(line: str) -> list[str] | None:
 class CsvVerdict:
     """What a FER-2013 CSV holds by the format's rules: its rows, or the first problem and its line."""
 
-    rows: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
+    rows: dict[str, list[tuple[int, int, np.ndarray]]] = field(default_factory=dict)  # (line, label, pixels)
     format: str = "csv"
     problem: str | None = None
     bad_line: int | None = None  # None: a problem of the whole file (header, empty split)
@@ -111,8 +111,6 @@ def oracle_csv(blob: bytes) -> CsvVerdict:
     digits, spaces and tabs, 2304 numbers 0..255; all three splits must hold a row.
     """
     verdict = CsvVerdict(rows={split: [] for split in ("train", "val", "test")})
-    if blob.startswith(b"\xef\xbb\xbf"):
-        blob = blob[3:]
     raw_lines = blob.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()
@@ -122,6 +120,8 @@ def oracle_csv(blob: bytes) -> CsvVerdict:
         if len(raw) > MAX_LINE_BYTES:
             problem = "line too long"
         else:
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
             try:
@@ -153,7 +153,7 @@ def oracle_csv(blob: bytes) -> CsvVerdict:
                 row = dict(zip(header, fields, strict=True))
                 pixels = np.array(row["pixels"].split(), dtype=np.int64).astype(np.uint8).reshape(48, 48)
                 verdict.rows[USAGE_TO_SPLIT[row["Usage"].strip(" \t")]].append(
-                    (int(row["emotion"].strip(" \t")), pixels))
+                    (number, int(row["emotion"].strip(" \t")), pixels))
         if problem is not None and verdict.problem is None:
             verdict.problem, verdict.bad_line = problem, number
     if header is None:

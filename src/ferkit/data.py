@@ -22,6 +22,7 @@ import re
 import stat
 import struct
 import sys
+import warnings
 import zipfile
 import zlib
 from collections import Counter, defaultdict
@@ -443,7 +444,11 @@ def _decode_entries(listing: _Listing, source: Path, fmt: str) -> FerData:
     _raise_collected(source, errors)
     # Decoding 35,887 JPEGs is the slow part of a cold start; PIL releases the GIL while decoding.
     workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
+    # Pillow warns about damaged metadata (EXIF, ICC) and oversized images; each image ends up decoded
+    # or named in a DataError, so its warnings only clutter the report. Filters are process-wide and
+    # catch_warnings is not thread-safe: set once here, around all the decoding threads.
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+        warnings.simplefilter("ignore")
         decoded = list(pool.map(_decode_entry, entries))
     errors = [result for result in decoded if isinstance(result, str)]
     _raise_collected(source, errors)

@@ -115,7 +115,9 @@ def read_image_file(path: str | os.PathLike[str], max_pixels: int | None = DEFAU
         raise ImageError(f"{where}: {err}") from None
     except OSError as err:
         raise ImageError(f"{where}: cannot be opened ({os_error_reason(err)})") from None
-    with file:
+    # Our own limit replaces Pillow's bomb warning; Pillow still raises beyond twice its limit.
+    with file, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return _decode(lambda: file, where, max_pixels)[0]
 
 
@@ -124,7 +126,9 @@ def decode_image_bytes(
 ) -> tuple[np.ndarray, str]:
     """Image file bytes -> (upright gray or RGB uint8 array, the file's Pillow mode, e.g. "L" or "I;16").
 
-    The same decoding as `read_image_file`; `where` names the bytes in any `ImageError`.
+    The same decoding as `read_image_file`; `where` names the bytes in any `ImageError`. Pillow's
+    warnings are left to the caller: `warnings.catch_warnings` is not thread-safe, so a caller that
+    decodes in threads (the data loader) sets its filters once, around all of them.
     """
     return _decode(lambda: io.BytesIO(blob), where, max_pixels)
 
@@ -133,17 +137,14 @@ def _decode(
     open_file: Callable[[], BinaryIO], where: str, max_pixels: int | None
 ) -> tuple[np.ndarray, str]:
     try:
-        # Our own limit below replaces Pillow's warning; Pillow still raises beyond twice its limit.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(open_file()) as image:
-                width, height = image.size
-                if max_pixels and width * height > max_pixels:
-                    raise ImageError(
-                        f"{where}: {width}x{height} is {width * height:,} pixels, over the pixel limit of "
-                        f"{max_pixels:,} (a decompression-bomb guard; raise it with --max-pixels or max_pixels=)"
-                    )
-                return from_pil(image), image.mode
+        with Image.open(open_file()) as image:
+            width, height = image.size
+            if max_pixels and width * height > max_pixels:
+                raise ImageError(
+                    f"{where}: {width}x{height} is {width * height:,} pixels, over the pixel limit of "
+                    f"{max_pixels:,} (a decompression-bomb guard; raise it with --max-pixels or max_pixels=)"
+                )
+            return from_pil(image), image.mode
     except ImageError:
         raise
     except UnidentifiedImageError:
