@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from ferkit.data import FerData
-from ferkit.evaluate import compute_metrics, confusion_matrix, evaluate_weights
+from ferkit.evaluate import calibrate_weights, compute_metrics, confusion_matrix, evaluate_weights, fit_temperature
 from ferkit.inference import predict_logits, preprocess
 from ferkit.labels import EMOTIONS
 from ferkit.models import create_model
-from ferkit.weights import load_model
+from ferkit.weights import load_model, read_meta
 
 # Six examples, three classes; predictions (argmax) 0 0 1 1 0 0; class 2 is never predicted.
 LOGITS = [
@@ -125,7 +125,7 @@ def test_evaluate_weights_on_a_run_folder(run_copy: Path, small_root: Path, smal
     assert report["confusion_matrix"] == by_hand["confusion_matrix"]
     # Figures go to the run folder, next to its metrics.csv.
     assert sorted(report["figures"]) == sorted([str(run_copy / "confusion_matrix_test.png"),
-                                               str(run_copy / "curves.png")])
+                                               str(run_copy / "reliability_test.png"), str(run_copy / "curves.png")])
     for figure in report["figures"]:
         assert Path(figure).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     json.dumps(report, allow_nan=False)
@@ -138,7 +138,8 @@ def test_evaluate_weights_on_val_into_another_folder(run_copy: Path, small_root:
     history = [line.split(",") for line in (run_copy / "metrics.csv").read_text().splitlines()]
     val_acc = float(history[-1][history[0].index("val_acc")])
     assert report["accuracy"] == pytest.approx(val_acc, abs=1e-9)  # last.safetensors = the last epoch
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["confusion_matrix_val.png", "curves.png"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["confusion_matrix_val.png", "curves.png",
+                                                                          "reliability_val.png"]
 
 
 # The PrivateTest accuracy each shipped model must keep, with its own views: the reference's 63.33% for
@@ -152,3 +153,68 @@ def test_shipped_models_keep_their_test_accuracy(name: str, data_root: Path, tmp
     report = evaluate_weights(name, str(data_root), split="test", figures_dir=str(tmp_path), device="cpu")
     assert report["num_images"] == 3589
     assert report["accuracy"] >= SHIPPED_MODEL_FLOOR[name], f"{name}: {report['accuracy']:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration and balanced accuracy
+
+
+def test_balanced_accuracy_and_ece_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(0, 2, (500, 7))).float()
+    targets = rng.integers(0, 7, 500)
+    report = compute_metrics(logits, targets)
+    predictions = logits.argmax(1).numpy()
+    recalls = [(predictions[targets == k] == k).mean() for k in range(7)]
+    assert report["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    probabilities = torch.softmax(logits, 1).numpy()
+    confidence, correct = probabilities.max(1), predictions == targets
+    bins = np.minimum((confidence * 15).astype(int), 14)  # 15 equal-width bins of the top confidence
+    ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
+              for b in range(15) if (bins == b).any())
+    assert report["ece"] == pytest.approx(ece, abs=1e-5)
+
+
+def _nll(logits: torch.Tensor, labels: np.ndarray) -> float:
+    return float(torch.nn.functional.cross_entropy(logits.double(), torch.as_tensor(labels)))
+
+
+def test_the_fitted_temperature_lowers_validation_nll(small_data: FerData) -> None:
+    model, _ = load_model("ferkit-refcnn")
+    val = small_data["val"]
+    logits = predict_logits(model, val.images)
+    for scale in (0.3, 1.0, 4.0):  # under-, as trained and over-confident versions of the same model
+        temperature = fit_temperature(logits * scale, val.labels)
+        after = _nll(logits * scale / temperature, val.labels)
+        assert after < _nll(logits * scale, val.labels) - 1e-3 or scale == 1.0
+        for nearby in (0.9, 1.1):  # a minimum: nudging the temperature either way does not help
+            assert _nll(logits * scale / (temperature * nearby), val.labels) >= after
+    assert fit_temperature(logits * 4.0, val.labels) == pytest.approx(4.0 * fit_temperature(logits, val.labels),
+                                                                      rel=1e-3)
+
+
+def test_calibrate_stores_a_temperature_that_evaluate_then_uses(run_copy: Path, small_root: Path,
+                                                               small_data: FerData, tmp_path: Path) -> None:
+    before = evaluate_weights(str(run_copy), str(small_root), figures_dir=str(tmp_path))
+    result = calibrate_weights(str(run_copy), str(small_root), output=str(tmp_path / "calibrated.safetensors"))
+    assert result["split"] == "val" and result["val_nll_after"] <= result["val_nll_before"]
+    meta = read_meta(tmp_path / "calibrated.safetensors")
+    assert meta.preprocessing.temperature == result["temperature"] != 1.0
+    after = evaluate_weights(str(tmp_path / "calibrated.safetensors"), str(small_root), figures_dir=str(tmp_path))
+    assert after["accuracy"] == before["accuracy"]  # a temperature never changes a label
+    assert after["confusion_matrix"] == before["confusion_matrix"]
+    assert after["temperature"] == result["temperature"] and after["ece_at_temperature_1"] == before["ece"]
+    assert str(tmp_path / "reliability_test.png") in after["figures"]
+
+
+def test_the_uniform_prior_is_logit_adjustment(tiny_run: Path, small_root: Path, small_data: FerData,
+                                               tmp_path: Path) -> None:
+    model, meta = load_model(tiny_run / "best.safetensors")
+    prior = np.array(meta.preprocessing.class_prior)
+    assert prior == pytest.approx(np.bincount(small_data["train"].labels, minlength=7) / len(small_data["train"]),
+                                  abs=0.03)  # the run's 256 of the 280 training faces
+    uniform = evaluate_weights(str(tiny_run), str(small_root), figures_dir=str(tmp_path), prior="uniform")
+    logits = predict_logits(model, small_data["test"].images).numpy() - np.log(prior)
+    by_hand = compute_metrics(torch.from_numpy(logits).float(), small_data["test"].labels)
+    assert uniform["prior"] == "uniform" and uniform["confusion_matrix"] == by_hand["confusion_matrix"]
+    assert uniform["balanced_accuracy"] == pytest.approx(by_hand["balanced_accuracy"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from ferkit.inference import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.models import create_model
 from ferkit.predict import EmotionRecognizer, FaceResult
-from ferkit.weights import METADATA_KEY, WeightsError, WeightsMeta, load_model, resolve_weights
+from ferkit.weights import METADATA_KEY, WeightsError, WeightsMeta, load_model, read_meta, resolve_weights, save_weights
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -169,3 +170,34 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
             EmotionRecognizer(tmp_path / name)
     with pytest.raises(WeightsError, match="no such"):
         EmotionRecognizer(tmp_path / "missing.safetensors")
+
+
+def test_the_uniform_prior_divides_the_training_mix_out_of_the_probabilities(weights: Path, data_root: Path) -> None:
+    """Logit adjustment: p_uniform(k) is proportional to p_train(k) / prior(k), at the same temperature."""
+    faces = np.stack([read_gray(p) for cls in EMOTIONS for p in fer_faces(data_root, cls)[:2]])
+    trained = EmotionRecognizer(weights, device="cpu", detect=False).predict_batch(list(faces))
+    uniform = EmotionRecognizer(weights, device="cpu", detect=False, prior="uniform").predict_batch(list(faces))
+    prior = np.array(read_meta(weights).preprocessing.class_prior)
+    for a, b in zip(trained, uniform, strict=True):
+        p_train = np.array(list(a[0].probabilities.values()))
+        p_uniform = np.array(list(b[0].probabilities.values()))
+        expected = p_train / prior
+        np.testing.assert_allclose(p_uniform, expected / expected.sum(), rtol=1e-6, atol=1e-9)
+        assert b[0].label == EMOTIONS[int(np.argmax(expected))]
+    with pytest.raises(ValueError, match="prior 'flat': choose one of train, uniform"):
+        EmotionRecognizer(weights, device="cpu", prior="flat")
+
+
+def test_the_temperature_in_the_weights_scales_the_probabilities(tmp_path: Path, weights: Path) -> None:
+    model, meta = load_model(weights)
+    hot = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, temperature=2.0))
+    cold = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, temperature=0.5))
+    save_weights(tmp_path / "hot.safetensors", model, hot)
+    save_weights(tmp_path / "cold.safetensors", model, cold)
+    crop = np.random.default_rng(1).integers(0, 256, (48, 48), dtype=np.uint8)
+    logits = EmotionRecognizer(weights, device="cpu", detect=False).logits(crop[None])[0].astype(np.float64)
+    for path, t in ((tmp_path / "hot.safetensors", 2.0), (tmp_path / "cold.safetensors", 0.5)):
+        face = EmotionRecognizer(path, device="cpu", detect=False).predict(crop)[0]
+        expected = np.exp(logits / t - (logits / t).max())
+        np.testing.assert_allclose(list(face.probabilities.values()), expected / expected.sum(), rtol=1e-5)
+        assert face.label == EMOTIONS[int(np.argmax(logits))]

@@ -43,7 +43,10 @@ class DeprecatedOption(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         print(f"ferkit: warning: {option_string} is now {self.new}; the old name goes in 0.3", file=sys.stderr)
-        setattr(namespace, self.dest, self.convert(values) if self.convert else values)
+        try:
+            setattr(namespace, self.dest, self.convert(values) if self.convert else values)
+        except argparse.ArgumentTypeError as err:  # as argparse reports a bad value: one line, exit status 2
+            parser.error(f"argument {option_string}: {err}")
 
 
 def views_from_tta(value: str) -> int | None:
@@ -105,17 +108,67 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_weights
 
     report = evaluate_weights(args.weights, args.data, args.split, figures_dir=args.figures_dir, device=args.device,
-                              views=args.views)
+                              views=args.views, prior=args.prior, corruptions=args.corruptions,
+                              severities=tuple(args.severities) if args.severities else None, record=args.record)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{report['weights']} on {report['split']} ({report['num_images']} images): "
-          f"accuracy {100 * report['accuracy']:.2f}%, loss {report['loss']:.4f}, macro F1 {report['macro_f1']:.4f}")
+    print(f"{report['weights']} on {report['split']} ({report['num_images']} images, {report['views']} view(s), "
+          f"prior {report['prior']}): accuracy {100 * report['accuracy']:.2f}%, balanced accuracy "
+          f"{100 * report['balanced_accuracy']:.2f}%, loss {report['loss']:.4f}, macro F1 {report['macro_f1']:.4f}")
+    print(f"calibration: ECE {report['ece']:.4f} at temperature {report['temperature']:.3f} "
+          f"({report['ece_at_temperature_1']:.4f} at 1)")
     print(f"{'class':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for name, m in report["per_class"].items():
         print(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>9}")
+    if "corruptions" in report:
+        bench = report["corruptions"]
+        severities = bench["severities"]
+        print(f"robustness: clean {100 * bench['clean_accuracy']:.2f}%, mean over corruptions "
+              f"{100 * bench['mean_corruption_accuracy']:.2f}%")
+        print(f"{'corruption':<16}{'mean':>8}" + "".join(f"{'s' + str(s):>8}" for s in severities))
+        for name, mean in bench["per_corruption"].items():
+            per = bench["per_severity"][name]
+            print(f"{name:<16}{100 * mean:>8.2f}" + "".join(f"{100 * per[str(s)]:>8.2f}" for s in severities))
     for figure in report["figures"]:
         print(f"wrote {figure}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .evaluate import calibrate_weights
+
+    result = calibrate_weights(args.weights, args.data, args.output, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"temperature {result['temperature']:.4f} fitted on val ({result['num_images']} images): NLL "
+          f"{result['val_nll_before']:.4f} -> {result['val_nll_after']:.4f}, ECE {result['val_ece_before']:.4f} -> "
+          f"{result['val_ece_after']:.4f}; wrote {result['output']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .catalog import describe_shipped_models
+
+    rows = describe_shipped_models(speed_seconds=args.speed_seconds)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<16}{'arch':<8}{'params':>10}{'MACs':>9}{'views':>6}{'test acc':>10}{'bal. acc':>10}"
+          f"{'ECE':>7}{'corr. acc':>10}{'crops/s':>9}")
+    for r in rows:
+        def pct(key: str, row: dict[str, Any] = r) -> str:
+            return "-" if row.get(key) is None else f"{100 * row[key]:.2f}"
+
+        crops = "-" if r.get("crops_per_s") is None else f"{r['crops_per_s']:.0f}"
+        ece = "-" if r.get("test_ece") is None else f"{r['test_ece']:.3f}"
+        print(f"{r['name'] + ('*' if r['default'] else ''):<16}{r['arch']:<8}{r['parameters']:>10,}"
+              f"{r['macs'] / 1e6:>8.1f}M{r['views']:>6}{pct('test_accuracy'):>10}{pct('test_balanced_accuracy'):>10}"
+              f"{ece:>7}{pct('mean_corruption_accuracy'):>10}{crops:>9}")
+    print("* the default. Accuracies on PrivateTest, from each file's metadata; crops/s measured now, on this "
+          "machine (PyTorch, batches of 256)." if args.speed_seconds else
+          "* the default. Accuracies on PrivateTest, from each file's metadata.")
     return 0
 
 
@@ -218,8 +271,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", dest="figures_dir", action=DeprecatedOption, new="--figures-dir")
     evaluate.add_argument("--device", default="auto")
     add_views_argument(evaluate, "test-time views per face: 1, 2 or 10 (default: the weights' own)")
+    evaluate.add_argument("--prior", choices=PRIORS, default="train",
+                          help="train: as trained (default); uniform: FER-2013's class mix divided out")
+    evaluate.add_argument("--corruptions", action="store_true",
+                          help="also score under the fixed, seeded corruptions of ferkit.corruptions (robustness)")
+    evaluate.add_argument("--severities", type=int, nargs="+", choices=(1, 2, 3, 4, 5), metavar="S",
+                          help="corruption severities to run (default: 1 2 3 4 5)")
+    evaluate.add_argument("--record", action="store_true",
+                          help="store the test figures in the weights' metadata (shown by ferkit models)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    calibrate = commands.add_parser("calibrate", help="fit the temperature on the validation split into the weights")
+    calibrate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
+    calibrate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
+    calibrate.add_argument("--output", metavar="FILE", help="write the calibrated weights here (default: in place)")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument("--json", action="store_true", help="print JSON")
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    models = commands.add_parser("models", help="the shipped models: size, speed, accuracy, calibration, robustness")
+    models.add_argument("--speed-seconds", type=float, default=1.0, metavar="S",
+                        help="time spent measuring each model's crops/s here (default: 1; 0: skip)")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=cmd_models)
 
     predict = commands.add_parser("predict", help="emotions of the faces in photos, folders, videos or a camera",
                                   description="Exit status: 0 all inputs read, 1 some input failed, 2 usage error.")

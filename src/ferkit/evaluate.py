@@ -1,10 +1,13 @@
-"""Metrics of a model on a split: accuracy, loss, per-class precision / recall / F1, confusion matrix.
+"""Metrics of a model on a split: accuracy, balanced accuracy, loss, calibration, per-class P/R/F1, confusion
+matrix; temperature fitting; the robustness benchmark (`ferkit.corruptions`).
 
-The logits come from `ferkit.inference.predict_logits`, the same code every other command runs.
+The logits come from `ferkit.inference.predict_logits`, the same code every other command runs, and
+are adjusted (temperature, prior) by `ferkit.inference.adjusted_logits` as every report of ferkit is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,8 @@ def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: 
 def compute_metrics(
     logits: torch.Tensor, targets: np.ndarray | torch.Tensor, classes: list[str] | tuple[str, ...] = EMOTIONS
 ) -> dict[str, Any]:
-    """Accuracy (a fraction), mean cross-entropy, per-class P/R/F1 and the confusion matrix."""
+    """Accuracy (a fraction), balanced accuracy (mean per-class recall), mean cross-entropy, expected calibration
+    error (15 bins), macro F1, per-class P/R/F1 and the confusion matrix."""
     target_tensor = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     loss = F.cross_entropy(logits.float(), target_tensor).item() if len(target_tensor) else float("nan")
     predictions = logits.argmax(1).numpy()
@@ -42,12 +46,75 @@ def compute_metrics(
     }
     return {
         "accuracy": float(true_positive.sum() / max(len(truth), 1)),
+        "balanced_accuracy": float(recall[actual > 0].mean()) if (actual > 0).any() else 0.0,
         "loss": float(loss),
+        "ece": expected_calibration_error(logits, target_tensor),
         "num_images": len(truth),
         "macro_f1": float(f1.mean()),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
     }
+
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-label ECE over 15 equal-width confidence bins (torchmetrics' MulticlassCalibrationError, l1)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    if len(targets) == 0:
+        return float("nan")
+    probabilities = torch.softmax(logits.float(), 1)
+    return float(multiclass_calibration_error(probabilities, targets, num_classes=logits.shape[1], n_bins=ECE_BINS,
+                                              norm="l1"))
+
+
+def fit_temperature(logits: torch.Tensor | np.ndarray, targets: np.ndarray | torch.Tensor) -> float:
+    """The temperature T that minimises the NLL of softmax(logits / T) on (validation) data.
+
+    The NLL is convex in 1/T, so a ternary search over 1/T in [0.05, 20] finds the minimum,
+    deterministically, to about 1e-6.
+    """
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    if len(y) == 0:
+        raise ValueError("cannot fit a temperature on no images")
+
+    def nll(inverse_t: float) -> float:
+        return float(F.cross_entropy(z * inverse_t, y))
+
+    low, high = 0.05, 20.0
+    for _ in range(200):
+        a, b = low + (high - low) / 3, high - (high - low) / 3
+        if nll(a) <= nll(b):
+            high = b
+        else:
+            low = a
+    return 1.0 / ((low + high) / 2)
+
+
+def corruption_report(
+    model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, preprocessing: Any, device: torch.device,
+    batch_size: int = 512, prior: str = "train", severities: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Accuracy on clean crops and under every corruption of `ferkit.corruptions` at each severity.
+
+    `mean_corruption_accuracy` averages over corruptions and severities, as ImageNet-C does.
+    """
+    from .corruptions import CORRUPTIONS, SEVERITIES, corrupt
+    from .inference import adjusted_logits, predict_logits
+
+    def accuracy(crops: np.ndarray) -> float:
+        logits = adjusted_logits(predict_logits(model, crops, device, batch_size, preprocessing).numpy(),
+                                 preprocessing, prior)
+        return float((logits.argmax(1) == labels).mean())
+
+    chosen = severities or SEVERITIES
+    per = {name: {str(s): accuracy(corrupt(images, name, s)) for s in chosen} for name in CORRUPTIONS}
+    means = {name: float(np.mean(list(by_severity.values()))) for name, by_severity in per.items()}
+    return {"clean_accuracy": accuracy(images), "mean_corruption_accuracy": float(np.mean(list(means.values()))),
+            "per_corruption": means, "per_severity": per, "severities": list(chosen)}
 
 
 def evaluate_weights(
@@ -58,19 +125,27 @@ def evaluate_weights(
     device: str = "auto",
     views: int | None = None,
     batch_size: int = 512,
+    prior: str = "train",
+    corruptions: bool = False,
+    severities: tuple[int, ...] | None = None,
+    record: bool = False,
 ) -> dict[str, Any]:
     """Score a weights file (or run folder, or shipped model) on a split; write the figures.
 
-    `views`: test-time views per face (default: the weights' own). Writes the confusion matrix to
-    `figures_dir` (default: the run folder the weights are in, else ./ferkit-eval) and, when the
-    weights come from a run folder, the training curves too.
+    `views`: test-time views per face (default: the weights' own). `prior`: "train" or "uniform"
+    (see `inference.adjusted_logits`). The report's probabilities are the weights' calibrated ones
+    (their temperature); `ece_at_temperature_1` is the error before calibration. `corruptions`
+    adds the robustness benchmark. `record` stores the test figures in the weights' metadata (only
+    for the test split, the weights' own views and the training prior: what `ferkit models` shows).
+    Writes the confusion matrix and a reliability diagram to `figures_dir` (default: the run folder
+    the weights are in, else ./ferkit-eval) and, when the weights come from a run folder, the curves.
     """
     from pathlib import Path
 
     from .data import load_fer2013
     from .devices import pick_device
-    from .inference import predict_logits
-    from .plots import plot_confusion, plot_curves
+    from .inference import adjusted_logits, predict_logits
+    from .plots import plot_confusion, plot_curves, plot_reliability
     from .runs import METRICS_CSV, read_metrics_csv
     from .weights import load_model, resolve_weights
 
@@ -79,15 +154,71 @@ def evaluate_weights(
     model, meta = load_model(path, torch_device)
     part = load_fer2013(data)[split]
     pre = meta.preprocessing.with_views(views)
-    logits = predict_logits(model, part.images, torch_device, batch_size, pre)
+    raw = predict_logits(model, part.images, torch_device, batch_size, pre).numpy()
+    logits = torch.from_numpy(adjusted_logits(raw, pre, prior)).float()
     report = compute_metrics(logits, part.labels, meta.classes)
+    report["ece_at_temperature_1"] = expected_calibration_error(
+        torch.from_numpy(adjusted_logits(raw, dataclasses.replace(pre, temperature=1.0), prior)).float(),
+        torch.as_tensor(part.labels, dtype=torch.long))
     metrics_csv = path.parent / METRICS_CSV
     out_dir = Path(figures_dir) if figures_dir else (path.parent if metrics_csv.exists() else Path("ferkit-eval"))
     title = f"{meta.arch} ({path.name}), {split}: accuracy {100 * report['accuracy']:.2f}%"
     figures = [plot_confusion(report["confusion_matrix"], meta.classes, out_dir / f"confusion_matrix_{split}.png",
-                              title)]
+                              title),
+               plot_reliability(torch.softmax(logits, 1).numpy(), part.labels, out_dir / f"reliability_{split}.png",
+                                f"{meta.arch} ({path.name}), {split}: ECE {report['ece']:.3f} "
+                                f"(T = {pre.temperature:.3f}, prior {prior})")]
     if metrics_csv.exists():
         figures.append(plot_curves(read_metrics_csv(metrics_csv), out_dir / "curves.png", title=meta.arch))
-    report.update(weights=str(path), arch=meta.arch, split=split, views=pre.views,
-                  figures=[str(f) for f in figures])
+    report.update(weights=str(path), arch=meta.arch, split=split, views=pre.views, prior=prior,
+                  temperature=pre.temperature, figures=[str(f) for f in figures])
+    if corruptions:
+        report["corruptions"] = corruption_report(model, part.images, part.labels, pre, torch_device, batch_size,
+                                                  prior, severities)
+    if record:
+        _record_test_metrics(path, model, meta, report)
     return report
+
+
+def _record_test_metrics(path: Any, model: torch.nn.Module, meta: Any, report: dict[str, Any]) -> None:
+    from .weights import save_weights
+
+    if report["split"] != "test" or report["prior"] != "train" or report["views"] != meta.views:
+        raise ValueError("--record stores PrivateTest figures of the weights as they are used: --split test, "
+                         "the weights' own views and --prior train")
+    figures = {"test_acc": report["accuracy"], "test_balanced_acc": report["balanced_accuracy"],
+               "test_ece": report["ece"], "test_macro_f1": report["macro_f1"], "test_loss": report["loss"]}
+    if "corruptions" in report and len(report["corruptions"]["severities"]) == 5:
+        figures["mean_corruption_acc"] = report["corruptions"]["mean_corruption_accuracy"]
+    save_weights(path, model, dataclasses.replace(meta, metrics={**meta.metrics, **figures}))
+
+
+def calibrate_weights(
+    weights: str | None, data: str | None, output: str | None = None, device: str = "auto", batch_size: int = 512,
+) -> dict[str, Any]:
+    """Fit the temperature on the validation split (never the test split) and store it in the weights.
+
+    Writes the weights, with the temperature in their preprocessing metadata, to `output` (default:
+    in place). Returns the temperature and the validation NLL and ECE before and after.
+    """
+    from .data import load_fer2013
+    from .devices import pick_device
+    from .inference import predict_logits
+    from .weights import load_model, resolve_weights, save_weights
+
+    path = resolve_weights(weights)
+    torch_device = pick_device(device)
+    model, meta = load_model(path, torch_device)
+    val = load_fer2013(data)["val"]
+    logits = predict_logits(model, val.images, torch_device, batch_size, meta.preprocessing)
+    temperature = fit_temperature(logits, val.labels)
+    target = torch.as_tensor(val.labels, dtype=torch.long)
+    before, after = compute_metrics(logits, val.labels, meta.classes), compute_metrics(logits / temperature,
+                                                                                       val.labels, meta.classes)
+    calibrated = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing,
+                                                                             temperature=round(temperature, 6)))
+    out = output or str(path)
+    save_weights(out, model, calibrated)
+    return {"weights": str(path), "output": out, "temperature": round(temperature, 6), "split": "val",
+            "val_nll_before": before["loss"], "val_nll_after": after["loss"], "val_ece_before": before["ece"],
+            "val_ece_after": after["ece"], "num_images": len(target)}

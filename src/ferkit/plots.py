@@ -1,4 +1,4 @@
-"""Figures: training curves from a run's metrics, and confusion matrices."""
+"""Figures: training curves from a run's metrics, confusion matrices, reliability diagrams."""
 
 from __future__ import annotations
 
@@ -62,3 +62,24 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_reliability(probabilities: np.ndarray, targets: np.ndarray, path: str | os.PathLike[str], title: str = "",
+                     bins: int = 15) -> Path:
+    """Reliability diagram: accuracy against confidence of the top label in equal-width bins, with counts."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == np.asarray(targets)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    accuracy = np.bincount(which, weights=correct, minlength=bins) / np.maximum(counts, 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig, (ax, count_ax) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centres[counts > 0], accuracy[counts > 0], width=1 / bins, edgecolor="black", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title or "Reliability")
+    ax.legend(loc="upper left")
+    count_ax.bar(centres, counts, width=1 / bins, edgecolor="black", color="gray")
+    count_ax.set(xlabel="confidence of the top label", ylabel="faces")
+    fig.tight_layout()
+    return _save(fig, path)
