@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,67 @@ def test_eval_path_is_normalisation_only(faces: np.ndarray) -> None:
         expected = model(reference_normalise(faces[:16]))
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(predict_logits(model, faces[:16]), logits, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Camera augmentations: each switchable, each changing real faces as specified
+
+
+CAMERA_OFF = AugmentConfig(hflip=False, rotate_degrees=0.0)
+
+
+def _camera(faces: np.ndarray, seed: int = 0, **setting: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unaugmented, augmented) [0, 1] batches of real faces with one camera setting on."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    x = to_tensor(faces[:64]).float() / 255
+    out = train_transform(to_tensor(faces[:64]), dataclasses.replace(CAMERA_OFF, **setting), generator)
+    return x, (out * 0.5 + 0.5)  # back from [-1, 1]
+
+
+@pytest.mark.parametrize("setting", [
+    {"scale_jitter": 0.2}, {"aspect_jitter": 0.2}, {"brightness": 0.3}, {"contrast": 0.4}, {"gamma": 0.4},
+    {"blur": 1.0}, {"noise": 1.0}, {"jpeg": 1.0}, {"downsample": 1.0},
+])
+def test_each_camera_augmentation_changes_faces_and_keeps_shape_dtype_and_range(
+    faces: np.ndarray, setting: dict[str, float]
+) -> None:
+    x, out = _camera(faces, **setting)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6
+    changed = (out - x).abs().flatten(1).mean(1)
+    # Nearest-neighbour sampling leaves a face whose zoom or stretch drew within ~2% of 1 unchanged.
+    assert (changed > 1e-3).float().mean() > 0.75, f"{setting}: most faces unchanged"
+    # Off (0) is off: exactly the unaugmented, normalised batch.
+    _, off = _camera(faces, **{name: 0.0 for name in setting})
+    torch.testing.assert_close(off, x, rtol=0, atol=1e-6)
+
+
+def test_camera_augmentations_do_what_they_say(faces: np.ndarray) -> None:
+    x, bright = _camera(faces, brightness=0.3)
+    shift = (bright - x).flatten(1).mean(1)
+    assert shift.abs().max() <= 0.3 + 1e-4 and (shift > 0.02).any() and (shift < -0.02).any()
+    x, flat = _camera(faces, contrast=0.4)
+    ratio = flat.flatten(1).std(1) / x.flatten(1).std(1)
+    assert ratio.min() > 0.5 and ratio.max() < 1.5 and (ratio < 0.9).any() and (ratio > 1.1).any()
+    x, blurred = _camera(faces, blur=1.0)
+    assert (blurred.diff(dim=-1).abs().mean() < 0.9 * x.diff(dim=-1).abs().mean())
+    x, noisy = _camera(faces, noise=1.0)
+    assert 0.02 < (noisy - x).std() < 0.06  # std 0.05, less what clipping to [0, 1] takes
+    x, small = _camera(faces, downsample=1.0)
+    assert small.diff(dim=-1).abs().mean() < 0.9 * x.diff(dim=-1).abs().mean()  # detail lost
+    x, compressed = _camera(faces, jpeg=1.0)
+    assert 0.005 < (compressed - x).abs().mean() < 0.1
+    # A zoom keeps the centre pixel where it was, and moves the corners' content.
+    x, zoomed = _camera(faces, scale_jitter=0.3)
+    assert (zoomed[..., 23:25, 23:25] - x[..., 23:25, 23:25]).abs().mean() < (zoomed - x).abs().mean()
+
+
+def test_camera_augmentations_are_reproducible_from_the_seeds(faces: np.ndarray) -> None:
+    setting = {"brightness": 0.3, "contrast": 0.3, "gamma": 0.3, "blur": 0.5, "noise": 0.5, "jpeg": 0.5,
+               "downsample": 0.5, "scale_jitter": 0.1, "aspect_jitter": 0.1}
+    _, a = _camera(faces, seed=3, **setting)
+    _, b = _camera(faces, seed=3, **setting)
+    _, c = _camera(faces, seed=4, **setting)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)

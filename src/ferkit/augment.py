@@ -17,12 +17,32 @@ from .inference import normalize
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation; the defaults are the reference's (flip, rotation within +-10 degrees)."""
+    """Training augmentation; the defaults are the reference's (flip, rotation within +-10 degrees).
+
+    The camera augmentations (all off by default) prepare a model for faces that other cameras,
+    lighting and detectors deliver: `scale_jitter`/`aspect_jitter` zoom each face by up to that
+    fraction (tighter or looser framing) and stretch it; `brightness`, `contrast` and `gamma` are
+    +- ranges; `blur`, `noise`, `jpeg` and `downsample` are the probabilities that a face is
+    blurred, gets sensor noise, is JPEG-compressed, or is shrunk to 16-40 px and enlarged again.
+    """
 
     hflip: bool = True
     rotate_degrees: float = 10.0
     shift_pixels: int = 0
     erasing: float = 0.0
+    scale_jitter: float = 0.0
+    aspect_jitter: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    jpeg: float = 0.0
+    downsample: float = 0.0
+
+    @property
+    def geometric(self) -> bool:
+        return self.rotate_degrees > 0 or self.shift_pixels > 0 or self.scale_jitter > 0 or self.aspect_jitter > 0
 
 
 def random_hflip(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -33,10 +53,13 @@ def random_hflip(batch: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 def random_affine(
-    batch: torch.Tensor, degrees: float, shift_pixels: int = 0, generator: torch.Generator | None = None
+    batch: torch.Tensor, degrees: float, shift_pixels: int = 0, generator: torch.Generator | None = None,
+    scale_jitter: float = 0.0, aspect_jitter: float = 0.0,
 ) -> torch.Tensor:
     """Rotate each image by its own angle in [-degrees, degrees] about its centre and shift it by up
-    to `shift_pixels` (a random crop of the zero-padded image), filling with 0.
+    to `shift_pixels` (a random crop of the zero-padded image), filling with 0; with `scale_jitter`
+    also zoom it by a factor in [1 - s, 1 + s] and with `aspect_jitter` stretch its width against its
+    height by up to that fraction.
 
     Nearest-neighbour sampling and black fill, like torchvision's RandomRotation defaults.
     """
@@ -45,7 +68,14 @@ def random_affine(
     shifts = torch.randint(-shift_pixels, shift_pixels + 1, (n, 2), generator=generator).float()
     cos, sin = angles.cos(), angles.sin()
     tx, ty = shifts[:, 0] * 2 / width, shifts[:, 1] * 2 / height
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    if scale_jitter > 0 or aspect_jitter > 0:
+        # The sampling grid maps output to input: a zoom of z samples a 1/z-sized region.
+        zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale_jitter
+        stretch = 1 + (torch.rand(n, generator=generator) * 2 - 1) * aspect_jitter
+        sx, sy = 1 / (zoom * stretch.sqrt()), 1 / (zoom / stretch.sqrt())
+        theta = torch.stack([torch.stack([cos * sx, -sin * sy, tx], 1), torch.stack([sin * sx, cos * sy, ty], 1)], 1)
+    else:
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta.to(batch.device, batch.dtype), list(batch.shape), align_corners=False)
     return F.grid_sample(batch, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -71,6 +101,55 @@ def random_erasing(
     return batch.masked_fill(mask.to(batch.device), 0.0)
 
 
+def camera_effects(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """Lighting, focus, sensor noise, compression and resolution as other cameras give them, on [0, 1] batches.
+
+    kornia's batched augmentations do the work (on any device); they draw from torch's global
+    generator, which training seeds per epoch, so runs and resumed runs stay reproducible.
+    """
+    if not (config.brightness or config.contrast or config.gamma or config.blur or config.noise or config.jpeg
+            or config.downsample):
+        return batch
+    import kornia.augmentation as K
+
+    steps: list[torch.nn.Module] = []
+    if config.brightness > 0:
+        steps.append(K.RandomBrightness((1 - config.brightness, 1 + config.brightness), p=1.0))
+    if config.contrast > 0:
+        steps.append(K.RandomContrast((1 - config.contrast, 1 + config.contrast), p=1.0))
+    if config.gamma > 0:
+        steps.append(K.RandomGamma((1 / (1 + config.gamma), 1 + config.gamma), p=1.0))
+    if config.blur > 0:
+        steps.append(K.RandomGaussianBlur((5, 5), (0.3, 1.5), p=config.blur))
+    for step in steps:
+        batch = step(batch).clamp(0, 1)
+    if config.downsample > 0:
+        batch = random_downsample(batch, config.downsample, generator)
+    if config.jpeg > 0:
+        # kornia's JPEG codec wants three channels: grey in, grey out.
+        colour = K.RandomJPEG(jpeg_quality=(20.0, 80.0), p=config.jpeg)(batch.expand(-1, 3, -1, -1).contiguous())
+        batch = colour.mean(1, keepdim=True).clamp(0, 1)
+    if config.noise > 0:
+        batch = K.RandomGaussianNoise(std=0.05, p=config.noise)(batch).clamp(0, 1)
+    return batch
+
+
+def random_downsample(batch: torch.Tensor, probability: float, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """With `probability`, shrink an image to a random 16-40 px (area averaging) and enlarge it back (bilinear)."""
+    n, _, height, width = batch.shape
+    chosen = torch.rand(n, generator=generator) < probability
+    if not chosen.any():
+        return batch
+    side = int(torch.randint(16, 41, (1,), generator=generator))  # one size a batch keeps this to two resizes
+    picked = batch[chosen.to(batch.device)]
+    small = F.interpolate(picked, size=(side, side), mode="area")
+    out = batch.clone()
+    out[chosen.to(batch.device)] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+    return out
+
+
 def train_transform(
     images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -78,8 +157,10 @@ def train_transform(
     batch = images.float() / 255.0
     if config.hflip:
         batch = random_hflip(batch, generator)
-    if config.rotate_degrees > 0 or config.shift_pixels > 0:
-        batch = random_affine(batch, config.rotate_degrees, config.shift_pixels, generator)
+    if config.geometric:
+        batch = random_affine(batch, config.rotate_degrees, config.shift_pixels, generator, config.scale_jitter,
+                              config.aspect_jitter)
+    batch = camera_effects(batch, config, generator)
     batch = normalize(batch)
     if config.erasing > 0:
         # Erase after normalising, so the blank is the data's mid-grey (0), as in Zhong et al.
