@@ -5,7 +5,8 @@ DATA ?= ../shared/data/fer2013
 .PHONY: setup test lint train-seed bench
 
 setup:
-	python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[dev]"
+	python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+	.venv/bin/pip install -e ".[dev]"
 
 test:
 	FERKIT_DATA=$(DATA) $(PY) -m pytest -q
