@@ -80,14 +80,20 @@ def meta_from_json(text: str | bytes | None, path: str | os.PathLike[str]) -> We
                            "from `ferkit export`)")
     try:
         values = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"{path}: malformed ferkit metadata ({err})") from None
+    except (ValueError, RecursionError) as err:  # also: not UTF-8, ints of over 4,300 digits, nesting past the limit
+        raise WeightsError(f"{path}: malformed ferkit metadata ({_shorten(err)})") from None
     if not isinstance(values, dict):
         raise WeightsError(f"{path}: malformed ferkit metadata (a JSON object expected)")
     try:
         return _meta_from_dict(_upgrade(values))
-    except (ValueError, TypeError) as err:
-        raise WeightsError(f"{path}: bad ferkit metadata: {err}") from None
+    except (ValueError, TypeError, OverflowError) as err:  # OverflowError: an int too large for a float
+        raise WeightsError(f"{path}: bad ferkit metadata: {_shorten(err)}") from None
+
+
+def _shorten(err: BaseException, limit: int = 300) -> str:
+    """An error's text as one printable line of at most `limit` characters: it quotes values from the file."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err) or type(err).__name__)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
@@ -221,14 +227,16 @@ def load_model(
     try:
         model = create_model(meta.arch, num_classes=len(meta.classes))
     except ValueError as err:
-        raise WeightsError(f"{path}: {err}") from None
+        raise WeightsError(f"{path}: {_shorten(err)}") from None
     try:
         state = load_file(str(path))
         model.load_state_dict(state, strict=True)
     except (SafetensorError, OSError) as err:
         raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
     except RuntimeError as err:
-        raise WeightsError(f"{path}: tensors do not fit architecture {meta.arch!r}: {err}") from None
+        # PyTorch lists every mismatch on lines of their own: one line, the first mismatches
+        detail = RuntimeError(" ".join(str(err).split()))
+        raise WeightsError(f"{path}: tensors do not fit architecture {meta.arch!r}: {_shorten(detail, 400)}") from None
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model.eval(), meta
 
