@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .data import DataError
 from .labels import EMOTIONS, SPLITS
-from .weights import WeightsError
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
@@ -99,6 +101,10 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, fit
 
+    if "device" in args:  # a device this machine lacks stops here, saying what it has (not after loading the data)
+        from .devices import pick_device
+
+        pick_device(args.device)
     options = given_options(TrainConfig, args)
     fit(TrainConfig.from_preset(options.pop("preset", "reference"), **options))
     return 0
@@ -190,29 +196,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None)
 
 
+def parity_images(data: str | None, count: int) -> tuple[Any, str]:
+    """`count` FER-2013 test images for export's parity check, spread over the split, and what they are.
+
+    Without data (no --data, no $FERKIT_DATA, no ./data/fer2013), seeded synthetic crops, with a note
+    saying so; data that was named but does not load is an error, as in every other command.
+    """
+    from .data import load_fer2013
+    from .export import synthetic_crops
+
+    try:
+        test = load_fer2013(data)["test"]
+    except DataError as err:
+        if data is not None or os.environ.get("FERKIT_DATA"):
+            raise
+        print(f"ferkit: note: no FER-2013 test images ({err}); parity checked on synthetic images", file=sys.stderr)
+        return synthetic_crops(count), "synthetic images (seeded noise and gradients)"
+    return test.images[:: max(len(test) // count, 1)][:count], "test images"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import PARITY_TOLERANCE, check_parity, export_model, read_export_info
+    from .export import PARITY_TOLERANCE, check_parity, check_writable, export_model, format_for, read_export_info
 
     if not args.output:
         raise ValueError("ferkit export needs --output FILE (.onnx or .pt)")
-
+    format_for(args.output, args.format)
+    check_writable(Path(args.output))
+    # The check's images before the export, so that bad --data stops the command before anything is written.
+    images, what = parity_images(args.data, args.check_images) if args.check_images > 0 else (None, "")
     out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset)
     _, info = read_export_info(out)
     print(f"wrote {out} ({info['format']}{', opset ' + str(info['opset']) if info.get('opset') else ''}, "
           f"{info['views']} view{'s' * (info['views'] > 1)}, from {info['source']})")
-    if args.check_images <= 0:
+    if images is None:
         return 0
-    from .data import load_fer2013
-
-    try:
-        test = load_fer2013(args.data)["test"]
-    except DataError as err:
-        print(f"ferkit: parity not checked, no FER-2013 data: {err}", file=sys.stderr)
-        return 0
-    images = test.images[:: max(len(test) // args.check_images, 1)][: args.check_images]
     diff = check_parity(args.weights, out, images)
     verdict = "ok" if diff <= PARITY_TOLERANCE else "MISMATCH"
-    print(f"parity with PyTorch on {len(images)} test images: max |logit difference| {diff:.2e} "
+    print(f"parity with PyTorch on {len(images)} {what}: max |logit difference| {diff:.2e} "
           f"(tolerance {PARITY_TOLERANCE:.0e}): {verdict}")
     return 0 if diff <= PARITY_TOLERANCE else 1
 
@@ -239,13 +259,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_STATUS = ("exit status: 0 success; 1 some input failed (predict) or a parity check failed (export); 2 bad usage, "
+               "bad input or a file that cannot be read or written; 70 a bug (--debug shows its traceback); 130 "
+               "interrupted")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE
     from .images import DEFAULT_MAX_PIXELS
     from .inference import PRIORS
     from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="ferkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ferkit", description=__doc__, epilog=EXIT_STATUS)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of any error (also: {DEBUG_ENV}=1); put it before the command")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data_parser = commands.add_parser("data", help="inspect a FER-2013 source")
@@ -383,16 +410,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "FERKIT_DEBUG"
+EXIT_USAGE = 2
+"""Bad usage, bad input or an environment problem (a file it cannot read or write): one line says which."""
+EXIT_BUG = 70
+"""An exception ferkit did not expect (EX_SOFTWARE): a bug to report, with the traceback --debug shows."""
+EXIT_INTERRUPTED = 130
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters other than line breaks and tabs escaped, so no message can drive the terminal."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+def error_message(err: BaseException) -> str:
+    """An expected failure as the text after `ferkit: error: `: an OSError as `path: reason`."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Expected failures (ferkit's own errors, which are ValueErrors; OSErrors; Ctrl-C) print
+    one line and exit 2 (130); anything else is a bug: one line that says so and exit 70. `--debug` or
+    FERKIT_DEBUG=1 adds the traceback to either."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         return int(args.func(args))
-    except (DataError, WeightsError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"ferkit: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("ferkit: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (`ferkit predict ... | head`): nothing to say, and no one to say it to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"ferkit: error: {_printable(error_message(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        first_line = _printable(str(err)).partition("\n")[0]
+        how = "" if debug else f"; run with --debug or {DEBUG_ENV}=1 for the traceback"
+        print(f"ferkit: internal error (a bug: please report it): {type(err).__name__}: {first_line}{how}",
+              file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

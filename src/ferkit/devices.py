@@ -4,16 +4,65 @@ from __future__ import annotations
 
 import torch
 
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
+class DeviceError(ValueError):
+    """A device name that is no device ferkit runs on, or a device this machine does not have."""
+
+
+def available_devices() -> list[str]:
+    """The devices this machine and this torch build can run on: cpu, then cuda:0.., then mps."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`name` as given, or for "auto" the best there is: cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """`name` as given, or for "auto" the best there is: cuda, then mps, then cpu.
+
+    A name that is no device (`gpu`) or a device this machine lacks (`cuda` on a CPU-only torch,
+    `cuda:3` with two GPUs) raises a one-line DeviceError that lists the devices this machine has.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    has = ", ".join(available_devices())
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_KINDS:
+        raise DeviceError(f"device {name!r} is not a device ferkit runs on: choose {DEVICE_NAMES} "
+                          f"(this machine has: {has})")
+    reason = _missing(device)
+    if reason:
+        raise DeviceError(f"device {name!r} is not available here ({reason}); this machine has: {has}")
+    return device
+
+
+def _missing(device: torch.device) -> str | None:
+    """Why this machine cannot run on `device`, or None if it can."""
+    if device.type == "cuda":
+        hip = getattr(torch.version, "hip", None)  # ROCm builds run AMD GPUs through torch.cuda
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {hip}" if hip else None
+        if not torch.cuda.is_available():
+            return f"this torch, built for {build}, sees no GPU" if build else "this torch is a CPU build"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"{count} CUDA GPU{'s' * (count != 1)}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "no Apple GPU (MPS)"
+    if device.type == "cpu" and device.index not in (None, 0):
+        return "the CPU is cpu or cpu:0"
+    return None
 
 
 def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import __version__
 from .inference import VIEW_COUNTS, InferenceModel, predict_logits, to_tensor
+from .labels import IMAGE_SIZE
 from .weights import (
     EXPORT_KEY,
     METADATA_KEY,
@@ -74,14 +75,14 @@ def export_model(
     fmt = format_for(output, fmt)
     if views is not None and views not in VIEW_COUNTS:
         raise ValueError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
+    out = Path(output)
+    check_writable(out)  # before the export, which takes seconds to minutes, not after it
     source = resolve_weights(weights)
     model, meta = load_model(source, "cpu")
     meta = dataclasses.replace(meta, preprocessing=meta.preprocessing.with_views(views))
     wrapped = InferenceModel(model, meta.preprocessing, channels_last=False).eval()
     info = {"format": fmt, "views": meta.views, "source": source.name, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "ferkit_version": __version__}
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         if fmt == "onnx":
@@ -92,6 +93,40 @@ def export_model(
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """ExportError naming `out` unless a file can be written there: its folder is made if missing, and a
+    probe file created and removed (permission bits alone do not tell: root, read-only mounts, ACLs)."""
+    if out.is_dir():
+        raise ExportError(f"{out}: cannot write the export there (Is a directory)")
+    probe = out.with_name(f".{out.name}.probe{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.open("xb").close()
+        probe.unlink()
+    except FileExistsError:  # mkdir(exist_ok=True) over something that is not a folder
+        raise ExportError(f"{out}: cannot write the export there (Not a directory)") from None
+    except OSError as err:
+        raise ExportError(f"{out}: cannot write the export there ({err.strerror or err})") from None
+
+
+def synthetic_crops(count: int, size: int = IMAGE_SIZE, seed: int = 0) -> np.ndarray:
+    """`count` seeded uint8 crops (count, size, size) for a parity check where no face images are at hand.
+
+    The check compares two implementations of the same function, so faces are not needed, only inputs
+    that exercise it: every other crop is uniform noise (every pixel value, the extremes included), the
+    rest smooth gradients in random directions and ranges with mild noise, closer to a face's statistics.
+    """
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (count, size, size), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    angle = rng.uniform(0, 2 * np.pi, (count, 1, 1))
+    ramp = np.cos(angle) * xx + np.sin(angle) * yy
+    ramp = (ramp - ramp.min(axis=(1, 2), keepdims=True)) / np.ptp(ramp, axis=(1, 2), keepdims=True)
+    low, high = rng.uniform(0, 110, (count, 1, 1)), rng.uniform(145, 255, (count, 1, 1))
+    smooth = np.clip(low + (high - low) * ramp + rng.normal(0, 8, (count, size, size)), 0, 255).astype(np.uint8)
+    return np.where((np.arange(count) % 2 == 0)[:, None, None], noise, smooth)
 
 
 @contextlib.contextmanager

@@ -122,16 +122,13 @@ class OnnxBackend:
         if not self.path.is_file():
             raise WeightsError(f"{path}: no such ONNX file")
         available = ort.get_available_providers()
-        wanted = {"auto": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"],
-                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}.get(device.split(":")[0])
-        if wanted is None or (device.startswith("cuda") and "CUDAExecutionProvider" not in available):
-            raise WeightsError(f"{path}: onnxruntime cannot run on {device!r} here (providers: {', '.join(available)})")
+        wanted = _onnx_providers(device, available)
         options = ort.SessionOptions()
         # Idle threads that spin steal the cores face detection runs on (a 640x480 photo took 24
         # instead of 15 ms on 2 cores); throughput on batches is the same without spinning.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=[p for p in wanted if p in available])
+            self.session = ort.InferenceSession(str(path), options, providers=wanted)
         except Exception as err:  # onnxruntime's errors derive from Exception only
             raise WeightsError(f"{path}: not an ONNX model onnxruntime can load ({err})") from None
         props = self.session.get_modelmeta().custom_metadata_map
@@ -155,6 +152,23 @@ class OnnxBackend:
             for batch in (crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size))
         ]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.meta.classes)), np.float32)
+
+
+def _onnx_providers(device: str, available: list[str]) -> list[str]:
+    """onnxruntime's execution providers for a ferkit device name; DeviceError naming what it runs on here."""
+    from .devices import DeviceError
+
+    has = ", ".join(["cpu", *(["cuda"] if "CUDAExecutionProvider" in available else [])])
+    kind, _, index = device.partition(":")
+    wanted = {"auto": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"],
+              "cuda": ["CUDAExecutionProvider"]}.get(kind)
+    if wanted is None or (index and not (kind == "cuda" and index.isdigit())):
+        raise DeviceError(f"device {device!r} is not a device onnxruntime runs on: choose auto, cpu, cuda or "
+                          f"cuda:N; onnxruntime here runs on: {has}")
+    if kind == "cuda" and "CUDAExecutionProvider" not in available:
+        raise DeviceError(f"device {device!r} is not available to onnxruntime here (no CUDAExecutionProvider: "
+                          f"install onnxruntime-gpu); onnxruntime here runs on: {has}")
+    return [p for p in wanted if p in available]
 
 
 def open_backend(weights: str | os.PathLike[str] | None, device: str = "auto", batch_size: int = 512) -> Backend:
