@@ -38,12 +38,12 @@ from conftest import build_subset
 from ferkit.data import load_fer2013
 from ferkit.evaluate import compute_metrics
 from ferkit.inference import predict_logits
-from ferkit.runs import read_metrics_csv
+from ferkit.runs import read_checkpoint, read_metrics_csv
 from ferkit.train import Distributed, shard_order
 from ferkit.weights import load_model
 
 EPOCHS = 4
-RUN_FILES = {"best.safetensors", "last.safetensors", "checkpoint.pt", "metrics.csv", "test_metrics.json",
+RUN_FILES = {"best.safetensors", "last.safetensors", "checkpoint.safetensors", "metrics.csv", "test_metrics.json",
              "curves.png", "confusion_matrix_test.png", "config.json"}
 # Rotation off and a learning rate below the reference's 1e-3: a few hundred faces learn within 4 epochs.
 RECIPE = ["--limit-train", "700", "--rotate-degrees", "0", "--lr", "3e-4", "--eval-batch-size", "256",
@@ -170,7 +170,7 @@ def test_resume_under_torchrun_continues_from_the_saved_epoch(runs: dict[str, An
     assert [row["epoch"] for row in history] == [1.0, 2.0, 3.0, 4.0]
     assert history[:2] == runs["after_first"]["metrics"]  # the first two epochs were kept, not redone
     assert history[3]["train_loss"] < history[0]["train_loss"]
-    checkpoint = torch.load(runs["ddp"] / "checkpoint.pt", map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(runs["ddp"] / "checkpoint.safetensors")
     assert checkpoint["epoch"] == EPOCHS and len(checkpoint["history"]) == EPOCHS
     assert checkpoint["config"]["resume"] and checkpoint["config"]["batch_size"] == 16
     # The saved state dict is the plain model's: no "module." prefix from DistributedDataParallel.

@@ -33,6 +33,7 @@ from ferkit.evaluate import compute_metrics, evaluate_weights
 from ferkit.inference import DEFAULT_PREPROCESSING, make_views, predict_logits, preprocess, to_tensor
 from ferkit.labels import EMOTIONS, NUM_CLASSES
 from ferkit.models import create_model, list_models
+from ferkit.runs import read_checkpoint
 from ferkit.train import (
     PRESETS,
     StepContext,
@@ -497,7 +498,7 @@ def _ema_config(out: Path, **overrides: Any) -> TrainConfig:
 def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, small_data: FerData) -> None:
     data = take(small_data, {"val": 21, "test": 14})
     unbroken = fit(_ema_config(tmp_path / "unbroken"), data)
-    checkpoint = torch.load(unbroken / "checkpoint.pt", map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(unbroken / "checkpoint.safetensors")
     raw, ema = checkpoint["model"], checkpoint["ema"]
     assert set(ema) == {f"module.{name}" for name in raw} | {"n_averaged"}
     assert int(ema["n_averaged"]) == 4  # one update per step: 2 epochs of 64 / 32
@@ -525,9 +526,9 @@ def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, smal
 
     # Resume restores the EMA: one epoch then a resumed second equals two epochs, bit for bit.
     broken = fit(_ema_config(tmp_path / "broken", epochs=1), data)
-    assert int(torch.load(broken / "checkpoint.pt", weights_only=True)["ema"]["n_averaged"]) == 2
+    assert int(read_checkpoint(broken / "checkpoint.safetensors")["ema"]["n_averaged"]) == 2
     fit(_ema_config(broken, resume=True), data)
-    resumed = torch.load(broken / "checkpoint.pt", map_location="cpu", weights_only=True)
+    resumed = read_checkpoint(broken / "checkpoint.safetensors")
     assert resumed["ema"].keys() == ema.keys()
     for name, tensor in ema.items():
         torch.testing.assert_close(resumed["ema"][name], tensor, rtol=0, atol=0, msg=name)
@@ -536,10 +537,10 @@ def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, smal
 
 
 def test_a_checkpoint_without_ema_cannot_resume_with_it(run_copy: Path, small_data: FerData) -> None:
-    before = (run_copy / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match="has no EMA weights to resume --ema-decay from"):
-        fit(_ema_config(run_copy, limit_train=256, epochs=3, resume=True, views=1), small_data)
-    assert (run_copy / "checkpoint.pt").read_bytes() == before
+    before = (run_copy / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"--ema-decay 0.0 in the run, 0.9 now"):
+        fit(_ema_config(run_copy, limit_train=256, batch_size=64, epochs=3, resume=True, views=1), small_data)
+    assert (run_copy / "checkpoint.safetensors").read_bytes() == before
 
 
 def test_flip_and_crops_tta_average_the_logits_of_their_views(small_data: FerData) -> None:
@@ -637,7 +638,7 @@ def test_cli_preset_fast_trains_with_its_values_and_flags_win(
                      "--limit-train", "14", "--lr", "0.002", "--no-hflip", "--no-progress", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0 and "(fast preset)" in out
-    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["config"]
+    saved = read_checkpoint(run / "checkpoint.safetensors")["config"]
     expected = dataclasses.asdict(TrainConfig.from_preset(
         "fast", data=str(tiny_root), run_dir=str(run), epochs=1, limit_train=14, lr=0.002, hflip=False, progress=False,
         device="cpu"))

@@ -1,9 +1,10 @@
 """Training: `fit()` runs a whole run, `train_one_epoch()` one pass; recipes, checkpoints, resume, DDP.
 
 A run folder (see `ferkit.runs`) holds `config.json` (the resolved recipe, versions and data
-identity), `checkpoint.pt` (everything needed to resume, written atomically after every epoch),
-`best.safetensors` (best validation accuracy) and `last.safetensors`, `metrics.csv` (one row per
-epoch), and at the end `test_metrics.json` plus the curves and confusion-matrix figures. The
+identity), `checkpoint.safetensors` (everything needed to resume, written atomically after every
+epoch before anything else, so that resuming can rebuild the rest), `best.safetensors` (best
+validation accuracy) and `last.safetensors`, `metrics.csv` (one row per epoch), and at the end
+`test_metrics.json` plus the curves and confusion-matrix figures. The
 weights' metadata carries the recipe and the preprocessing (views, training class prior).
 Model selection sees only the validation split; the test split is scored once, at the end.
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +38,28 @@ from .data import FerData, load_fer2013
 from .devices import autocast_dtype, pick_device
 from .evaluate import compute_metrics
 from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
-from .labels import EMOTIONS, NUM_CLASSES
-from .models import ARCH_RENAMES, create_model
+from .labels import EMOTIONS, IMAGE_SIZE, NUM_CLASSES
+from .models import ARCH_RENAMES, create_model, list_models
 from .plots import plot_confusion, plot_curves
 from .runs import (
     BEST_WEIGHTS,
+    CHECKPOINT,
+    CONFIG_JSON,
     LAST_WEIGHTS,
     METRICS_CSV,
+    OLD_CHECKPOINT,
     TEST_METRICS,
+    CheckpointError,
+    check_run_dir,
+    data_identity,
+    read_checkpoint,
     read_metrics_csv,
+    remove_stale_temp_files,
+    write_checkpoint,
     write_config_json,
     write_metrics_csv,
 )
-from .weights import WeightsMeta, load_model, save_weights, unwrap
+from .weights import WeightsError, WeightsMeta, load_model, read_meta, save_weights, unwrap
 
 
 @dataclass
@@ -62,11 +73,13 @@ class TrainConfig:
     arch: str = field(default="refcnn", metadata={"help": "architecture from the model registry"})
     epochs: int = 50
     batch_size: int = field(default=64, metadata={"help": "images per step and process"})
-    optimizer: str = field(default="adam", metadata={"help": "adam, adamw or sgd (Nesterov momentum)"})
+    optimizer: str = field(default="adam", metadata={"help": "adam, adamw or sgd (Nesterov momentum)",
+                                                     "choices": ("adam", "adamw", "sgd")})
     lr: float = 1e-3
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = 0.0
-    schedule: str = field(default="plateau", metadata={"help": "plateau, onecycle or cosine"})
+    schedule: str = field(default="plateau", metadata={"help": "plateau, onecycle or cosine",
+                                                       "choices": ("plateau", "onecycle", "cosine")})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up for cosine"})
     plateau_factor: float = field(default=0.5, metadata={"help": "ReduceLROnPlateau factor"})
     plateau_patience: int = field(default=2, metadata={"help": "ReduceLROnPlateau patience (epochs)"})
@@ -87,7 +100,8 @@ class TrainConfig:
     channels_last: bool = True
     eval_batch_size: int = 512
     limit_train: int = field(default=0, metadata={"help": "train on a seeded random N of the training images (0: all)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --run-dir from its checkpoint (the "
+                                                          "fields its state depends on may not change)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @classmethod
@@ -99,6 +113,61 @@ class TrainConfig:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[preset], **upgrade_config(overrides, warn=True), "preset": preset})
+
+    def validate(self) -> None:
+        """Refuse impossible values now, in one line naming each option, not after (or during) training."""
+        problems = [p for f in fields(self) if (p := _field_problem(f, getattr(self, f.name)))]
+        if not problems and self.preset not in PRESETS and self.preset not in PRESET_RENAMES:
+            problems.append(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        if not problems and self.arch not in list_models() and self.arch not in ARCH_RENAMES:
+            problems.append(f"unknown architecture {self.arch!r}; choose one of: {', '.join(list_models())}")
+        if problems:  # (the device is checked by `pick_device`, which knows what this machine has)
+            raise ValueError("; ".join(problems))
+
+
+_LIMITS: dict[str, tuple[Any, str]] = {
+    # field: (test, what the value must be); NaN fails every test.
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "limit_train": (lambda v: v >= 0, "0 (all) or more"),
+    "seed": (lambda v: 0 <= v < 2**32, "from 0 to 4294967295"),
+    "lr": (lambda v: 0 < v < math.inf, "a positive number"),
+    "momentum": (lambda v: 0 <= v < 1, "from 0 to below 1"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "0 or more"),
+    "warmup_epochs": (lambda v: 0 <= v < math.inf, "0 or more"),
+    "plateau_factor": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "plateau_patience": (lambda v: v >= 0, "0 or more"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "from 0 to below 1"),
+    "rotate_degrees": (lambda v: 0 <= v <= 180, "from 0 to 180"),
+    "shift_pixels": (lambda v: 0 <= v < IMAGE_SIZE // 2, f"from 0 to {IMAGE_SIZE // 2 - 1}"),
+    "erasing": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "mixup": (lambda v: 0 <= v < math.inf, "0 (off) or more"),
+    "cutmix": (lambda v: 0 <= v < math.inf, "0 (off) or more"),
+    "ema_decay": (lambda v: 0 <= v < 1, "0 (off) or from 0 to below 1"),
+}
+
+
+def _field_problem(f: Field[Any], value: Any) -> str | None:
+    """What is wrong with one TrainConfig value (its type, range or choice), as `--option must be ...`."""
+    flag = "--" + f.name.replace("_", "-")
+    kind = str(f.type)
+    if kind == "bool" and not isinstance(value, bool):
+        return f"{flag} must be true or false, not {value!r}"
+    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        return f"{flag} must be a whole number, not {value!r}"
+    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        return f"{flag} must be a number, not {value!r}"
+    if kind == "str" and (not isinstance(value, str) or not value):
+        return f"{flag} must be a non-empty string, not {value!r}"
+    if kind == "str | None" and value is not None and not isinstance(value, str):
+        return f"{flag} must be a path, not {value!r}"
+    if f.name in _LIMITS and not _LIMITS[f.name][0](value):
+        return f"{flag} must be {_LIMITS[f.name][1]}, not {value!r}"
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        return f"{flag} must be one of {', '.join(map(str, choices))}, not {value!r}"
+    return None
 
 
 def _renamed(kind: str, old: str, new: str) -> None:
@@ -265,10 +334,19 @@ def shard_order(order: torch.Tensor, env: Distributed) -> torch.Tensor:
 
 
 def fit(config: TrainConfig, data: FerData | None = None) -> Path:
-    """Run (or resume) training as `config` says; returns the run folder."""
+    """Run (or resume) training as `config` says; returns the run folder.
+
+    Everything that can be refused is refused before the data loads: bad options, a run folder that
+    cannot be written, a checkpoint that cannot be resumed or a recipe that changed since it was written.
+    """
+    config.validate()
     env, device = init_distributed(config.device)
     run_dir = Path(config.run_dir)
+    saved = _open_run_dir(run_dir, config, env)
     data = data or load_fer2013(config.data)
+    identity = data_identity(data)
+    if saved is not None:
+        _check_same_data(saved, identity, run_dir / CHECKPOINT)
     seed_everything(config.seed)
     model = create_model(config.arch).to(device)
     if config.channels_last:
@@ -284,7 +362,12 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     # The EMA averages parameters only; its BatchNorm statistics are re-estimated before each use.
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False) \
         if config.ema_decay > 0 else None
-    state = _start_or_resume(run_dir, config, model, optimizer, scheduler, ema)
+    state: dict[str, Any] = {"epoch": 0, "best_val_acc": -1.0, "history": [], "world_size": env.world_size,
+                             "data": identity}
+    if saved is not None:
+        state = _restore(saved, run_dir / CHECKPOINT, model, optimizer, scheduler, ema)
+        if env.is_main:
+            _sync_run_files(run_dir, config, data, ema.module if ema is not None else model, state)
     first_epoch = state["epoch"]
     if env.world_size > 1:
         model = _distributed_model(model, device)
@@ -296,9 +379,10 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
         step_scheduler=None if config.schedule == "plateau" else scheduler, ema=ema,
     )
     if env.is_main:
+        epochs = f"epochs {first_epoch + 1}..{config.epochs}" if first_epoch < config.epochs else \
+            f"all {config.epochs} epochs done"
         print(f"ferkit: training {config.arch} ({config.preset} preset) on {device} x{env.world_size} "
-              f"({ctx.amp_dtype or 'float32'}), {len(labels)} images, epochs {state['epoch'] + 1}..{config.epochs} "
-              f"-> {run_dir}", flush=True)
+              f"({ctx.amp_dtype or 'float32'}), {len(labels)} images, {epochs} -> {run_dir}", flush=True)
     for epoch in range(state["epoch"], config.epochs):
         # Per-epoch seeds make a resumed run take the same shuffles and augmentations as an unbroken one;
         # every rank draws the same shuffle and its own augmentations.
@@ -337,7 +421,7 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
         if env.is_main:
             _save_epoch(run_dir, config, data, scored, model, optimizer, scheduler, ema, state, is_best)
             if epoch == first_epoch:  # with the first checkpoint: a run folder is made by a finished epoch
-                write_config_json(run_dir, asdict(config), data)
+                write_config_json(run_dir, asdict(config), data, identity)
             print(f"epoch {epoch + 1:3d}/{config.epochs}  "
                   f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                   f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {lr:.2e}  "
@@ -460,62 +544,214 @@ def _training_subset(total: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(total)[:limit])
 
 
+def _weights_meta(config: TrainConfig, data: FerData, row: dict[str, Any]) -> WeightsMeta:
+    subset = _training_subset(len(data["train"]), config.limit_train, config.seed)
+    return WeightsMeta(
+        arch=config.arch, data_source=data.source, epoch=int(row["epoch"]), recipe=asdict(config),
+        preprocessing=Preprocessing(views=config.views, class_prior=class_prior(data["train"].labels[subset])),
+        metrics={"val_acc": row["val_acc"], "val_loss": row["val_loss"], "train_acc": row["train_acc"]},
+    )
+
+
 def _save_epoch(
     run_dir: Path, config: TrainConfig, data: FerData, scored: nn.Module, model: nn.Module,
     optimizer: torch.optim.Optimizer, scheduler: Any, ema: AveragedModel | None, state: dict[str, Any],
     is_best: bool,
 ) -> None:
-    row = state["history"][-1]
-    meta = WeightsMeta(
-        arch=config.arch, data_source=data.source, epoch=row["epoch"], recipe=asdict(config),
-        preprocessing=Preprocessing(views=config.views, class_prior=class_prior(
-            data["train"].labels[_training_subset(len(data["train"]), config.limit_train, config.seed)])),
-        metrics={"val_acc": row["val_acc"], "val_loss": row["val_loss"], "train_acc": row["train_acc"]},
-    )
+    """The checkpoint first: every other file of the run can be rebuilt from it (see `_sync_run_files`)."""
+    _save_checkpoint(run_dir, config, model, optimizer, scheduler, ema, state)
+    meta = _weights_meta(config, data, state["history"][-1])
     if is_best:
         save_weights(run_dir / BEST_WEIGHTS, scored, meta)
     save_weights(run_dir / LAST_WEIGHTS, scored, meta)
-    _save_checkpoint(run_dir, config, model, optimizer, scheduler, ema, state)
     write_metrics_csv(run_dir / METRICS_CSV, state["history"])
 
 
-def _start_or_resume(
-    run_dir: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    ema: AveragedModel | None,
-) -> dict[str, Any]:
-    checkpoint = run_dir / "checkpoint.pt"
+# ---------------------------------------------------------------------------------------------
+# Resume: what must not change, and how a checkpoint is checked before any of it is used
+
+RESUME_FIXED: dict[str, Any] = {
+    # The fields that a run's state (weights, optimiser, schedule, training subset) depends on, and when.
+    "arch": lambda c: True, "batch_size": lambda c: True, "limit_train": lambda c: True, "seed": lambda c: True,
+    "optimizer": lambda c: True, "lr": lambda c: True, "weight_decay": lambda c: True,
+    "momentum": lambda c: c.optimizer == "sgd", "schedule": lambda c: True,
+    "epochs": lambda c: c.schedule != "plateau",  # one-cycle and cosine are laid out over all the epochs
+    "warmup_epochs": lambda c: c.schedule == "cosine",
+    "plateau_factor": lambda c: c.schedule == "plateau", "plateau_patience": lambda c: c.schedule == "plateau",
+    "ema_decay": lambda c: True,
+}
+"""Fields that `--resume` refuses to change; the others (augmentation, views, device, batch size for
+evaluation, progress...) may change. More epochs are fine under the plateau schedule."""
+
+
+def _open_run_dir(run_dir: Path, config: TrainConfig, env: Distributed) -> dict[str, Any] | None:
+    """Check the folder, clear what killed writers left, and read the checkpoint to resume (None: a new run)."""
+    check_run_dir(run_dir)
+    if env.is_main:
+        remove_stale_temp_files(run_dir)
+    checkpoint, old = run_dir / CHECKPOINT, run_dir / OLD_CHECKPOINT
     if not config.resume:
-        if checkpoint.exists():
-            raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --out")
-        return {"epoch": 0, "best_val_acc": -1.0, "history": []}
+        for path in (checkpoint, old):
+            if path.exists():
+                raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                                      "or a new --run-dir")
+        return None
+    if not checkpoint.exists() and old.exists():
+        raise CheckpointError(f"{old}: a checkpoint of ferkit 0.1, a pickle file that this ferkit does not load: "
+                              "finish the run with ferkit 0.1, or start a new one")
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: nothing to resume")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    saved_arch = upgrade_config(saved["config"])["arch"]
-    if saved_arch != config.arch:
-        raise ValueError(f"{checkpoint} was trained as {saved_arch!r}, not {config.arch!r}")
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if ema is not None:
-        if "ema" not in saved:
-            raise ValueError(f"{checkpoint} has no EMA weights to resume --ema-decay from")
-        ema.load_state_dict(saved["ema"])
-    return {"epoch": saved["epoch"], "best_val_acc": saved["best_val_acc"], "history": saved["history"]}
+    saved = _checked_state(read_checkpoint(checkpoint), checkpoint)
+    _check_unchanged(saved, config, env, checkpoint)
+    return saved
+
+
+def _checked_state(saved: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The checkpoint's bookkeeping, checked for type and consistency (the tensors are checked as they load)."""
+    history = saved.get("history")
+    problem = None
+    if not isinstance(saved.get("config"), dict):
+        problem = "no config"
+    elif not all(isinstance(saved.get(k), dict) for k in ("model", "optimizer", "scheduler")):
+        problem = "no model, optimizer or scheduler state"
+    elif not isinstance(history, list) or not all(
+            isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in HISTORY_KEYS)
+            for row in history):
+        problem = f"its history is not a list of epochs with {', '.join(HISTORY_KEYS)}"
+    elif not isinstance(saved.get("epoch"), int) or saved["epoch"] < 1 or saved["epoch"] != len(history) or \
+            [row["epoch"] for row in history] != list(range(1, len(history) + 1)):
+        problem = f"epoch {saved.get('epoch')!r} does not match its history of {len(history)} epochs"
+    elif not isinstance(saved.get("best_val_acc"), float) or \
+            saved["best_val_acc"] != max(row["val_acc"] for row in history):
+        problem = "its best validation accuracy is not its history's"
+    if problem:
+        raise CheckpointError(f"{path}: malformed checkpoint ({problem})")
+    return saved
+
+
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
+
+
+def _check_unchanged(saved: dict[str, Any], config: TrainConfig, env: Distributed, path: Path) -> None:
+    """Refuse, naming each, the changes to fields that the saved state depends on."""
+    before = upgrade_config(saved["config"])
+    now = asdict(config)
+    changed = [f"--{name.replace('_', '-')} {before.get(name)} in the run, {now[name]} now"
+               for name, applies in RESUME_FIXED.items() if applies(config) and before.get(name) != now[name]]
+    if saved.get("world_size", 1) != env.world_size:
+        changed.append(f"{saved.get('world_size', 1)!r} processes in the run, {env.world_size} now")
+    if changed:
+        raise CheckpointError(f"{path}: cannot resume with a changed {'; '.join(changed)} (the run's state depends "
+                              "on these: resume with the run's values, or start a new --run-dir)")
+    if config.epochs < saved["epoch"]:
+        raise CheckpointError(f"{path}: --epochs {config.epochs} is fewer than the {saved['epoch']} epochs the run "
+                              "has finished")
+
+
+def _check_same_data(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """The same images and labels (wherever they are now) as the run trained on."""
+    before = saved.get("data")
+    if not isinstance(before, dict) or before.get("sha256") != identity["sha256"]:
+        old = before.get("sha256", "?") if isinstance(before, dict) else "?"
+        raise CheckpointError(f"{path}: the run trained on other data (sha256 {str(old)[:12]}... in the run, "
+                              f"{identity['sha256'][:12]}... now, from {identity['source']})")
+
+
+def _restore(
+    saved: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    ema: AveragedModel | None,
+) -> dict[str, Any]:
+    """Load the saved state into the fresh objects; CheckpointError naming `path` where it does not fit them."""
+    if ema is not None and not isinstance(saved.get("ema"), dict):
+        raise CheckpointError(f"{path}: has no EMA weights to resume --ema-decay from")
+    try:
+        _check_like(saved["scheduler"], scheduler.state_dict(), "scheduler")
+        for group, fresh in zip(saved["optimizer"].get("param_groups", []), optimizer.state_dict()["param_groups"],
+                                strict=False):
+            _check_like(group, fresh, "optimizer group")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        _check_optimizer_state(optimizer)
+        scheduler.load_state_dict(saved["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        text = str(err).strip().splitlines()
+        raise CheckpointError(f"{path}: does not fit this {unwrap(model).__class__.__name__} and its optimiser "
+                              f"({text[0][:200] if text else type(err).__name__})") from None
+    return {key: saved[key] for key in ("epoch", "best_val_acc", "history", "world_size", "data") if key in saved}
+
+
+def _check_like(saved: Any, fresh: dict[str, Any], what: str) -> None:
+    """Saved scheduler or optimiser settings: a dict of no other keys than the fresh one's, of the same kinds.
+
+    (Loading sets them as attributes: a hostile file could otherwise replace, say, the scheduler's optimiser.)
+    """
+    if not isinstance(saved, dict):
+        raise ValueError(f"{what} is not a dict")
+    extra = set(saved) - set(fresh)
+    if extra:
+        raise ValueError(f"{what} has unknown settings ({', '.join(sorted(map(str, extra)))})")
+    for key in set(saved) & set(fresh):
+        if _kind(saved[key]) != _kind(fresh[key]) and not (saved[key] is None or fresh[key] is None):
+            raise ValueError(f"{what} setting {key!r} is {saved[key]!r}")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Each parameter's state tensors have its shape (or are scalars like Adam's step), in its memory format."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor) or (value.numel() == 1 and value.ndim <= 1):
+                    continue
+                if value.shape != param.shape:
+                    raise ValueError(f"optimizer state {key!r} of shape {tuple(value.shape)} for a parameter of "
+                                     f"shape {tuple(param.shape)}")
+                # As an unbroken run has it (safetensors stores tensors contiguous): a resumed run stays bit-identical.
+                optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _sync_run_files(run_dir: Path, config: TrainConfig, data: FerData, scored: nn.Module,
+                    state: dict[str, Any]) -> None:
+    """Rebuild from the checkpoint the files that a kill after it may have left behind or missing."""
+    history = state["history"]
+    write_metrics_csv(run_dir / METRICS_CSV, history)
+    last = history[-1]
+    best_epoch = 1 + int(np.argmax([row["val_acc"] for row in history]))  # the first of the best, as in training
+    meta = _weights_meta(config, data, last)
+    if _weights_epoch(run_dir / LAST_WEIGHTS) != last["epoch"]:
+        save_weights(run_dir / LAST_WEIGHTS, scored, meta)
+    if best_epoch == last["epoch"] and _weights_epoch(run_dir / BEST_WEIGHTS) != best_epoch:
+        save_weights(run_dir / BEST_WEIGHTS, scored, meta)
+    if not (run_dir / CONFIG_JSON).exists():
+        write_config_json(run_dir, asdict(config), data, state.get("data"))
+
+
+def _weights_epoch(path: Path) -> int | None:
+    try:
+        return read_meta(path).epoch
+    except WeightsError:
+        return None
 
 
 def _save_checkpoint(
     run_dir: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     ema: AveragedModel | None, state: dict[str, Any],
 ) -> None:
-    """Write-then-rename, so that a kill at any moment leaves the previous checkpoint whole."""
-    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if not callable(v)}
+    """One safetensors file, written by one rename: a kill at any moment leaves the previous checkpoint whole."""
     payload = {
-        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler_state,
+        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if not callable(v)},
         "config": asdict(config), **state,
     }
     if ema is not None:
         payload["ema"] = ema.state_dict()
-    tmp = run_dir / f".checkpoint.pt.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, run_dir / "checkpoint.pt")
+    write_checkpoint(run_dir / CHECKPOINT, payload)
