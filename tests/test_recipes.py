@@ -614,7 +614,7 @@ def test_the_reference_preset_is_the_reference_recipe() -> None:
     assert {k: getattr(seed, k) for k in reference} == reference
 
 
-@pytest.mark.parametrize("name", ["fast", "accurate"])
+@pytest.mark.parametrize("name", ["fast", "accurate", "student"])
 def test_other_presets_change_the_recipe_and_flags_override_them(name: str) -> None:
     config = TrainConfig.from_preset(name)
     assert config.preset == name
@@ -626,7 +626,7 @@ def test_other_presets_change_the_recipe_and_flags_override_them(name: str) -> N
     overridden = TrainConfig.from_preset(name, lr=0.123, epochs=2, hflip=False, run_dir="x")
     assert (overridden.lr, overridden.epochs, overridden.hflip, overridden.run_dir) == (0.123, 2, False, "x")
     assert overridden.schedule == PRESETS[name]["schedule"] and overridden.optimizer == PRESETS[name]["optimizer"]
-    with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of: reference, fast, accurate"):
+    with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of: reference, fast, accurate, student"):
         TrainConfig.from_preset("fastest")
 
 

@@ -23,8 +23,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
     """
     for f in dataclasses.fields(config_type):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
-        if f.type in ("bool", bool):
+        default = "none" if f.default is dataclasses.MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        if f.metadata.get("repeatable"):
+            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
+        elif f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
