@@ -15,8 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hypothesis import HealthCheck, settings
 
 from ferkit.labels import NUM_PIXELS, USAGE_TO_SPLIT
+
+SCALE = float(os.environ.get("FERKIT_FUZZ_SCALE", "1"))
+"""Multiplies every fuzz test's example count: 1 in CI, more to explore."""
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings for a bounded, repeatable fuzz test of about `examples` cases."""
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,  # each test's per-case time limit replaces it
+        derandomize=True,  # the same cases in every CI run; raise FERKIT_FUZZ_SCALE to explore more
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                               HealthCheck.data_too_large],
+    )
 
 MAX_LINE_BYTES = 1 << 16  # the loader's documented limit on one CSV line (ferkit.data.MAX_LINE_BYTES)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -35,21 +35,9 @@ from ferkit.data import DataError, FerData, load_fer2013
 from ferkit.faces import crop_face
 from ferkit.images import load_image
 from ferkit.labels import EMOTIONS, SPLITS
-from fuzzing import call_with_timeout, oracle_csv, unblock_fifo
+from fuzzing import call_with_timeout, fuzz_settings, oracle_csv, unblock_fifo
 
-SCALE = float(os.environ.get("FERKIT_FUZZ_SCALE", "1"))
 TIME_LIMIT = 20.0  # seconds per load: a hang, not a slow machine (a load here takes milliseconds)
-
-
-def fuzz_settings(examples: int) -> settings:
-    return settings(
-        max_examples=max(1, int(examples * SCALE)),
-        deadline=None,  # the per-case time limit above replaces it
-        derandomize=True,  # the same cases in every CI run; raise FERKIT_FUZZ_SCALE to explore more
-        database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                               HealthCheck.data_too_large],
-    )
 
 
 def load_within_limit(path: Path) -> FerData:

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ferkit.images import ImageError, decode_image_bytes, load_image
-from fuzzing import call_with_timeout
-from test_fuzz_data import TIME_LIMIT, fuzz_settings, mutate, position
+from fuzzing import call_with_timeout, fuzz_settings
+from test_fuzz_data import TIME_LIMIT, mutate, position
 
 MAX_PIXELS = 1_000_000  # keeps a mutated header's claimed size (and so each case) small
 

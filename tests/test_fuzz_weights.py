@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import struct
 import warnings
 from itertools import count
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from hypothesis import currently_in_test_context, event, given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -37,21 +36,9 @@ from ferkit.inference import Preprocessing, predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.models import create_model
 from ferkit.weights import METADATA_KEY, WeightsError, WeightsMeta, load_model, meta_from_json, read_meta
-from fuzzing import call_with_timeout
+from fuzzing import call_with_timeout, fuzz_settings
 
-SCALE = float(os.environ.get("FERKIT_FUZZ_SCALE", "1"))
 TIME_LIMIT = 10.0  # seconds per load: a hang, not a slow machine (a load here takes about 20 ms)
-
-
-def fuzz_settings(examples: int) -> settings:
-    return settings(
-        max_examples=max(1, int(examples * SCALE)),
-        deadline=None,  # the per-case time limit above replaces it
-        derandomize=True,  # the same cases in every CI run; raise FERKIT_FUZZ_SCALE to explore more
-        database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                               HealthCheck.data_too_large],
-    )
 
 
 FORMAT_2 = json.loads(WeightsMeta(
