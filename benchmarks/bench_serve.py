@@ -179,6 +179,8 @@ def main() -> None:
         server = start_server(args.weights, port, batching, args.serve_args.split())
         url = f"http://127.0.0.1:{port}"
         try:
+            loaded = next(m for m in httpx.get(f"{url}/v1/models").json() if m["loaded"])
+            report["model"] = {k: loaded[k] for k in ("name", "arch", "views_per_face", "accuracy")}
             asyncio.run(load(url, photos, args.clients, args.warmup, 60))
             before = batch_sizes(url)
             result = asyncio.run(load(url, photos, args.clients, args.requests, args.time_cap))
