@@ -263,6 +263,8 @@ def _apply_file_ops(files: dict[str, bytes], ops: list[tuple]) -> tuple[dict[str
         kind = op[0]
         if kind == "flip_byte":
             blob = files[rel]
+            if not blob:  # truncated to nothing by an earlier operation
+                continue
             at = op[2] % len(blob)
             files[rel] = blob[:at] + bytes([op[3]]) + blob[at + 1 :]
         elif kind == "truncate":

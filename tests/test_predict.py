@@ -93,7 +93,8 @@ def test_crops_predict_what_evaluate_scores(crops_reader: EmotionRecognizer, wei
     logits = predict_logits(model, crops, preprocessing=meta.preprocessing)
     results = crops_reader.predict_batch(files)
     assert [r[0].label for r in results] == [meta.classes[int(k)] for k in logits.argmax(1)]
-    probabilities = torch.softmax(logits.double(), 1).numpy()
+    # Probabilities at the weights' calibrated temperature, as evaluate reports them.
+    probabilities = torch.softmax(logits.double() / meta.preprocessing.temperature, 1).numpy()
     np.testing.assert_allclose([list(r[0].probabilities.values()) for r in results], probabilities, atol=1e-6)
     assert all(r[0].box == (0, 0, 48, 48) and r[0].score is None for r in results)
 
