@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from fer_photos import background, fer_faces, photo, read_gray  # noqa: E402
 from ferkit import cli  # noqa: E402
+from ferkit.images import PixelLimitError  # noqa: E402
 from ferkit.labels import EMOTIONS  # noqa: E402
 from ferkit.predict import EmotionRecognizer  # noqa: E402
 from ferkit.serve import API_KEY_ENV, PRIORS, ServeConfig, create_app, decode_image, resolve_api_key  # noqa: E402
@@ -255,7 +256,7 @@ def test_upload_size_pixel_and_file_count_limits(recognizer: EmotionRecognizer, 
 
 
 def test_decode_image_refuses_from_the_header() -> None:
-    with pytest.raises(ValueError, match="over the limit"):
+    with pytest.raises(PixelLimitError, match="144,000,000 pixels, over the pixel limit of 1,000,000"):
         decode_image(_bomb(), "bomb.png", 1_000_000)
     image = decode_image(_png(skimage_data.astronaut()), "a.png", 1_000_000)
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8

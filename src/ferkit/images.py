@@ -47,6 +47,10 @@ class ImageError(ValueError):
     """An input that cannot be read as an image; the message names it and says why."""
 
 
+class PixelLimitError(ImageError):
+    """An image over the pixel limit (a decompression-bomb guard)."""
+
+
 class NotRegularFileError(OSError):
     """A path that is a FIFO, socket, device or folder: reading it could block forever or never end."""
 
@@ -122,25 +126,26 @@ def read_image_file(path: str | os.PathLike[str], max_pixels: int | None = DEFAU
 
 
 def decode_image_bytes(
-    blob: bytes, where: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    blob: bytes, where: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None
 ) -> tuple[np.ndarray, str]:
     """Image file bytes -> (upright gray or RGB uint8 array, the file's Pillow mode, e.g. "L" or "I;16").
 
     The same decoding as `read_image_file`; `where` names the bytes in any `ImageError`. Pillow's
     warnings are left to the caller: `warnings.catch_warnings` is not thread-safe, so a caller that
     decodes in threads (the data loader) sets its filters once, around all of them.
+    `formats` limits the Pillow formats tried (default: all).
     """
-    return _decode(lambda: io.BytesIO(blob), where, max_pixels)
+    return _decode(lambda: io.BytesIO(blob), where, max_pixels, formats)
 
 
 def _decode(
-    open_file: Callable[[], BinaryIO], where: str, max_pixels: int | None
+    open_file: Callable[[], BinaryIO], where: str, max_pixels: int | None, formats: tuple[str, ...] | None = None
 ) -> tuple[np.ndarray, str]:
     try:
-        with Image.open(open_file()) as image:
+        with Image.open(open_file(), formats=formats) as image:
             width, height = image.size
             if max_pixels and width * height > max_pixels:
-                raise ImageError(
+                raise PixelLimitError(
                     f"{where}: {width}x{height} is {width * height:,} pixels, over the pixel limit of "
                     f"{max_pixels:,} (a decompression-bomb guard; raise it with --max-pixels or max_pixels=)"
                 )
@@ -150,7 +155,7 @@ def _decode(
     except UnidentifiedImageError:
         raise ImageError(f"{where}: not an image (or in a format Pillow cannot read)") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{where}: over the pixel limit, a possible decompression bomb ({err})") from None
+        raise PixelLimitError(f"{where}: over the pixel limit, a possible decompression bomb ({err})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
             ZeroDivisionError) as err:
         # Pillow's decoders report damaged files with any of these (its own fuzzers allow the first four;

@@ -25,7 +25,6 @@ import dataclasses
 import hmac
 import importlib
 import importlib.util
-import io
 import json
 import math
 import os
@@ -40,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE, Face, make_detector, whole_image_face
-from .images import ImageError, from_pil
+from .images import ImageError, PixelLimitError, decode_image_bytes
 from .predict import EmotionRecognizer, FaceResult
 from .predict_files import PROBABILITY_DIGITS, InputItem, InputResult, json_record
 
@@ -115,35 +114,17 @@ class RequestError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-class PixelLimitError(ImageError):
-    """An image over the pixel limit (a decompression-bomb guard)."""
-
-
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Bytes of an image file -> upright gray or RGB uint8, as `ferkit.images.read_image_file` reads a file.
+    """Bytes of an image file -> upright gray or RGB uint8, decoded by `ferkit.images` as `predict` reads a file.
 
-    The pixel count is checked from the header before anything is decoded; then the whole image is
-    decoded, so a file is an image because it decodes, whatever its name or content type says.
+    The pixel count is checked from the header before anything is decoded (`PixelLimitError`); then
+    the whole image is decoded, so a file is an image because it decodes, whatever its name says.
     """
     if not data:
         raise ImageError(f"{name}: empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise PixelLimitError(f"{name}: {width}x{height} is {width * height:,} pixels, over the "
-                                          f"limit of {max_pixels:,} (a decompression-bomb guard)")
-                return from_pil(image)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (or not one of {', '.join(IMAGE_FORMATS)})") from None
-    except Image.DecompressionBombError:
-        raise PixelLimitError(f"{name}: over the pixel limit of {max_pixels:,} (a decompression-bomb guard)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
-        raise ImageError(f"{name}: corrupt or truncated image ({err})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return decode_image_bytes(data, name, max_pixels, IMAGE_FORMATS)[0]
 
 
 def views_per_face(meta: Any) -> int:
