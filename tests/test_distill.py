@@ -14,11 +14,11 @@ import ferkit.distill as distill_module
 from ferkit import cli
 from ferkit.augment import AugmentConfig
 from ferkit.data import FerData
-from ferkit.distill import distillation_loss, soft_targets, teacher_logits
-from ferkit.inference import predict_logits, to_tensor
+from ferkit.distill import distillation_loss, load_teachers, soft_targets, teacher_logits
+from ferkit.inference import Preprocessing, predict_logits, to_tensor
 from ferkit.models import create_model
 from ferkit.train import StepContext, TrainConfig, _mixed_targets, fit, train_one_epoch
-from ferkit.weights import load_model, read_meta
+from ferkit.weights import WeightsMeta, load_model, read_meta, save_weights
 
 TEACHER = "ferkit-refcnn"
 
@@ -41,19 +41,20 @@ def test_distillation_moves_a_student_toward_its_teacher(small_data: FerData) ->
     teacher_p = {id(f): torch.softmax(predict_logits(teacher, f, preprocessing=meta.preprocessing), 1)
                  for f in (train.images, held_out)}
     drops: dict[str, list[float]] = {}
-    for name, targets in (("labels", None), ("teacher", soft)):
+    for name, targets, teachers in (("labels", None, ()), ("teacher", soft, ()), ("online", None, (teacher,))):
         torch.manual_seed(0)
         student = create_model("refcnn")
         start = [_kl(teacher_p[id(f)], student, f) for f in (train.images, held_out)]
         optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
         ctx = StepContext(torch.device("cpu"), AugmentConfig(hflip=False, rotate_degrees=0.0), None, False,
-                          soft_targets=targets, distill_weight=1.0, distill_temperature=1.0)
+                          soft_targets=targets, teachers=teachers, distill_weight=1.0, distill_temperature=1.0)
         for epoch in range(6):
             train_one_epoch(student, optimizer, images, labels, ctx, 28, torch.Generator().manual_seed(epoch))
         drops[name] = [s - _kl(teacher_p[id(f)], student, f) for s, f in zip(start, (train.images, held_out),
                                                                              strict=True)]
-    for with_teacher, without in zip(drops["teacher"], drops["labels"], strict=True):
-        assert with_teacher > 0.05 and with_teacher > 1.3 * without, drops
+    for scheme in ("teacher", "online"):
+        for with_teacher, without in zip(drops[scheme], drops["labels"], strict=True):
+            assert with_teacher > 0.05 and with_teacher > 1.3 * without, (scheme, drops)
 
 
 def test_a_run_with_a_teacher_caches_its_soft_targets(tmp_path: Path, small_data: FerData) -> None:
@@ -62,6 +63,37 @@ def test_a_run_with_a_teacher_caches_its_soft_targets(tmp_path: Path, small_data
     cached = load_file(run / "teacher_logits.safetensors")["logits"]
     assert cached.shape == (1, 64, 7)
     assert read_meta(run / "best.safetensors").recipe["teacher"] == [TEACHER]
+
+
+def test_online_teaching_caches_nothing_and_records_its_mode(tmp_path: Path, small_data: FerData) -> None:
+    run = fit(TrainConfig(run_dir=str(tmp_path / "run"), teacher=[TEACHER], teacher_mode="online", epochs=1,
+                          limit_train=64, batch_size=32, eval_batch_size=64, device="cpu", progress=False,
+                          mixup=0.2), small_data)
+    assert not (run / "teacher_logits.safetensors").exists()
+    assert read_meta(run / "best.safetensors").recipe["teacher_mode"] == "online"
+
+
+def test_online_teachers_score_the_students_own_mixed_batch() -> None:
+    """Consistent teaching: the soft targets are the teachers' probabilities on the very (mixed) images the
+    student gets, not a mix of their probabilities on the clean ones."""
+    teachers = load_teachers([TEACHER, TEACHER], torch.device("cpu"))
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 48, 48), torch.arange(8) % 7
+    ctx = StepContext(torch.device("cpu"), AugmentConfig(), None, False, mixup=1.0, teachers=tuple(teachers),
+                      distill_temperature=2.0)
+    mixed_x, _, soft = _mixed_targets(x, y, torch.arange(8), ctx, torch.Generator().manual_seed(1))
+    assert soft is not None and not torch.equal(mixed_x, x)
+    with torch.no_grad():
+        torch.testing.assert_close(soft, torch.softmax(teachers[0](mixed_x) / 2.0, 1))
+
+
+def test_online_teaching_refuses_a_teacher_normalised_otherwise(tmp_path: Path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_weights(path, create_model("refcnn"), WeightsMeta(arch="refcnn", preprocessing=Preprocessing(mean=0.4)))
+    with pytest.raises(ValueError, match="online teaching needs a teacher with ferkit's input normalisation"):
+        load_teachers([str(path)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="--teacher-mode must be one of cached, online"):
+        TrainConfig(teacher_mode="live").validate()
 
 
 def test_teacher_logits_are_computed_once_and_reused(tmp_path: Path, small_data: FerData,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .augment import AugmentConfig, mix_batch, train_transform
 from .data import FerData, load_fer2013
 from .devices import autocast_dtype, pick_device
-from .distill import distillation_loss, soft_targets, teacher_logits
+from .distill import distillation_loss, load_teachers, online_soft_targets, soft_targets, teacher_logits
 from .evaluate import compute_metrics
 from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
 from .labels import EMOTIONS, IMAGE_SIZE, NUM_CLASSES
@@ -101,6 +101,9 @@ class TrainConfig:
     downsample: float = field(default=0.0, metadata={"help": "camera: shrink-to-16-40-px-and-back probability"})
     teacher: list[str] = field(default_factory=list, metadata={
         "help": "distil from these weights (shipped name, run folder or file; repeat for several)", "repeatable": True})
+    teacher_mode: str = field(default="cached", metadata={
+        "help": "cached: teachers score each clean training image once, with their views; online: they score the "
+                "student's own augmented batch, one view, each step", "choices": ("cached", "online")})
     distill_weight: float = field(default=0.5, metadata={"help": "share of the soft-target loss, with --teacher"})
     distill_temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the soft targets"})
     mixup: float = field(default=0.0, metadata={"help": "mixup Beta alpha (0: off)"})
@@ -283,6 +286,7 @@ class StepContext:
     ema: AveragedModel | None = None
     num_classes: int = NUM_CLASSES
     soft_targets: torch.Tensor | None = None  # teachers' probabilities per training image (knowledge distillation)
+    teachers: tuple[nn.Module, ...] = ()  # online teaching: teachers that score each augmented batch
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
 
@@ -351,6 +355,9 @@ def _mixed_targets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The batch, its hard targets and the teachers' soft targets, mixed alike by mixup / CutMix."""
     hard = F.one_hot(y, ctx.num_classes).float()
+    if ctx.teachers:
+        x, targets = mix_batch(x, hard, ctx.mixup, ctx.cutmix, generator)
+        return x, targets, online_soft_targets(list(ctx.teachers), x, ctx.distill_temperature, ctx.amp_dtype)
     if ctx.soft_targets is None:
         x, targets = mix_batch(x, hard, ctx.mixup, ctx.cutmix, generator)
         return x, targets, None
@@ -439,7 +446,9 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
         class_weights=_class_weights(train.labels[subset]).to(device) if config.class_weights else None,
         label_smoothing=config.label_smoothing, mixup=config.mixup, cutmix=config.cutmix,
         step_scheduler=None if config.schedule == "plateau" else scheduler, ema=ema,
-        soft_targets=_teacher_targets(config, images, device, run_dir, env) if config.teacher else None,
+        soft_targets=_teacher_targets(config, images, device, run_dir, env)
+        if config.teacher and config.teacher_mode == "cached" else None,
+        teachers=tuple(load_teachers(config.teacher, device)) if config.teacher_mode == "online" else (),
         distill_weight=config.distill_weight, distill_temperature=config.distill_temperature,
     )
     if env.is_main:
