@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from ferkit.augment import AugmentConfig, train_transform
+from ferkit.augment import AugmentConfig, jpeg_compress, train_transform
 from ferkit.data import FerData
 from ferkit.inference import predict_logits, preprocess, to_tensor
 from ferkit.models import create_model
@@ -197,6 +199,24 @@ def test_camera_augmentations_do_what_they_say(faces: np.ndarray) -> None:
     # A zoom keeps the centre pixel where it was, and moves the corners' content.
     x, zoomed = _camera(faces, scale_jitter=0.3)
     assert (zoomed[..., 23:25, 23:25] - x[..., 23:25, 23:25]).abs().mean() < (zoomed - x).abs().mean()
+
+
+@pytest.mark.parametrize("quality", [20, 50, 80])
+def test_jpeg_augmentation_matches_pillows_encoder(faces: np.ndarray, quality: int) -> None:
+    """On real faces, the batched codec lands within a grey level of Pillow's JPEG at the same quality, while
+    compression itself moves pixels by several (measured: 0.16 / 0.26 / 0.53 against 7.9 / 5.6 / 3.7 levels)."""
+    x = to_tensor(faces[:100]).float() / 255
+    ours = jpeg_compress(x, torch.full((len(x),), float(quality)))
+    pillow = []
+    for face in faces[:100]:
+        encoded = io.BytesIO()
+        Image.fromarray(face.reshape(48, 48)).save(encoded, format="JPEG", quality=quality)
+        pillow.append(np.asarray(Image.open(encoded)))
+    reference = torch.from_numpy(np.stack(pillow)).float().view_as(x) / 255
+    gap, change = float((ours - reference).abs().mean() * 255), float((reference - x).abs().mean() * 255)
+    assert gap < 0.8 and change > 3, (gap, change)
+    odd = jpeg_compress(x[:4, :, :45, :47], torch.full((4,), float(quality)))  # partial edge blocks
+    assert odd.shape == (4, 1, 45, 47)
 
 
 def test_camera_augmentations_are_reproducible_from_the_seeds(faces: np.ndarray) -> None:
