@@ -141,11 +141,10 @@ def random_downsample(batch: torch.Tensor, probability: float, generator: torch.
     if not chosen.any():
         return batch
     side = int(torch.randint(16, 41, (1,), generator=generator))  # one size a batch keeps this to two resizes
-    picked = batch[chosen.to(batch.device)]
-    small = F.interpolate(picked, size=(side, side), mode="area")
-    out = batch.clone()
-    out[chosen.to(batch.device)] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
-    return out
+    # The whole batch goes through and `where` keeps the chosen: boolean indexing would stall a GPU.
+    small = F.interpolate(batch, size=(side, side), mode="area")
+    blurred = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+    return torch.where(chosen.to(batch.device).view(-1, 1, 1, 1), blurred, batch)
 
 
 # JPEG's standard luminance quantisation table (ITU T.81, Annex K, table K.1), at quality 50.
