@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -326,7 +327,16 @@ def test_openapi_documents_every_endpoint(api: TestClient) -> None:
     assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     assert {p["name"] for p in predict["parameters"]} >= {"detect", "digits"}
     assert {"200", "400", "401", "413", "415", "422", "503", "504"} <= set(predict["responses"])
-    assert api.get("/docs").status_code == 200
+
+
+def test_docs_pages_load_nothing_from_a_cdn(api: TestClient) -> None:
+    for page in ("/docs", "/redoc"):
+        html = api.get(page)
+        assert html.status_code == 200 and "/openapi.json" in html.text
+        scripts = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert scripts and all(url.startswith("/") for url in scripts), scripts  # no CDN: offline
+        for url in scripts:
+            assert api.get(url).status_code == 200, url
 
 
 def test_page_and_its_files_are_served_from_the_package(api: TestClient) -> None:

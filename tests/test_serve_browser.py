@@ -150,3 +150,29 @@ def test_page_labels_the_webcam_live(url: str, tmp_path: Path, request: pytest.F
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_docs_render_offline(url: str) -> None:
+    """Swagger UI at /docs draws the API with every request to anywhere but the server refused."""
+    sync_playwright = _require_browser()
+    with sync_playwright() as playwright:
+        browser = _launch(playwright)
+        try:
+            page = browser.new_page()
+            outside: list[str] = []
+
+            def only_the_server(route: Any) -> None:
+                if route.request.url.startswith(url):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_the_server)
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(f"{url}/docs")
+            page.locator(".opblock-summary-path", has_text="/v1/predict").wait_for(timeout=30_000)
+            assert not outside and not errors, (outside, errors)
+        finally:
+            browser.close()

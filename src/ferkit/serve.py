@@ -503,6 +503,7 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
     """
     # python-multipart is imported by starlette only at the first upload: check it here.
     missing = [name for name, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
+                                          ("fastapi-offline", ["fastapi_offline"]),
                                           ("prometheus-client", ["prometheus_client"]),
                                           ("python-multipart", ["python_multipart", "multipart"]))
                if not any(importlib.util.find_spec(m) for m in modules)]
@@ -514,6 +515,7 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from fastapi.staticfiles import StaticFiles
+    from fastapi_offline import FastAPIOffline
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -579,9 +581,10 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
                 await warm
             await service.stop()
 
-    app = FastAPI(title="ferkit", version=__version__, lifespan=lifespan,
-                  description="Facial expression recognition: the emotions of the faces in images. "
-                              "Records are those of `ferkit predict --json`.")
+    # FastAPIOffline is FastAPI with /docs and /redoc served from files in its package, not a CDN.
+    app = FastAPIOffline(title="ferkit", version=__version__, lifespan=lifespan,
+                         description="Facial expression recognition: the emotions of the faces in images. "
+                                     "Records are those of `ferkit predict --json`.")
     app.state.service = service
     bearer = HTTPBearer(auto_error=False, description=f"the --api-key (or ${API_KEY_ENV}) when the server has one")
     api_key = config.api_key
