@@ -6,6 +6,7 @@ faces. The service's records are compared with `ferkit predict --json` on the sa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -36,10 +37,19 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from fer_photos import background, fer_faces, photo, read_gray  # noqa: E402
 from ferkit import cli  # noqa: E402
+from ferkit.faces import Face, whole_image_face  # noqa: E402
 from ferkit.images import PixelLimitError  # noqa: E402
 from ferkit.labels import EMOTIONS  # noqa: E402
 from ferkit.predict import EmotionRecognizer  # noqa: E402
-from ferkit.serve import API_KEY_ENV, PRIORS, ServeConfig, create_app, decode_image, resolve_api_key  # noqa: E402
+from ferkit.serve import (  # noqa: E402
+    API_KEY_ENV,
+    PRIORS,
+    MicroBatcher,
+    ServeConfig,
+    create_app,
+    decode_image,
+    resolve_api_key,
+)
 from ferkit.weights import DEFAULT_MODEL, shipped_models  # noqa: E402
 from serve_live import live_server  # noqa: E402
 
@@ -426,6 +436,31 @@ def test_concurrent_requests_share_one_model_call(recognizer: EmotionRecognizer,
             assert [f["box"] for f in record["faces"]] == [f["box"] for f in expected["faces"]]
             for face, single in zip(record["faces"], expected["faces"], strict=True):
                 assert face["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+
+
+def test_model_call_seconds_time_the_call_not_its_wait_for_the_thread() -> None:
+    """Without batching, calls queue for the model's thread; ferkit_model_call_seconds must not count the queue."""
+
+    class Slow:
+        def classify(self, faces: list[Face]) -> list[None]:
+            time.sleep(0.05)
+            return [None] * len(faces)
+
+    seconds: list[float] = []
+
+    async def four_calls_behind_a_held_model() -> None:
+        with ThreadPoolExecutor(1) as model_thread:
+            batcher = MicroBatcher(model_thread, 0.0, 64, lambda faces, took: seconds.append(took))
+            gate = threading.Event()
+            model_thread.submit(gate.wait, 30)
+            face = whole_image_face(np.zeros((48, 48), np.uint8))
+            calls = [asyncio.ensure_future(batcher.submit(Slow(), [face])) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            gate.set()
+            await asyncio.gather(*calls)
+
+    asyncio.run(four_calls_behind_a_held_model())
+    assert len(seconds) == 4 and all(0.04 < took < 0.4 for took in seconds), seconds
 
 
 def test_full_queue_answers_503_with_retry_after(recognizer: EmotionRecognizer, astronaut: bytes) -> None:
