@@ -406,8 +406,11 @@ def test_validate_names_every_problem_and_checks_types() -> None:
     with pytest.raises(ValueError, match="--hflip must be true or false"):
         TrainConfig(hflip="no").validate()  # type: ignore[arg-type]
     TrainConfig().validate()
-    for name in ("reference", "fast", "accurate"):
+    for name in ("reference", "fast", "accurate", "student"):
         TrainConfig.from_preset(name).validate()
+    # From Python as from the CLI, a device this machine lacks is refused with the devices it has.
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a device ferkit runs on.*this machine has: .*cpu"):
+        TrainConfig(device="gpu").validate()
 
 
 def test_a_file_as_run_dir_is_refused_before_training(tmp_path: Path, small_root: Path,

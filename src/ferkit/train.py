@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, mix_batch, train_transform
 from .data import FerData, load_fer2013
-from .devices import autocast_dtype, pick_device
+from .devices import DeviceError, autocast_dtype, pick_device
 from .distill import distillation_loss, load_teachers, online_soft_targets, soft_targets, teacher_logits
 from .evaluate import compute_metrics
 from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
@@ -138,7 +138,12 @@ class TrainConfig:
             problems.append(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         if not problems and self.arch not in list_models() and self.arch not in ARCH_RENAMES:
             problems.append(f"unknown architecture {self.arch!r}; choose one of: {', '.join(list_models())}")
-        if problems:  # (the device is checked by `pick_device`, which knows what this machine has)
+        if not problems:
+            try:
+                pick_device(self.device)
+            except DeviceError as err:  # names the devices this machine has
+                problems.append(str(err))
+        if problems:
             raise ValueError("; ".join(problems))
 
 
