@@ -1,8 +1,10 @@
 """Load on a live `ferkit serve` over loopback, with request batching on and then off.
 
-Starts `ferkit serve` as a subprocess on 127.0.0.1 (a free port), sends a bounded load (`--requests` in
-all from `--clients` concurrent clients, stopped at `--time-cap` seconds), and reports requests/s,
-faces/s, p50/p95/p99 latency and failed requests; then the same with `--no-batching`. Two workloads:
+Starts two `ferkit serve` subprocesses on 127.0.0.1 (free ports), one with `--no-batching`, sends each
+a bounded load (`--requests` a mode from `--clients` concurrent clients, stopped at `--time-cap`
+seconds a mode), and reports requests/s, faces/s, p50/p95/p99 latency and failed requests per mode.
+The modes take turns in `--rounds`, so a job that starts or stops elsewhere on the machine during the
+run weighs on both. Two workloads:
 
 - photos (the default): 640x480 JPEGs with one face each, faces found by the service. scikit-image's
   astronaut and, where FER-2013 is found ($FERKIT_DATA), photos with FER-2013 faces pasted in, built
@@ -37,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,99 +142,104 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
     return int(head[0].split()[1]), await reader.readexactly(lengths[0])
 
 
+@dataclass
+class Tally:
+    """What one mode's load has measured so far, over its rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    sent: int = 0
+    faces: int = 0
+    seconds: float = 0.0
+    calls: Counter[str] = field(default_factory=Counter)  # model calls, faces in them, seconds in them
+    cpu: Counter[str] = field(default_factory=Counter)  # CPU seconds: server, client, busy, idle
+
+    def summary(self, requests: int) -> dict[str, Any]:
+        ms = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        calls = max(self.calls["calls"], 1)
+        cpu = {"server": self.cpu["server"], "client": self.cpu["client"],
+               "other_processes": max(self.cpu["busy"] - self.cpu["server"] - self.cpu["client"], 0),
+               "idle": self.cpu["idle"]}
+        return {
+            "requests": self.sent, "failed": len(self.failures), "failures": self.failures[:5], "faces": self.faces,
+            "seconds": round(self.seconds, 2), "requests_per_s": round(len(self.latencies) / self.seconds, 2),
+            "faces_per_s": round(self.faces / self.seconds, 2),
+            "latency_ms": {q: round(float(np.percentile(ms, int(q[1:]))), 1) for q in ("p50", "p95", "p99")},
+            "stopped_by_time_cap": self.sent < requests,
+            "model_calls": int(self.calls["calls"]), "mean_faces_a_call": round(self.calls["faces"] / calls, 2),
+            "model_ms_a_call": round(1000 * self.calls["seconds"] / calls, 1),
+            "cpu_s": {k: round(v, 1) for k, v in cpu.items()} if self.cpu else None,
+        }
+
+
 async def load(port: int, uploads: list[tuple[str, bytes]], detect: bool, clients: int, requests: int,
-               time_cap: float) -> dict[str, Any]:
-    """`requests` predict calls from `clients` concurrent clients, cycling through the uploads."""
+               time_cap: float, tally: Tally) -> None:
+    """`requests` predict calls from `clients` concurrent clients, cycling through the uploads, into `tally`."""
     prepared = [predict_request(port, detect, name, data) for name, data in uploads]
-    latencies: list[float] = []
-    failures: list[str] = []
-    faces = sent = 0
+    sent = 0
     stop_at = time.monotonic() + time_cap
 
     async def client() -> None:
-        nonlocal faces, sent
+        nonlocal sent
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while sent < requests and time.monotonic() < stop_at:
-                request = prepared[sent % len(prepared)]
+                request = prepared[(tally.sent + sent) % len(prepared)]
                 sent += 1
                 start = time.perf_counter()
                 try:
                     status, body = await asyncio.wait_for(exchange(reader, writer, request), 60)
                 except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as err:
-                    failures.append(f"{type(err).__name__}: {err}")
+                    tally.failures.append(f"{type(err).__name__}: {err}")
                     writer.close()
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
                     continue
-                latencies.append(time.perf_counter() - start)
+                tally.latencies.append(time.perf_counter() - start)
                 if status != 200:
-                    failures.append(f"{status}: {body[:200]!r}")
+                    tally.failures.append(f"{status}: {body[:200]!r}")
                 else:
-                    faces += sum(len(record["faces"]) for record in json.loads(body))
+                    tally.faces += sum(len(record["faces"]) for record in json.loads(body))
         finally:
             writer.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    seconds = time.perf_counter() - started
-    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    return {
-        "requests": sent,
-        "failed": len(failures), "failures": failures[:5], "faces": faces, "seconds": round(seconds, 2),
-        "requests_per_s": round(len(latencies) / seconds, 2), "faces_per_s": round(faces / seconds, 2),
-        "latency_ms": {q: round(float(np.percentile(ms, int(q[1:]))), 1) for q in ("p50", "p95", "p99")},
-        "stopped_by_time_cap": sent < requests,
-    }
+    tally.seconds += time.perf_counter() - started
+    tally.sent += sent
 
 
-def model_calls(port: int) -> tuple[float, float, float]:
+def model_calls(port: int) -> Counter[str]:
     """Model calls so far, faces in them, and seconds spent in them, from the server's own metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
-    return (samples.get("ferkit_batch_faces_count", 0.0), samples.get("ferkit_batch_faces_sum", 0.0),
-            samples.get("ferkit_model_call_seconds_sum", 0.0))
+    return Counter({"calls": samples.get("ferkit_batch_faces_count", 0.0),
+                    "faces": samples.get("ferkit_batch_faces_sum", 0.0),
+                    "seconds": samples.get("ferkit_model_call_seconds_sum", 0.0)})
 
 
-def cpu_times(server: int) -> dict[str, float]:
+def cpu_times(server: int) -> Counter[str]:
     """CPU seconds so far of the server process, this process (the clients) and the whole machine."""
     ticks = os.sysconf("SC_CLK_TCK")
     try:
         fields = Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()
         machine = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except OSError:  # not Linux: no breakdown
-        return {}
+        return Counter()
     own = os.times()
     idle = (machine[3] + machine[4]) / ticks
-    return {"server": (int(fields[11]) + int(fields[12])) / ticks, "client": own.user + own.system,
-            "busy": sum(machine) / ticks - idle, "idle": idle}
+    return Counter({"server": (int(fields[11]) + int(fields[12])) / ticks, "client": own.user + own.system,
+                    "busy": sum(machine) / ticks - idle, "idle": idle})
 
 
-def run_mode(weights: str, batching: bool, uploads: list[tuple[str, bytes]], detect: bool,
-             args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One server, warmed up, then the measured load; (result, the loaded model's listing)."""
-    port = free_port()
-    server = start_server(weights, port, batching, args.serve_args.split())
-    try:
-        loaded = next(m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json() if m["loaded"])
-        asyncio.run(load(port, uploads, detect, args.clients, args.warmup, 60))
-        calls_before, cpu_before = model_calls(port), cpu_times(server.pid)
-        result = asyncio.run(load(port, uploads, detect, args.clients, args.requests, args.time_cap))
-        calls_after, cpu_after = model_calls(port), cpu_times(server.pid)
-    finally:
-        server.terminate()
-        server.wait(30)
-    calls, faces, seconds = (after - before for after, before in zip(calls_after, calls_before, strict=True))
-    result["model_calls"] = int(calls)
-    result["mean_faces_a_call"] = round(faces / max(calls, 1), 2)
-    result["model_ms_a_call"] = round(1000 * seconds / max(calls, 1), 1)
-    if cpu_before and cpu_after:
-        used = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
-        result["cpu_s"] = {"server": round(used["server"], 1), "client": round(used["client"], 1),
-                           "other_processes": round(max(used["busy"] - used["server"] - used["client"], 0), 1),
-                           "idle": round(used["idle"], 1)}
-    return result, loaded
+def measure(port: int, pid: int, uploads: list[tuple[str, bytes]], detect: bool, clients: int, requests: int,
+            time_cap: float, tally: Tally) -> None:
+    """One round of load on one server, with its model calls and CPU seconds."""
+    calls, cpu = model_calls(port), cpu_times(pid)
+    asyncio.run(load(port, uploads, detect, clients, requests, time_cap, tally))
+    tally.calls.update(model_calls(port) - calls)
+    tally.cpu.update(cpu_times(pid) - cpu)
 
 
 def cpu_info(key: str) -> str:
@@ -251,6 +259,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests a mode (default: 2000)")
     parser.add_argument("--time-cap", type=float, default=300, help="seconds a mode at most (default: 300)")
     parser.add_argument("--warmup", type=int, default=32, help="requests before measuring (default: 32)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the modes take turns this many times, each sending its share (default: 4)")
     parser.add_argument("--out", default="docs/results/serve",
                         help="folder for bench_serve.json (photos) or bench_serve_crops.json")
     parser.add_argument("--serve-args", default="", help="more flags for ferkit serve, e.g. '--workers 1'")
@@ -264,21 +274,40 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": " ".join(["benchmarks/bench_serve.py", *sys.argv[1:]]), "weights": args.weights,
         "views": args.views, "workload": workload, "detect": not args.crops, "clients": args.clients,
-        "requests": args.requests, "time_cap_s": args.time_cap, "uploads": [name for name, _ in uploads],
+        "requests": args.requests, "rounds": args.rounds, "time_cap_s": args.time_cap,
+        "uploads": [name for name, _ in uploads],
         "cpu": cpu_info("model name"), "cores": os.cpu_count(), "cpu_flags": cpu_info("flags"),
         "load_average_before": os.getloadavg(), "python": platform.python_version(), "modes": {},
     }
+    modes = {"batching": True, "no_batching": False}
+    tallies = {mode: Tally() for mode in modes}
+    servers: dict[str, tuple[int, subprocess.Popen[str]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
         weights = with_views(args.weights, args.views, Path(folder)) if args.views else args.weights
-        for mode, batching in (("batching", True), ("no_batching", False)):
-            result, loaded = run_mode(weights, batching, uploads, not args.crops, args)
+        try:
+            for mode, batching in modes.items():
+                port = free_port()
+                servers[mode] = port, start_server(weights, port, batching, args.serve_args.split())
+                asyncio.run(load(port, uploads, not args.crops, args.clients, args.warmup, 60, Tally()))
+            loaded = next(m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json() if m["loaded"])
             report["model"] = {k: loaded[k] for k in ("name", "arch", "views_per_face", "accuracy")}
-            report["modes"][mode] = result
-            print(f"{mode:>12}: {result['requests']} requests in {result['seconds']} s, {result['requests_per_s']} "
-                  f"req/s, {result['faces_per_s']} faces/s, latency p50/p95/p99 {result['latency_ms']['p50']}/"
-                  f"{result['latency_ms']['p95']}/{result['latency_ms']['p99']} ms, {result['failed']} failed, "
-                  f"{result['mean_faces_a_call']} faces a model call of {result['model_ms_a_call']} ms; "
-                  f"CPU s {result.get('cpu_s')}")
+            # Rounds alternate the modes, so that another job on the machine weighs on both alike.
+            for i in range(args.rounds):
+                for mode, (port, server) in servers.items():
+                    share = args.requests // args.rounds + (i < args.requests % args.rounds)
+                    measure(port, server.pid, uploads, not args.crops, args.clients, share,
+                            args.time_cap / args.rounds, tallies[mode])
+        finally:
+            for _, server in servers.values():
+                server.terminate()
+                server.wait(30)
+    for mode, tally in tallies.items():
+        result = report["modes"][mode] = tally.summary(args.requests)
+        print(f"{mode:>12}: {result['requests']} requests in {result['seconds']} s, {result['requests_per_s']} "
+              f"req/s, {result['faces_per_s']} faces/s, latency p50/p95/p99 {result['latency_ms']['p50']}/"
+              f"{result['latency_ms']['p95']}/{result['latency_ms']['p99']} ms, {result['failed']} failed, "
+              f"{result['mean_faces_a_call']} faces a model call of {result['model_ms_a_call']} ms; "
+              f"CPU s {result['cpu_s']}")
     on, off = report["modes"]["batching"], report["modes"]["no_batching"]
     report["speedup_faces_per_s"] = round(on["faces_per_s"] / max(off["faces_per_s"], 1e-9), 2)
     report["load_average_after"] = os.getloadavg()
