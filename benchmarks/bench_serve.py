@@ -87,10 +87,13 @@ def face_crops() -> list[tuple[str, bytes]]:
 
 
 def with_views(weights: str, views: int, folder: Path) -> str:
-    """A copy of `weights` in `folder` whose preprocessing asks for `views` views a face."""
+    """A copy of `weights` in `folder` whose preprocessing asks for `views` views a face.
+
+    The copy carries no metrics: the original's accuracy was measured with its own views.
+    """
     model, meta = load_model(weights)
     path = folder / f"{Path(weights).stem}-{views}view.safetensors"
-    save_weights(path, model, replace(meta, preprocessing=replace(meta.preprocessing, views=views)))
+    save_weights(path, model, replace(meta, preprocessing=replace(meta.preprocessing, views=views), metrics={}))
     return str(path)
 
 
