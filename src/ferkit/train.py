@@ -363,12 +363,12 @@ def _mixed_targets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The batch, its hard targets and the teachers' soft targets, mixed alike by mixup / CutMix."""
     hard = F.one_hot(y, ctx.num_classes).float()
-    if ctx.teachers:
-        x, targets = mix_batch(x, hard, ctx.mixup, ctx.cutmix, generator)
-        return x, targets, online_soft_targets(list(ctx.teachers), x, ctx.distill_temperature, ctx.amp_dtype)
     if ctx.soft_targets is None:
         x, targets = mix_batch(x, hard, ctx.mixup, ctx.cutmix, generator)
-        return x, targets, None
+        # Online teachers score the batch as mixed, so their targets need no mixing of their own.
+        soft = online_soft_targets(list(ctx.teachers), x, ctx.distill_temperature, ctx.amp_dtype) \
+            if ctx.teachers else None
+        return x, targets, soft
     x, both = mix_batch(x, torch.cat([hard, ctx.soft_targets[index]], 1), ctx.mixup, ctx.cutmix, generator)
     return x, both[:, : ctx.num_classes], both[:, ctx.num_classes :]
 
