@@ -400,6 +400,13 @@ def _eight_at_once(recognizer: EmotionRecognizer, uploads: list[tuple[str, bytes
     """Send 8 requests at once while the model is held; (model calls they took, responses, records alone)."""
     app = create_app(ServeConfig(batch_window_ms=window_ms, workers=2), recognizer)
     service = app.state.service
+    submit, submitted = service.batcher.submit, []
+
+    async def counted_submit(*args: Any) -> Any:  # counts the requests whose faces reached the batcher
+        submitted.append(1)
+        return await submit(*args)
+
+    service.batcher.submit = counted_submit
 
     def model_calls() -> float:
         return next(s.value for s in service.batch_faces.collect()[0].samples if s.name.endswith("_count"))
@@ -407,16 +414,12 @@ def _eight_at_once(recognizer: EmotionRecognizer, uploads: list[tuple[str, bytes
     with live_server(app) as url:
         alone = {name: httpx.post(f"{url}/v1/predict", files=_files((name, data)), timeout=60).json()
                  for name, data in uploads[:2]}
-        before = model_calls()
+        before, submitted[:] = model_calls(), []
         gate = threading.Event()
         service.model_thread.submit(gate.wait, 30)  # hold the model while all 8 requests arrive
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(httpx.post, f"{url}/v1/predict", files=_files(u), timeout=60) for u in uploads]
-            _wait_for(lambda: service.pending == len(uploads))
-            if window_ms:
-                _wait_for(lambda: service.batcher.queue.qsize() == len(uploads) - 1)  # one batch waits on the model
-            else:
-                time.sleep(0.5)
+            _wait_for(lambda: len(submitted) == len(uploads))
             gate.set()
             responses = [f.result() for f in futures]
         return int(model_calls() - before), responses, alone
@@ -425,9 +428,11 @@ def _eight_at_once(recognizer: EmotionRecognizer, uploads: list[tuple[str, bytes
 def test_concurrent_requests_share_one_model_call(recognizer: EmotionRecognizer, two_faces: bytes,
                                                   astronaut: bytes) -> None:
     uploads = [("two.png", two_faces), ("astronaut.png", astronaut)] * 4  # 12 faces in 8 requests
-    for window_ms, calls in ((20.0, 2), (0.0, 8)):
+    # With a window, the requests that arrive while the model is held share one call; the first
+    # batch may have closed on its own before the rest came, so 1 or 2 calls. Without one, 8.
+    for window_ms, calls in ((20.0, {1, 2}), (0.0, {8})):
         count, responses, alone = _eight_at_once(recognizer, uploads, window_ms)
-        assert count == calls, f"window {window_ms} ms: {count} model calls for 8 requests"
+        assert count in calls, f"window {window_ms} ms: {count} model calls for 8 requests"
         for (name, _), response in zip(uploads, responses, strict=True):
             assert response.status_code == 200, response.text
             record, expected = response.json()[0], alone[name][0]
@@ -455,12 +460,13 @@ def test_model_call_seconds_time_the_call_not_its_wait_for_the_thread() -> None:
             model_thread.submit(gate.wait, 30)
             face = whole_image_face(np.zeros((48, 48), np.uint8))
             calls = [asyncio.ensure_future(batcher.submit(Slow(), [face])) for _ in range(4)]
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
             gate.set()
             await asyncio.gather(*calls)
 
     asyncio.run(four_calls_behind_a_held_model())
-    assert len(seconds) == 4 and all(0.04 < took < 0.4 for took in seconds), seconds
+    # Counting the wait for the thread would put at least 1 s on the first call.
+    assert len(seconds) == 4 and all(0.04 < took < 0.8 for took in seconds), seconds
 
 
 def test_full_queue_answers_503_with_retry_after(recognizer: EmotionRecognizer, astronaut: bytes) -> None:
