@@ -130,6 +130,29 @@ def test_resume_continues_exactly_like_an_unbroken_run(tmp_path: Path, small_dat
     assert read_meta(broken / "best.safetensors").epoch == read_meta(unbroken / "best.safetensors").epoch
 
 
+def test_init_starts_the_run_from_the_given_weights(tmp_path: Path, tiny_run: Path, small_data: FerData) -> None:
+    start = tiny_run / "best.safetensors"
+    data = take(small_data, {"val": 21, "test": 14})
+    # A learning rate this small leaves the parameters where they start: at `start`'s, or at random ones.
+    initialised = fit(_config(tmp_path / "init", epochs=1, lr=1e-12, init=str(start)), data)
+    fresh = fit(_config(tmp_path / "fresh", epochs=1, lr=1e-12), data)
+    expected = load_file(start)
+    parameters = [k for k in expected if "running_" not in k and "num_batches" not in k]
+    got, random = load_file(initialised / "last.safetensors"), load_file(fresh / "last.safetensors")
+    for name in parameters:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(random[name], expected[name], atol=1e-3) for name in parameters)
+    assert json.loads((initialised / "config.json").read_text())["config"]["init"] == str(start)
+
+
+def test_init_must_hold_the_runs_architecture(tiny_run: Path) -> None:
+    with pytest.raises(ValueError, match=r"--init no-such-weights: no such weights file"):
+        TrainConfig(init="no-such-weights").validate()
+    with pytest.raises(ValueError, match=r"--init .* holds a 'refcnn' model, not the 'resnet' this run trains"):
+        TrainConfig(arch="resnet", init=str(tiny_run)).validate()
+    TrainConfig(init=str(tiny_run)).validate()
+
+
 def test_resume_refuses_another_architecture(run_copy: Path, small_data: FerData) -> None:
     with pytest.raises(ValueError, match=r"--arch refcnn in the run, resnet now") as err:
         fit(_config(run_copy, arch="resnet", epochs=3, batch_size=64, limit_train=256, resume=True), small_data)

@@ -196,12 +196,14 @@ def predict_logits(
         raise ValueError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
     wrapped = InferenceModel(model, preprocessing.with_views(views))
     was_training = model.training
-    model.eval()
+    if was_training:  # switching modes walks every module: a few ms a call, as much as a face's forward pass
+        model.eval()
     try:
         outputs = [wrapped(to_tensor(images[i : i + batch_size]).to(device, non_blocking=True)).cpu()
                    for i in range(0, len(images), batch_size)]
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return torch.cat(outputs) if outputs else torch.zeros(0, _num_outputs(model))
 
 
