@@ -272,7 +272,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # single-view aim. The next candidates: `--teacher-mode online`, and no label smoothing (the soft targets
     # already smooth, and smoothing capped the confidence that a temperature could not undo: test ECE 0.046).
     # Fine-tuning `ferkit-resnet` itself this way instead (`--init ferkit-resnet --epochs 15 --lr 5e-4
-    # --schedule cosine --warmup-epochs 1 --label-smoothing 0`, 61 min on a 2-core AVX2 CPU) did not help:
+    # --schedule cosine --warmup-epochs 1 --label-smoothing 0`, 62 min on a 2-core AVX2 CPU) did not help:
     # validation peaked after the first epoch (69.38%, below the start's 69.49%); PrivateTest 70.27%.
     "student": {
         "run_dir": "runs/student", "arch": "resnet", "epochs": 100, "batch_size": 128, "optimizer": "adamw",
