@@ -57,11 +57,17 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    """One split: images (N, 48, 48) uint8, labels (N,) int64 ids, names (N,) of the source items."""
+    """One split: images (N, 48, 48) uint8, labels (N,) int64 ids, names (N,) of the source items.
+
+    FER+ sources add `votes` (N, 10): the crowd's raw counts in FER+'s column order; a FER+ label scheme
+    may add `targets` (N, classes): soft targets (vote distributions) to train towards.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     names: np.ndarray
+    votes: np.ndarray | None = None
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -77,6 +83,13 @@ class FerData:
     converted: int = 0
     notes: list[str] = field(default_factory=list)
     from_cache: bool = False
+    classes: tuple[str, ...] = EMOTIONS
+    labels: str = "fer2013"
+    """What `Split.labels` are: FER-2013's own labels, a FER+ scheme's, or "votes" (FER+'s folder: plurality)."""
+
+    @property
+    def fer2013_labels_known(self) -> bool:
+        return self.labels == "fer2013"
 
     def __getitem__(self, split: str) -> Split:
         if split not in self.splits:
@@ -103,8 +116,21 @@ def load_fer2013(
     path: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
+    votes: str | os.PathLike[str] | None = None,
 ) -> FerData:
-    """Load FER-2013 from a CSV, an image folder or a zip of one, through the uint8 cache."""
+    """Load FER-2013 from a CSV, an image folder or a zip of one, or FER+ from its folder layout, through the
+    uint8 cache. `votes`: FER+'s `fer2013new.csv`, joined by position with a `fer2013.csv` source."""
+    data = _load_source(path, cache_dir, use_cache)
+    if votes is not None:
+        from .ferplus import attach_votes
+
+        data = attach_votes(data, Path(votes).expanduser())
+    return data
+
+
+def _load_source(
+    path: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None, use_cache: bool
+) -> FerData:
     source = resolve_data_path(path).expanduser()
     try:
         os.stat(source)
@@ -131,14 +157,16 @@ def load_fer2013(
 
 
 def detect_format(path: Path) -> str:
-    """'folder', 'zip', 'csv' or 'icml-csv', from the path and, for CSVs, the header."""
+    """'ferplus', 'folder', 'zip', 'csv' or 'icml-csv', from the path and, for CSVs, the header."""
     if path.is_dir():
-        return "folder"
+        from .ferplus import is_ferplus_folder
+
+        return "ferplus" if is_ferplus_folder(path) else "folder"
     suffix = path.suffix.lower()
     if suffix == ".zip":
         return "zip"
     if suffix == ".csv":
-        with _open_source(path) as f:
+        with open_source(path) as f:
             header = _read_header(_csv_lines(f), path)
         return "icml-csv" if header == ["emotion", "Usage", "pixels"] else "csv"
     raise DataError(f"{path}: not a FER-2013 source (expected a folder, a .zip or a .csv)")
@@ -148,7 +176,7 @@ def detect_format(path: Path) -> str:
 # CSV formats
 
 
-def _open_source(path: Path) -> BinaryIO:
+def open_source(path: Path) -> BinaryIO:
     """A source file opened for reading: a FIFO, socket or device is refused (it could block forever)."""
     try:
         return open_regular_file(path)
@@ -223,7 +251,7 @@ def _read_header(lines: Iterator[tuple[int, str | None, str]], path: Path) -> li
 def _load_csv(path: Path) -> FerData:
     items: list[tuple[str, int, np.ndarray, str]] = []
     errors: list[str] = []
-    with _open_source(path) as f:
+    with open_source(path) as f:
         lines = _csv_lines(f)
         header = _read_header(lines, path)
         missing = [c for c in ("emotion", "pixels", "Usage") if c not in header]
@@ -243,7 +271,7 @@ def _load_csv(path: Path) -> FerData:
                 items.append(_parse_csv_row(_split_csv_line(text), col, len(header), row_number))
             except DataError as err:
                 errors.append(f"row {row_number}: {err}")
-    _raise_collected(path, errors)
+    raise_collected(path, errors)
     return _assemble(items, source=path, fmt="icml-csv" if header == ["emotion", "Usage", "pixels"] else "csv")
 
 
@@ -325,7 +353,7 @@ class _Listing:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_file(path: Path) -> bytes:
+def read_regular_file(path: Path) -> bytes:
     with open_regular_file(path) as f:
         return f.read()
 
@@ -348,7 +376,7 @@ def _load_folder(root: Path) -> FerData:
                 elif kind == "dir":
                     listing.problems.append(f"{where}: a folder inside a class folder (expected image files)")
                 else:  # a file, or something that open_regular_file will refuse by name when it is read
-                    listing.entries.append(_ImageEntry(part, cls, name, where, partial(_read_file, path)))
+                    listing.entries.append(_ImageEntry(part, cls, name, where, partial(read_regular_file, path)))
     return _decode_entries(listing, source=root, fmt="folder")
 
 
@@ -380,7 +408,7 @@ _ZIP_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _load_zip(path: Path) -> FerData:
-    with _open_source(path) as f:
+    with open_source(path) as f:
         try:
             archive = zipfile.ZipFile(f)
         except _ZIP_ERRORS as err:
@@ -441,7 +469,7 @@ def _decode_entries(listing: _Listing, source: Path, fmt: str) -> FerData:
         for e in entries
         if e.cls not in EMOTION_TO_ID
     ]
-    _raise_collected(source, errors)
+    raise_collected(source, errors)
     # Decoding 35,887 JPEGs is the slow part of a cold start; PIL releases the GIL while decoding.
     workers = min(8, os.cpu_count() or 1)
     # Pillow warns about damaged metadata (EXIF, ICC) and oversized images; each image ends up decoded
@@ -451,7 +479,7 @@ def _decode_entries(listing: _Listing, source: Path, fmt: str) -> FerData:
         warnings.simplefilter("ignore")
         decoded = list(pool.map(_decode_entry, entries))
     errors = [result for result in decoded if isinstance(result, str)]
-    _raise_collected(source, errors)
+    raise_collected(source, errors)
     items: list[tuple[str, int, np.ndarray, str]] = []
     converted = 0
     unprefixed_test: list[int] = []
@@ -550,7 +578,7 @@ def _check_not_empty(data: FerData) -> None:
         raise DataError(f"{data.source}: empty split(s): {', '.join(empty)}")
 
 
-def _raise_collected(source: Path, errors: list[str]) -> None:
+def raise_collected(source: Path, errors: list[str]) -> None:
     """One problem: one line, `<source>: <where>: <what>`. Several: a count, then up to MAX_REPORTED_ERRORS."""
     if not errors:
         return
@@ -583,7 +611,10 @@ def _write_cache(cache_file: Path, data: FerData) -> None:
         arrays[f"{split}_images"] = part.images
         arrays[f"{split}_labels"] = part.labels
         arrays[f"{split}_names"] = part.names
-    meta = {"source": data.source, "format": data.format, "converted": data.converted, "notes": data.notes}
+        if part.votes is not None:
+            arrays[f"{split}_votes"] = part.votes
+    meta = {"source": data.source, "format": data.format, "converted": data.converted, "notes": data.notes,
+            "classes": list(data.classes), "labels": data.labels}
     arrays["meta"] = np.array(json.dumps(meta))
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -598,11 +629,20 @@ def _write_cache(cache_file: Path, data: FerData) -> None:
 def _read_cache(cache_file: Path) -> FerData:
     with np.load(cache_file, allow_pickle=False) as npz:
         meta = json.loads(str(npz["meta"]))
-        splits = {s: Split(npz[f"{s}_images"], npz[f"{s}_labels"], npz[f"{s}_names"]) for s in SPLITS}
+        splits = {s: Split(npz[f"{s}_images"], npz[f"{s}_labels"], npz[f"{s}_names"],
+                           votes=npz.get(f"{s}_votes")) for s in SPLITS}
+    meta["classes"] = tuple(meta.get("classes", EMOTIONS))
     return FerData(splits=splits, from_cache=True, **meta)
 
 
-_LOADERS = {"folder": _load_folder, "zip": _load_zip, "csv": _load_csv, "icml-csv": _load_csv}
+def _load_ferplus(root: Path) -> FerData:
+    from .ferplus import load_ferplus_folder
+
+    return load_ferplus_folder(root)
+
+
+_LOADERS = {"folder": _load_folder, "zip": _load_zip, "csv": _load_csv, "icml-csv": _load_csv,
+            "ferplus": _load_ferplus}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,13 +683,14 @@ def summarize(data: FerData) -> dict[str, object]:
     """Per-split, per-class counts plus conversions, notes and the duplicate audit."""
     splits = {}
     for split in SPLITS:
-        counts = np.bincount(data.splits[split].labels, minlength=len(EMOTIONS))
+        labels = data.splits[split].labels
+        counts = np.bincount(labels[labels >= 0], minlength=len(data.classes))
         splits[split] = {
             "usage": SPLIT_TO_USAGE[split],
-            "total": int(counts.sum()),
-            "per_class": {name: int(n) for name, n in zip(EMOTIONS, counts, strict=True)},
+            "total": len(labels),
+            "per_class": {name: int(n) for name, n in zip(data.classes, counts, strict=True)},
         }
-    return {
+    summary: dict[str, object] = {
         "source": data.source,
         "format": data.format,
         "total": sum(len(p) for p in data.splits.values()),
@@ -658,4 +699,10 @@ def summarize(data: FerData) -> dict[str, object]:
         "duplicates": audit_duplicates(data),
         "notes": data.notes,
         "from_cache": data.from_cache,
+        "labels": data.labels,
     }
+    if any(part.votes is not None for part in data.splits.values()):
+        from .ferplus import vote_statistics
+
+        summary["votes"] = vote_statistics(data)
+    return summary

@@ -129,6 +129,7 @@ def evaluate_weights(
     corruptions: bool = False,
     severities: tuple[int, ...] | None = None,
     record: bool = False,
+    votes: str | None = None,
 ) -> dict[str, Any]:
     """Score a weights file (or run folder, or shipped model) on a split; write the figures.
 
@@ -139,11 +140,15 @@ def evaluate_weights(
     for the test split, the weights' own views and the training prior: what `ferkit models` shows).
     Writes the confusion matrix and a reliability diagram to `figures_dir` (default: the run folder
     the weights are in, else ./ferkit-eval) and, when the weights come from a run folder, the curves.
+    On FER+ data (or `votes`: FER+'s fer2013new.csv beside a fer2013.csv) the labels are FER+'s majority
+    protocol, `ferplus` adds the scores against the votes, and a model of the other vocabulary is scored
+    over the classes the two share.
     """
     from pathlib import Path
 
     from .data import load_fer2013
     from .devices import pick_device
+    from .ferplus import ferplus_report, shared_class_view, with_label_scheme
     from .inference import adjusted_logits, predict_logits
     from .plots import plot_confusion, plot_curves, plot_reliability
     from .runs import METRICS_CSV, read_metrics_csv
@@ -152,28 +157,39 @@ def evaluate_weights(
     path = resolve_weights(weights)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
-    part = load_fer2013(data)[split]
+    dataset = load_fer2013(data, votes=votes)
+    if dataset.labels != "fer2013":
+        dataset = with_label_scheme(dataset, "ferplus-majority")
+    part = dataset[split]
     pre = meta.preprocessing.with_views(views)
     raw = predict_logits(model, part.images, torch_device, batch_size, pre).numpy()
-    logits = torch.from_numpy(adjusted_logits(raw, pre, prior)).float()
-    report = compute_metrics(logits, part.labels, meta.classes)
+    adjusted = adjusted_logits(raw, pre, prior)
+    shared_logits, labels, classes, _ = shared_class_view(adjusted, part.labels, meta.classes, dataset.classes)
+    logits = torch.from_numpy(shared_logits).float()
+    report = compute_metrics(logits, labels, classes)
     report["ece_at_temperature_1"] = expected_calibration_error(
-        torch.from_numpy(adjusted_logits(raw, dataclasses.replace(pre, temperature=1.0), prior)).float(),
-        torch.as_tensor(part.labels, dtype=torch.long))
+        torch.from_numpy(shared_class_view(adjusted_logits(raw, dataclasses.replace(pre, temperature=1.0), prior),
+                                           part.labels, meta.classes, dataset.classes)[0]).float(),
+        torch.as_tensor(labels, dtype=torch.long))
+    if part.votes is not None:
+        report["ferplus"] = ferplus_report(adjusted, part.votes, meta.classes)
     metrics_csv = path.parent / METRICS_CSV
     out_dir = Path(figures_dir) if figures_dir else (path.parent if metrics_csv.exists() else Path("ferkit-eval"))
     title = f"{meta.arch} ({path.name}), {split}: accuracy {100 * report['accuracy']:.2f}%"
-    figures = [plot_confusion(report["confusion_matrix"], meta.classes, out_dir / f"confusion_matrix_{split}.png",
+    figures = [plot_confusion(report["confusion_matrix"], classes, out_dir / f"confusion_matrix_{split}.png",
                               title),
-               plot_reliability(torch.softmax(logits, 1).numpy(), part.labels, out_dir / f"reliability_{split}.png",
+               plot_reliability(torch.softmax(logits, 1).numpy(), labels, out_dir / f"reliability_{split}.png",
                                 f"{meta.arch} ({path.name}), {split}: ECE {report['ece']:.3f} "
                                 f"(T = {pre.temperature:.3f}, prior {prior})")]
     if metrics_csv.exists():
         figures.append(plot_curves(read_metrics_csv(metrics_csv), out_dir / "curves.png", title=meta.arch))
-    report.update(weights=str(path), arch=meta.arch, split=split, views=pre.views, prior=prior,
+    report.update(weights=str(path), arch=meta.arch, data_labels=dataset.labels, classes=classes, split=split,
+                  views=pre.views, prior=prior,
                   temperature=pre.temperature, figures=[str(f) for f in figures])
     if corruptions:
-        report["corruptions"] = corruption_report(model, part.images, part.labels, pre, torch_device, batch_size,
+        if classes != list(meta.classes):
+            raise ValueError("--corruptions scores a model on labels of its own classes")
+        report["corruptions"] = corruption_report(model, part.images, labels, pre, torch_device, batch_size,
                                                   prior, severities)
     if record:
         _record_test_metrics(path, model, meta, report)

@@ -18,3 +18,10 @@ USAGE_TO_SPLIT: dict[str, str] = {"Training": "train", "PublicTest": "val", "Pri
 """FER-2013's `Usage` values: PublicTest is the validation split, PrivateTest the reported test split."""
 
 SPLIT_TO_USAGE: dict[str, str] = {split: usage for usage, split in USAGE_TO_SPLIT.items()}
+
+FERPLUS_VOTE_COLUMNS: tuple[str, ...] = (
+    "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown", "NF")
+"""FER+'s ten vote columns, in its files' order: eight emotions, then `unknown` and `NF` (not a face)."""
+
+FERPLUS_CLASSES: tuple[str, ...] = ("neutral", "happy", "surprise", "sad", "angry", "disgust", "fear", "contempt")
+"""FER+'s eight emotions in its column order, named as ferkit names FER-2013's (contempt is FER+'s own)."""

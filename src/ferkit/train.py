@@ -38,8 +38,9 @@ from .data import FerData, load_fer2013
 from .devices import DeviceError, autocast_dtype, pick_device
 from .distill import distillation_loss, load_teachers, online_soft_targets, soft_targets, teacher_logits
 from .evaluate import compute_metrics
+from .ferplus import LABEL_SCHEMES, ferplus_report, with_label_scheme
 from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
-from .labels import EMOTIONS, IMAGE_SIZE, NUM_CLASSES
+from .labels import IMAGE_SIZE, NUM_CLASSES
 from .models import ARCH_RENAMES, create_model, list_models
 from .plots import plot_confusion, plot_curves
 from .runs import (
@@ -67,10 +68,15 @@ from .weights import WeightsError, WeightsMeta, load_model, read_meta, resolve_w
 class TrainConfig:
     """One training run. The defaults are the reference recipe: seed CNN, Adam 1e-3, 50 epochs."""
 
-    data: str | None = field(default=None, metadata={"help": "FER-2013 source (default: $FERKIT_DATA)"})
+    data: str | None = field(default=None, metadata={"help": "FER-2013 or FER+ source (default: $FERKIT_DATA)"})
+    votes: str | None = field(default=None, metadata={
+        "help": "FER+'s fer2013new.csv, joined by row position with a fer2013.csv --data"})
+    labels: str = field(default="fer2013", metadata={
+        "help": "training targets: FER-2013's labels, or FER+ votes by majority, plurality or as distributions "
+                "(validation and test: FER+'s majority protocol)", "choices": LABEL_SCHEMES})
     run_dir: str = field(default="runs/reference", metadata={"help": "run folder: checkpoint, weights, metrics"})
-    preset: str = field(default="reference",
-                        metadata={"help": "named recipe: reference, fast, accurate or student; flags override it"})
+    preset: str = field(default="reference", metadata={
+        "help": "named recipe: reference, fast, accurate, student or ferplus; flags override it"})
     arch: str = field(default="refcnn", metadata={"help": "architecture from the model registry"})
     epochs: int = 50
     batch_size: int = field(default=64, metadata={"help": "images per step and process"})
@@ -193,9 +199,24 @@ def _init_problem(init: str, arch: str) -> list[str]:
         return [f"--init {err}"]
     if ARCH_RENAMES.get(meta.arch, meta.arch) != ARCH_RENAMES.get(arch, arch):
         return [f"--init {init} holds a {meta.arch!r} model, not the {arch!r} this run trains"]
-    if len(meta.classes) != NUM_CLASSES:
-        return [f"--init {init} has {len(meta.classes)} classes, not FER-2013's {NUM_CLASSES}"]
     return []
+
+
+def load_initial_weights(model: nn.Module, init: str, device: torch.device, classes: tuple[str, ...]) -> None:
+    """Start `model` from the weights `init`. Where the classes differ (FER-2013's seven -> FER+'s eight), the
+    last linear layer's rows are copied by class name and a class the weights lack keeps its random start."""
+    source, meta = load_model(init, device)
+    state = source.state_dict()
+    head = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+    target = model.state_dict()
+    if list(meta.classes) != list(classes):
+        for key in (f"{head}.weight", f"{head}.bias"):
+            rows = target[key].clone()
+            for k, name in enumerate(classes):
+                if name in meta.classes:
+                    rows[k] = state[key][meta.classes.index(name)]
+            state[key] = rows
+    model.load_state_dict(state)
 
 
 def _field_problem(f: Field[Any], value: Any) -> str | None:
@@ -282,6 +303,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scale_jitter": 0.12, "aspect_jitter": 0.06, "brightness": 0.25, "contrast": 0.3, "gamma": 0.3,
         "blur": 0.15, "noise": 0.15, "jpeg": 0.15, "downsample": 0.15,
     },
+    # FER+ (`--data` FER+'s folder): the shipped ResNet fine-tuned on the crowd's vote distributions for eight
+    # classes and one view, with the student's camera augmentations. The FER-2013 head's rows start the seven
+    # shared classes (contempt starts at random). `ferkit-resnet` saw FER-2013's training faces only (selected on
+    # PublicTest = FER2013Valid), so FER2013Test stays unseen.
+    "ferplus": {
+        "run_dir": "runs/ferplus", "arch": "resnet", "epochs": 40, "batch_size": 128, "optimizer": "adamw",
+        "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.0,
+        "shift_pixels": 4, "erasing": 0.4, "mixup": 0.2, "ema_decay": 0.999, "views": 1,
+        "labels": "ferplus-distribution", "init": "ferkit-resnet",
+        "scale_jitter": 0.12, "aspect_jitter": 0.06, "brightness": 0.25, "contrast": 0.3, "gamma": 0.3,
+        "blur": 0.15, "noise": 0.15, "jpeg": 0.15, "downsample": 0.15,
+    },
 }
 PRESET_RENAMES = {"seed": "reference", "best": "accurate"}
 """Presets' names before 0.2, accepted with a warning until 0.3."""
@@ -313,6 +346,7 @@ class StepContext:
     step_scheduler: Any = None
     ema: AveragedModel | None = None
     num_classes: int = NUM_CLASSES
+    label_targets: torch.Tensor | None = None  # per training image: a target distribution in place of its label
     soft_targets: torch.Tensor | None = None  # teachers' probabilities per training image (knowledge distillation)
     teachers: tuple[nn.Module, ...] = ()  # online teaching: teachers that score each augmented batch
     distill_weight: float = 0.0
@@ -382,7 +416,7 @@ def _mixed_targets(
     x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, ctx: StepContext, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The batch, its hard targets and the teachers' soft targets, mixed alike by mixup / CutMix."""
-    hard = F.one_hot(y, ctx.num_classes).float()
+    hard = ctx.label_targets[index] if ctx.label_targets is not None else F.one_hot(y, ctx.num_classes).float()
     if ctx.soft_targets is None:
         x, targets = mix_batch(x, hard, ctx.mixup, ctx.cutmix, generator)
         # Online teachers score the batch as mixed, so their targets need no mixing of their own.
@@ -440,20 +474,22 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     env, device = init_distributed(config.device)
     run_dir = Path(config.run_dir)
     saved = _open_run_dir(run_dir, config, env)
-    data = data or load_fer2013(config.data)
+    data = with_label_scheme(data or load_fer2013(config.data, votes=config.votes), config.labels)
+    num_classes = len(data.classes)
     identity = data_identity(data)
     if saved is not None:
         _check_same_data(saved, identity, run_dir / CHECKPOINT)
     seed_everything(config.seed)
-    model = create_model(config.arch).to(device)
+    model = create_model(config.arch, num_classes).to(device)
     if config.init is not None and saved is None:  # a resumed run's weights come from its checkpoint
-        model.load_state_dict(load_model(config.init, device)[0].state_dict())
+        load_initial_weights(model, config.init, device, data.classes)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     train = data["train"]
     subset = _training_subset(len(train), config.limit_train, config.seed)
     images = to_tensor(train.images[subset]).to(device)
     labels = torch.from_numpy(train.labels[subset]).to(device)
+    label_targets = torch.from_numpy(train.targets[subset]).to(device) if train.targets is not None else None
     shard_size = -(-len(labels) // env.world_size)
     steps_per_epoch = -(-shard_size // config.batch_size)
     optimizer = build_optimizer(config, model)
@@ -473,13 +509,14 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     ctx = StepContext(
         device, augment_config(config),
         autocast_dtype(device, config.amp), config.channels_last,
-        class_weights=_class_weights(train.labels[subset]).to(device) if config.class_weights else None,
+        class_weights=_class_weights(train.labels[subset], num_classes).to(device) if config.class_weights else None,
         label_smoothing=config.label_smoothing, mixup=config.mixup, cutmix=config.cutmix,
         step_scheduler=None if config.schedule == "plateau" else scheduler, ema=ema,
         soft_targets=_teacher_targets(config, images, device, run_dir, env)
         if config.teacher and config.teacher_mode == "cached" else None,
         teachers=tuple(load_teachers(config.teacher, device)) if config.teacher_mode == "online" else (),
         distill_weight=config.distill_weight, distill_temperature=config.distill_temperature,
+        num_classes=num_classes, label_targets=label_targets,
     )
     if env.is_main:
         epochs = f"epochs {first_epoch + 1}..{config.epochs}" if first_epoch < config.epochs else \
@@ -501,7 +538,7 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
         if ema is not None:
             refresh_batchnorm(ema.module, images[_bn_subset(len(labels), config.seed)], config.eval_batch_size)
         val = compute_metrics(predict_logits(scored, data["val"].images, device, config.eval_batch_size),
-                              data["val"].labels)
+                              data["val"].labels, data.classes)
         if dist.is_initialized():
             # Each rank's BatchNorm statistics end the epoch on its own last batch, so the ranks' scores differ
             # in the last digits: take rank 0's everywhere, so that every rank's plateau schedule decides alike
@@ -627,30 +664,33 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
     raise ValueError(f"unknown schedule {config.schedule!r}; choose plateau, onecycle or cosine")
 
 
-def class_prior(labels: np.ndarray) -> tuple[float, ...]:
+def class_prior(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> tuple[float, ...]:
     """Each class's share of the training labels: the prior that `prior="uniform"` divides out."""
-    counts = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     return tuple(float(c) for c in counts / counts.sum())
 
 
-def _class_weights(labels: np.ndarray) -> torch.Tensor:
+def _class_weights(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Inverse-frequency weights, normalised to mean 1: rare classes like disgust count for more."""
-    counts = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
-    weights = counts.sum() / np.maximum(counts, 1) / NUM_CLASSES
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = counts.sum() / np.maximum(counts, 1) / num_classes
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
 def finish_run(run_dir: Path, data: FerData, device: torch.device, batch_size: int = 512) -> dict[str, Any]:
     """Score the best checkpoint once on the test split; write test_metrics.json and the figures."""
     model, meta = load_model(run_dir / BEST_WEIGHTS, device)
-    metrics = compute_metrics(predict_logits(model, data["test"].images, device, batch_size, meta.preprocessing),
-                              data["test"].labels)
+    test = data["test"]
+    logits = predict_logits(model, test.images, device, batch_size, meta.preprocessing)
+    metrics = compute_metrics(logits, test.labels, meta.classes)
+    if test.votes is not None:
+        metrics["ferplus"] = ferplus_report(logits.numpy(), test.votes, meta.classes)
     metrics["best_epoch"] = meta.epoch
     metrics["views"] = meta.views
     (run_dir / TEST_METRICS).write_text(json.dumps(metrics, indent=2))
     history = read_metrics_csv(run_dir / METRICS_CSV)
     plot_curves(history, run_dir / "curves.png", title=f"{meta.arch}: {run_dir.name}")
-    plot_confusion(metrics["confusion_matrix"], EMOTIONS, run_dir / "confusion_matrix_test.png",
+    plot_confusion(metrics["confusion_matrix"], meta.classes, run_dir / "confusion_matrix_test.png",
                    title=f"{meta.arch}, PrivateTest: accuracy {100 * metrics['accuracy']:.2f}%")
     print(f"ferkit: best epoch {meta.epoch}, test accuracy {100 * metrics['accuracy']:.2f}% ({meta.views} view"
           f"{'s' * (meta.views > 1)}), loss {metrics['loss']:.4f} -> {run_dir / TEST_METRICS}", flush=True)
@@ -668,7 +708,9 @@ def _weights_meta(config: TrainConfig, data: FerData, row: dict[str, Any]) -> We
     subset = _training_subset(len(data["train"]), config.limit_train, config.seed)
     return WeightsMeta(
         arch=config.arch, data_source=data.source, epoch=int(row["epoch"]), recipe=asdict(config),
-        preprocessing=Preprocessing(views=config.views, class_prior=class_prior(data["train"].labels[subset])),
+        classes=list(data.classes),
+        preprocessing=Preprocessing(views=config.views,
+                                    class_prior=class_prior(data["train"].labels[subset], len(data.classes))),
         metrics={"val_acc": row["val_acc"], "val_loss": row["val_loss"], "train_acc": row["train_acc"]},
     )
 
