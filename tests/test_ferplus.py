@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DATA_ROOT
 from ferkit.data import DataError, load_fer2013, summarize
 from ferkit.ferplus import (
     majority_labels,
@@ -249,3 +250,65 @@ def test_shared_class_view_scores_a_fer2013_model_on_ferplus_labels() -> None:
     assert y.tolist() == [1, 0]
     # neutral is FER-2013 id 6, happy 3: the model's columns reordered into FER+'s order
     assert z[0].tolist() == [13.0, 10.0, 12.0, 11.0, 7.0, 8.0, 9.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A FER+ model: trained on the vote distributions, evaluated, used for prediction
+
+
+@pytest.fixture(scope="module")
+def ferplus_run(tmp_path_factory: pytest.TempPathFactory, ferplus) -> Path:  # type: ignore[no-untyped-def]
+    from ferkit.train import TrainConfig, fit
+
+    run_dir = tmp_path_factory.mktemp("runs") / "ferplus"
+    config = TrainConfig(data=str(FERPLUS_ROOT), labels="ferplus-distribution", run_dir=str(run_dir), epochs=1,
+                         batch_size=64, limit_train=256, views=1, progress=False, device="cpu")
+    return fit(config, data=ferplus)
+
+
+def test_a_distribution_run_writes_eight_class_weights_and_ferplus_test_figures(ferplus_run: Path) -> None:
+    import json
+
+    from ferkit.weights import read_meta
+
+    meta = read_meta(ferplus_run / "best.safetensors")
+    assert meta.classes == list(FERPLUS_CLASSES)
+    assert meta.recipe["labels"] == "ferplus-distribution"
+    assert len(meta.preprocessing.class_prior) == 8
+    report = json.loads((ferplus_run / "test_metrics.json").read_text())
+    assert report["num_images"] == 3152 and len(report["confusion_matrix"]) == 8
+    assert report["ferplus"]["majority_faces"] == 3152 and report["ferplus"]["distribution_faces"] > 3152
+
+
+def test_the_ferplus_model_predicts_eight_emotions_on_a_real_face(ferplus_run: Path, ferplus) -> None:  # type: ignore[no-untyped-def]
+    from ferkit.predict import EmotionRecognizer
+
+    recognizer = EmotionRecognizer(ferplus_run / "best.safetensors", device="cpu", detect=False)
+    (result,) = recognizer.predict_batch([ferplus["test"].images[0]])[0]
+    assert list(result.probabilities) == list(FERPLUS_CLASSES)
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert result.label in FERPLUS_CLASSES
+
+
+def test_evaluate_scores_across_vocabularies(ferplus_run: Path, tmp_path: Path) -> None:
+    from ferkit.evaluate import evaluate_weights
+
+    fer2013_on_ferplus = evaluate_weights("ferkit-refcnn", str(FERPLUS_ROOT), "test", figures_dir=str(tmp_path),
+                                          device="cpu")
+    # FER+'s majority faces less the 16 whose majority is contempt, which a FER-2013 model cannot name
+    assert fer2013_on_ferplus["num_images"] == 3152 - 16 == fer2013_on_ferplus["ferplus"]["majority_faces"]
+    assert fer2013_on_ferplus["classes"] == ["neutral", "happy", "surprise", "sad", "angry", "disgust", "fear"]
+    ferplus_on_fer2013 = evaluate_weights(str(ferplus_run / "best.safetensors"), str(DATA_ROOT), "test",
+                                          figures_dir=str(tmp_path), device="cpu")
+    assert ferplus_on_fer2013["num_images"] == 3589 and ferplus_on_fer2013["classes"] == list(EMOTIONS)
+    assert "ferplus" not in ferplus_on_fer2013
+
+
+def test_cli_data_info_prints_the_vote_statistics(capsys: pytest.CaptureFixture[str]) -> None:
+    from ferkit.cli import main
+
+    assert main(["data", "info", "--data", str(require_ferplus())]) == 0
+    out = capsys.readouterr().out
+    assert "contempt" in out and "FER+ votes" in out
+    assert any(line.split()[:4] == ["test", "3573", "3152", line.split()[3]] for line in out.splitlines()
+               if line.startswith("test"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataError
-from .labels import EMOTIONS, SPLITS
+from .labels import SPLITS
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
@@ -81,12 +81,13 @@ def given_options(config_type: type, args: argparse.Namespace) -> dict[str, Any]
 def cmd_data_info(args: argparse.Namespace) -> int:
     from .data import load_fer2013, summarize
 
-    summary = summarize(load_fer2013(args.data, use_cache=not args.no_cache))
+    summary = summarize(load_fer2013(args.data, use_cache=not args.no_cache, votes=args.votes))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"source: {summary['source']} ({summary['format']}{', from cache' if summary['from_cache'] else ''})")
-    header = f"{'split':<6} {'usage':<12}" + "".join(f"{name:>9}" for name in EMOTIONS) + f"{'total':>9}"
+    classes = next(iter(summary["splits"].values()))["per_class"]  # type: ignore[attr-defined]
+    header = f"{'split':<6} {'usage':<12}" + "".join(f"{name:>9}" for name in classes) + f"{'total':>9}"
     print(header)
     for split, info in summary["splits"].items():  # type: ignore[attr-defined]
         counts = "".join(f"{n:>9}" for n in info["per_class"].values())
@@ -98,7 +99,27 @@ def cmd_data_info(args: argparse.Namespace) -> int:
           f"{dup['cross_split_groups_by_splits']}; {dup['groups_with_conflicting_labels']} with conflicting labels")  # type: ignore[index]
     for note in summary["notes"]:  # type: ignore[attr-defined]
         print(f"note: {note}")
+    if "votes" in summary:
+        print_vote_statistics(summary["votes"])  # type: ignore[arg-type]
     return 0
+
+
+def print_vote_statistics(votes: dict[str, Any]) -> None:
+    """FER+ votes per split: faces each scheme keeps, vote entropy, agreement with FER-2013's labels."""
+    print("FER+ votes: faces each scheme keeps (single votes removed first), mean entropy of the votes in bits, "
+          "and how often FER-2013's label names the FER+ majority (where FER-2013's labels are known):")
+    print(f"{'split':<6}{'faces':>7}{'majority':>10}{'plurality':>11}{'distrib.':>10}{'entropy':>9}{'agree':>8}")
+    for split, info in votes.items():
+        kept = info["kept"]
+        agree = info.get("fer2013_agreement", {}).get("overall")
+        print(f"{split:<6}{info['faces']:>7}{kept['ferplus-majority']:>10}{kept['ferplus-plurality']:>11}"
+              f"{kept['ferplus-distribution']:>10}{info['mean_vote_entropy_bits']:>9.3f}"
+              f"{'' if agree is None else f'{100 * agree:.1f}%':>8}")
+        if agree is not None:
+            per = info["fer2013_agreement"]["per_fer2013_class"]
+            print("       FER-2013 label = FER+ majority, per FER-2013 class: "
+                  + ", ".join(f"{name} {100 * share:.1f}%" for name, share in per.items()))
+
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -118,7 +139,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_weights(args.weights, args.data, args.split, figures_dir=args.figures_dir, device=args.device,
                               views=args.views, prior=args.prior, corruptions=args.corruptions,
-                              severities=tuple(args.severities) if args.severities else None, record=args.record)
+                              severities=tuple(args.severities) if args.severities else None, record=args.record,
+                              votes=args.votes)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -139,6 +161,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for name, mean in bench["per_corruption"].items():
             per = bench["per_severity"][name]
             print(f"{name:<16}{100 * mean:>8.2f}" + "".join(f"{100 * per[str(s)]:>8.2f}" for s in severities))
+    if "ferplus" in report:
+        fp = report["ferplus"]
+        print(f"FER+ votes, over {len(fp['classes'])} classes: majority accuracy {100 * fp['majority_accuracy']:.2f}% "
+              f"({fp['majority_faces']} faces; balanced {100 * fp['majority_balanced_accuracy']:.2f}%, ECE "
+              f"{fp['majority_ece']:.4f}), plurality accuracy {100 * fp['plurality_accuracy']:.2f}% "
+              f"({fp['plurality_faces']} faces), NLL {fp['distribution_nll']:.4f} and KL {fp['distribution_kl']:.4f} "
+              f"to the vote distributions ({fp['distribution_faces']} faces)")
     for figure in report["figures"]:
         print(f"wrote {figure}")
     return 0
@@ -282,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_parser = commands.add_parser("data", help="inspect a FER-2013 source")
     data = data_parser.add_subparsers(dest="data_command", required=True)
     info = data.add_parser("info", help="per-split, per-class counts and duplicates")
-    info.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
+    info.add_argument("--data", help="FER-2013 or FER+ source (default: $FERKIT_DATA or ./data/fer2013)")
+    info.add_argument("--votes", help="FER+'s fer2013new.csv, joined by row position with a fer2013.csv --data")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--no-cache", action="store_true", help="decode the source again, ignoring the cache")
     info.set_defaults(func=cmd_data_info)
@@ -295,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="score weights on a split")
     evaluate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
-    evaluate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
+    evaluate.add_argument("--data", help="FER-2013 or FER+ source (default: $FERKIT_DATA or ./data/fer2013)")
+    evaluate.add_argument("--votes", help="FER+'s fer2013new.csv, joined by row position with a fer2013.csv --data")
     evaluate.add_argument("--split", choices=SPLITS, default="test")
     evaluate.add_argument("--figures-dir", metavar="DIR",
                           help="folder for the figures (default: the run folder, else ./ferkit-eval)")

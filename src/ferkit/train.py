@@ -308,7 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # shared classes (contempt starts at random). `ferkit-resnet` saw FER-2013's training faces only (selected on
     # PublicTest = FER2013Valid), so FER2013Test stays unseen.
     "ferplus": {
-        "run_dir": "runs/ferplus", "arch": "resnet", "epochs": 40, "batch_size": 128, "optimizer": "adamw",
+        "run_dir": "runs/ferplus", "arch": "resnet", "epochs": 16, "batch_size": 128, "optimizer": "adamw",
         "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.0,
         "shift_pixels": 4, "erasing": 0.4, "mixup": 0.2, "ema_decay": 0.999, "views": 1,
         "labels": "ferplus-distribution", "init": "ferkit-resnet",
@@ -665,8 +665,10 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
 
 
 def class_prior(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> tuple[float, ...]:
-    """Each class's share of the training labels: the prior that `prior="uniform"` divides out."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    """Each class's share of the training labels: the prior that `prior="uniform"` divides out.
+
+    A class with no training label counts as one (a prior must be positive; a subset may lack a rare class)."""
+    counts = np.maximum(np.bincount(labels, minlength=num_classes), 1).astype(np.float64)
     return tuple(float(c) for c in counts / counts.sum())
 
 
