@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -69,9 +70,9 @@ def test_check_output_file_refuses_what_is_not_a_regular_file(tmp_path: Path) ->
     }
     dangling = tmp_path / "dangling.onnx"
     dangling.symlink_to(tmp_path / "nowhere" / "x.onnx")
-    cases[dangling] = "a symbolic link to a file outside its folder"
+    cases[dangling] = "a symbolic link to something that is not a regular file"
     for path, reason in cases.items():
-        with pytest.raises(OutputPathError, match=reason) as err:
+        with pytest.raises(OutputPathError, match=re.escape(reason)) as err:
             check_output_file(path)
         assert str(path) in str(err.value)
     for fine in (tmp_path / "file.onnx", tmp_path / "new.onnx", tmp_path / "new" / "deeper.onnx",
@@ -120,7 +121,8 @@ def test_calibrate_evaluate_and_annotate_never_write_through_a_link_out_of_their
         target = make()
         before = os.lstat(target)
         status = cli.main([arg.replace("{}", str(target)) for arg in argv])
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.out + captured.err  # predict reports a failed input in its table
         assert status in (1, 2), (argv, err)
         assert str(target) in err and ("not a regular file (a FIFO)" in err or "outside its folder" in err), err
         after = os.lstat(target)
@@ -188,7 +190,7 @@ def test_a_recognizer_shared_by_two_threads_gives_sequential_results(data_root: 
     recognizer = EmotionRecognizer("ferkit-refcnn", device="cpu")
     expected = [recognizer.predict(p) for p in photos]
     assert [len(e) for e in expected] == [2, 1, 1]
-    rounds = 40
+    rounds = 24
     outcomes: dict[int, list[tuple[int, list]]] = {0: [], 1: []}
     start = threading.Barrier(2)
 
