@@ -107,8 +107,8 @@ def test_pixels_a_request_are_budgeted_from_the_headers(recognizer: EmotionRecog
 
 def test_images_over_the_free_budget_wait_their_turn(recognizer: EmotionRecognizer) -> None:
     """Requests that fit the budget one at a time, but not together, all succeed: they wait, not fail."""
-    flat = _png(np.full((1500, 1500, 3), 90, np.uint8))  # 6.75 MB decoded
-    with served(recognizer, max_decode_mb=10, workers=2) as (url, app), ThreadPoolExecutor(4) as pool:
+    flat = _png(np.full((1500, 1500, 3), 90, np.uint8))  # about 30 MB to decode: one at a time in 40 MB
+    with served(recognizer, max_decode_mb=40, workers=2) as (url, app), ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda i: httpx.post(f"{url}/v1/predict", files=_files((f"{i}.png", flat)),
                                                        timeout=30), range(4)))
         assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
