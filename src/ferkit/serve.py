@@ -510,12 +510,17 @@ async def read_body(request: Any, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left halfway: no one to answer, and not a bug of ours
+        raise RequestError(400, "the client disconnected before its request body was complete") from None
     return b"".join(chunks)
 
 
