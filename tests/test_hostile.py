@@ -190,7 +190,7 @@ def test_a_recognizer_shared_by_two_threads_gives_sequential_results(data_root: 
     recognizer = EmotionRecognizer("ferkit-refcnn", device="cpu")
     expected = [recognizer.predict(p) for p in photos]
     assert [len(e) for e in expected] == [2, 1, 1]
-    rounds = 24
+    rounds = 16
     outcomes: dict[int, list[tuple[int, list]]] = {0: [], 1: []}
     start = threading.Barrier(2)
 

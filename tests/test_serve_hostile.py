@@ -45,6 +45,12 @@ def astronaut() -> bytes:
     return _png(skimage_data.astronaut())
 
 
+@pytest.fixture(scope="module")
+def recognizer() -> EmotionRecognizer:
+    """The small shipped model: these tests are about the service, not the model, and run it often."""
+    return EmotionRecognizer("ferkit-refcnn", device="cpu")
+
+
 @contextmanager
 def served(recognizer: EmotionRecognizer, **settings: Any) -> Iterator[tuple[str, Any]]:
     """(base URL, app) of a live server with these settings, run as `ferkit serve` runs it."""
