@@ -2,8 +2,9 @@
 
 Each model is scored with its own test-time views and calibration by `ferkit.evaluate.evaluate_weights`
 (the same code as `ferkit evaluate --corruptions`): clean accuracy, the mean over 9 corruptions x 5
-severities, and each corruption's mean. With `--record` the figures go into each weights file's
-metadata, where `ferkit models` reads them.
+severities, and each corruption's mean. With `--record DIR` the figures go into the metadata of a copy
+of each weights file, `DIR/<model>.safetensors`, where `ferkit models` reads them once it is copied
+over the shipped one (no command writes into the installed package).
 
     .venv/bin/python benchmarks/robustness.py --data ../shared/data/fer2013 \\
         --models ferkit-resnet-robust ferkit-resnet --output docs/results/robustness/robustness.json
@@ -33,10 +34,11 @@ def cpu_flags() -> str:
     return " ".join(flag for flag in wanted if f" {flag}" in flags)
 
 
-def score(model: str, data: str | None, record: bool) -> dict[str, Any]:
+def score(model: str, data: str | None, record: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as figures:
-        report = evaluate_weights(model, data, "test", figures_dir=figures, corruptions=True, record=record)
+        report = evaluate_weights(model, data, "test", figures_dir=figures, corruptions=True, record=record is not None,
+                                  output=str(record / f"{model}.safetensors") if record is not None else None)
     bench = report["corruptions"]
     return {"model": model, "views": report["views"], "clean_accuracy": bench["clean_accuracy"],
             "mean_corruption_accuracy": bench["mean_corruption_accuracy"], "per_corruption": bench["per_corruption"],
@@ -58,7 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA)")
     parser.add_argument("--models", nargs="+", default=["ferkit-resnet-robust", "ferkit-resnet"])
-    parser.add_argument("--record", action="store_true", help="store the figures in each weights file's metadata")
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="store the figures in the metadata of a copy of each weights file, in DIR")
     parser.add_argument("--output", type=Path, help="write the JSON here")
     args = parser.parse_args()
     print(f"cpu: {platform.machine()} {cpu_flags()}, {torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -130,6 +130,26 @@ def take(data: FerData, counts: dict[str, int]) -> FerData:
 # Fixtures
 
 
+def _package_files() -> dict[str, tuple[int, int, int]]:
+    import ferkit
+
+    package = Path(ferkit.__file__).resolve().parent
+    # Its data (shipped weights, the page), not its code, which a developer may be editing while tests run.
+    return {str(p.relative_to(package)): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(package.rglob("*")) if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".py"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def package_untouched() -> Iterable[None]:
+    """No command run by any test may write into the installed package (issue 18: `calibrate` rewrote a
+    shipped model in place): its files are the same, inode and time included, when the session ends."""
+    before = _package_files()
+    yield
+    after = _package_files()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the test session changed files of the installed ferkit package: {changed}"
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, empty FERKIT_CACHE per test, and no FERKIT_DATA leaking in from the shell."""

@@ -17,13 +17,22 @@ import uvicorn
 
 
 @contextmanager
-def live_server(app: Any, ready_timeout: float = 60.0) -> Iterator[str]:
-    """Serve `app` until the block ends; yields its base URL once /readyz says the model is warm."""
+def live_server(app: Any, ready_timeout: float = 60.0, config: Any = None) -> Iterator[str]:
+    """Serve `app` until the block ends; yields its base URL once /readyz says the model is warm.
+
+    With `config` (a `ServeConfig`), uvicorn runs with the settings `ferkit serve` gives it (its header timeout).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+    options: dict[str, Any] = {}
+    if config is not None:
+        from ferkit.serve import uvicorn_options
+
+        options = uvicorn_options(config)
+    server = uvicorn.Server(uvicorn.Config(app, **{**options, "log_level": "warning", "lifespan": "on",
+                                                   "timeout_graceful_shutdown": 2}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

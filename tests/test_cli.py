@@ -301,13 +301,14 @@ def test_export_to_a_place_it_cannot_write_is_one_line(made_weights: Path, tmp_p
     """Issue 11, case 17: a PermissionError traceback, after the whole export had run."""
     a_file = tmp_path / "a-file"
     a_file.write_text("")
-    places = [(a_file / "model.pt", "Not a directory"), (tmp_path / "folder.pt", "Is a directory")]
+    places = [(a_file / "model.pt", "cannot write the export there (Not a directory)"),
+              (tmp_path / "folder.pt", "not a regular file (a folder)")]  # issue 18: one check for every output
     (tmp_path / "folder.pt").mkdir()
-    if Path("/sys").is_dir():
-        places.append((Path("/sys/ferkit-model.pt"), "Permission denied"))  # read-only, even for root
+    if Path("/sys").is_dir():  # read-only, even for root
+        places.append((Path("/sys/ferkit-model.pt"), "cannot write the export there (Permission denied)"))
     for place, reason in places:
         code, out, err = run_cli(capsys, "export", "--weights", str(made_weights), "--output", str(place))
-        assert_one_line_error(code, err, f"{place}: cannot write the export there ({reason})")
+        assert_one_line_error(code, err, f"{place}: {reason}")
         assert out == ""
     result = run_ferkit("export", "--weights", str(made_weights), "--output", str(a_file / "model.onnx"))
     assert_one_line_error(result.returncode, result.stderr, f"{a_file / 'model.onnx'}: cannot write the export there")

@@ -97,7 +97,7 @@ def _bomb() -> bytes:
 @contextmanager
 def client(recognizer: EmotionRecognizer, **settings: Any) -> Iterator[TestClient]:
     """A TestClient on a fresh app around the shared recognizer, once the model is warm."""
-    with TestClient(create_app(ServeConfig(**settings), recognizer)) as c:
+    with TestClient(create_app(ServeConfig(**settings), recognizer), base_url="http://localhost") as c:
         for _ in range(600):
             if c.get("/readyz").status_code == 200:
                 break
@@ -296,7 +296,7 @@ def test_health_readiness_and_warm_up(recognizer: EmotionRecognizer, astronaut: 
     service = app.state.service
     gate = threading.Event()
     service.model_thread.submit(gate.wait, 30)  # the model thread is busy: warm-up cannot finish yet
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         not_ready = c.get("/readyz")
         assert not_ready.status_code == 503 and not_ready.json()["ready"] is False

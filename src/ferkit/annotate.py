@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from .images import to_bgr
+from .outputs import check_output_file
 from .predict import FaceResult
 
 COLORS_BGR: dict[str, tuple[int, int, int]] = {
@@ -45,7 +46,7 @@ def annotated_image_path(out: str | os.PathLike[str]) -> Path:
 
 def write_annotated_image(image: np.ndarray, results: Sequence[FaceResult], out: str | os.PathLike[str]) -> Path:
     """Write a copy of a gray or RGB uint8 image with its results drawn; returns the path written."""
-    path = annotated_image_path(out)
+    path = check_output_file(annotated_image_path(out))
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), draw_results(to_bgr(image), results)):
         raise OSError(f"{path}: OpenCV could not write this image")

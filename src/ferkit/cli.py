@@ -137,10 +137,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_weights
 
+    if args.output and not args.record:
+        raise ValueError("evaluate --output FILE is where --record writes the weights: add --record, or drop --output")
     report = evaluate_weights(args.weights, args.data, args.split, figures_dir=args.figures_dir, device=args.device,
                               views=args.views, prior=args.prior, corruptions=args.corruptions,
                               severities=tuple(args.severities) if args.severities else None, record=args.record,
-                              votes=args.votes)
+                              output=args.output, votes=args.votes)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -278,7 +280,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          workers=args.workers, api_key=resolve_api_key(args.api_key),
                          max_file_bytes=round(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                          max_files=args.max_files, batch_window_ms=0 if args.no_batching else args.batch_window_ms,
-                         max_batch=args.max_batch, max_pending=args.max_pending, timeout_s=args.timeout)
+                         max_batch=args.max_batch, max_pending=args.max_pending, timeout_s=args.timeout,
+                         max_request_pixels=args.max_request_pixels, max_decode_mb=args.max_decode_mb,
+                         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+                         allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()))
     problem = config.problem()
     if problem:
         raise ValueError(problem)
@@ -340,14 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--severities", type=int, nargs="+", choices=(1, 2, 3, 4, 5), metavar="S",
                           help="corruption severities to run (default: 1 2 3 4 5)")
     evaluate.add_argument("--record", action="store_true",
-                          help="store the test figures in the weights' metadata (shown by ferkit models)")
+                          help="store the test figures (whole PrivateTest split only) in the weights' metadata "
+                               "(shown by ferkit models)")
+    evaluate.add_argument("--output", metavar="FILE", help="with --record: write the weights with the figures here "
+                                                          "(default: in place; never into the installed package)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
     calibrate = commands.add_parser("calibrate", help="fit the temperature on the validation split into the weights")
     calibrate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     calibrate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
-    calibrate.add_argument("--output", metavar="FILE", help="write the calibrated weights here (default: in place)")
+    calibrate.add_argument("--output", metavar="FILE", help="write the calibrated weights here (default: in place; "
+                                                           "a shipped model needs one: the package is not written)")
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--json", action="store_true", help="print JSON")
     calibrate.set_defaults(func=cmd_calibrate)
@@ -429,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"largest image in pixels (default: {defaults.max_pixels:,})")
     serve.add_argument("--max-files", type=int, default=defaults.max_files, metavar="N",
                        help=f"images a request (default: {defaults.max_files})")
+    serve.add_argument("--max-request-pixels", type=int, default=defaults.max_request_pixels, metavar="N",
+                       help=f"pixels of all the images of a request, read from their headers (default: "
+                            f"{defaults.max_request_pixels:,})")
+    serve.add_argument("--max-decode-mb", type=float, default=defaults.max_decode_mb, metavar="MB",
+                       help=f"memory that images being decoded at once may take; the next waits (default: "
+                            f"{defaults.max_decode_mb:g})")
     serve.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms, metavar="MS",
                        help=f"wait this long for other requests' faces to share a model call (default: "
                             f"{defaults.batch_window_ms:g}; 0: no batching)")
@@ -439,7 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pending", type=int, default=defaults.max_pending, metavar="N",
                        help=f"predict requests in progress at once; more get 503 (default: {defaults.max_pending})")
     serve.add_argument("--timeout", type=float, default=defaults.timeout_s, metavar="S",
-                       help=f"seconds a predict request may take (default: {defaults.timeout_s:g})")
+                       help=f"seconds a predict request may take once its body is in (default: {defaults.timeout_s:g})")
+    serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s, metavar="S",
+                       help=f"seconds a request body may take to arrive (default: {defaults.body_timeout_s:g})")
+    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s, metavar="S",
+                       help=f"seconds request headers may take to arrive (default: {defaults.header_timeout_s:g})")
+    serve.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                       help="without an API key, Host names answered besides localhost and --host, comma-separated "
+                            "('*': any)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
     return parser

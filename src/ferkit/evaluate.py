@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .labels import EMOTIONS
+from .outputs import check_output_file
 
+FER2013_TEST_COUNTS = {"angry": 491, "disgust": 55, "fear": 528, "happy": 879, "sad": 594, "surprise": 416,
+                       "neutral": 626}
+"""FER-2013's PrivateTest images per class (3,589 in all): `--record` stores figures of the whole split only."""
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[true, predicted]."""
@@ -129,6 +133,7 @@ def evaluate_weights(
     corruptions: bool = False,
     severities: tuple[int, ...] | None = None,
     record: bool = False,
+    output: str | None = None,
     votes: str | None = None,
 ) -> dict[str, Any]:
     """Score a weights file (or run folder, or shipped model) on a split; write the figures.
@@ -137,7 +142,8 @@ def evaluate_weights(
     (see `inference.adjusted_logits`). The report's probabilities are the weights' calibrated ones
     (their temperature); `ece_at_temperature_1` is the error before calibration. `corruptions`
     adds the robustness benchmark. `record` stores the test figures in the weights' metadata (only
-    for the test split, the weights' own views and the training prior: what `ferkit models` shows).
+    for the whole test split, the weights' own views and the training prior: what `ferkit models` shows),
+    writing the weights to `output` (default: in place; never into the installed package).
     Writes the confusion matrix and a reliability diagram to `figures_dir` (default: the run folder
     the weights are in, else ./ferkit-eval) and, when the weights come from a run folder, the curves.
     On FER+ data (or `votes`: FER+'s fer2013new.csv beside a fer2013.csv) the labels are FER+'s majority
@@ -157,10 +163,15 @@ def evaluate_weights(
     path = resolve_weights(weights)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
+    if record:  # refused before the scoring, which takes minutes
+        check_output_file(output or path)
+        _check_record(split, prior, meta.preprocessing.with_views(views).views, meta.views)
     dataset = load_fer2013(data, votes=votes)
     if dataset.labels != "fer2013":
         dataset = with_label_scheme(dataset, "ferplus-majority")
     part = dataset[split]
+    if record:
+        _check_whole_test_split(part.labels, dataset.classes, meta.classes)
     pre = meta.preprocessing.with_views(views)
     raw = predict_logits(model, part.images, torch_device, batch_size, pre).numpy()
     adjusted = adjusted_logits(raw, pre, prior)
@@ -192,16 +203,40 @@ def evaluate_weights(
         report["corruptions"] = corruption_report(model, part.images, labels, pre, torch_device, batch_size,
                                                   prior, severities)
     if record:
-        _record_test_metrics(path, model, meta, report)
+        _record_test_metrics(output or path, model, meta, report)
     return report
+
+
+def _check_record(split: str, prior: str, views: int, own_views: int) -> None:
+    if split != "test" or prior != "train" or views != own_views:
+        raise ValueError("--record stores PrivateTest figures of the weights as they are used: --split test, "
+                         "the weights' own views and --prior train")
+
+
+def _check_whole_test_split(labels: np.ndarray, classes: tuple[str, ...], model_classes: list[str]) -> None:
+    """ValueError unless `labels` are FER-2013's whole PrivateTest split (or, on FER+, its whole majority-protocol
+    test split), class by class, and the model names the same classes (figures across vocabularies are not its
+    own benchmark's)."""
+    from .ferplus import FERPLUS_TEST_MAJORITY_COUNTS
+
+    if list(classes) != list(model_classes):
+        raise ValueError(f"--record stores figures on the model's own classes ({', '.join(model_classes)}), not "
+                         f"on data labelled {', '.join(classes)}")
+    fer2013 = tuple(classes) == EMOTIONS
+    manifest, split_name = (FER2013_TEST_COUNTS, "PrivateTest") if fer2013 else \
+        (FERPLUS_TEST_MAJORITY_COUNTS, "FER2013Test (majority protocol)")
+    expected = [manifest.get(name, -1) for name in classes]
+    counts = np.bincount(labels, minlength=len(classes)).tolist()
+    if counts != expected:
+        differ = ", ".join(f"{name} {n} of {e}" for name, n, e in zip(classes, counts, expected, strict=True)
+                           if n != e)
+        raise ValueError(f"--record stores figures of the whole {split_name} split ({sum(expected):,} images), but "
+                         f"this data's test split has {len(labels):,} images ({differ}); score the full data set")
 
 
 def _record_test_metrics(path: Any, model: torch.nn.Module, meta: Any, report: dict[str, Any]) -> None:
     from .weights import save_weights
 
-    if report["split"] != "test" or report["prior"] != "train" or report["views"] != meta.views:
-        raise ValueError("--record stores PrivateTest figures of the weights as they are used: --split test, "
-                         "the weights' own views and --prior train")
     figures = {"test_acc": report["accuracy"], "test_balanced_acc": report["balanced_accuracy"],
                "test_ece": report["ece"], "test_macro_f1": report["macro_f1"], "test_loss": report["loss"]}
     if "corruptions" in report and len(report["corruptions"]["severities"]) == 5:
@@ -215,7 +250,8 @@ def calibrate_weights(
     """Fit the temperature on the validation split (never the test split) and store it in the weights.
 
     Writes the weights, with the temperature in their preprocessing metadata, to `output` (default:
-    in place). Returns the temperature and the validation NLL and ECE before and after.
+    in place; never into the installed package, whose shipped models are everyone's). Returns the
+    temperature and the validation NLL and ECE before and after.
     """
     from .data import load_fer2013
     from .devices import pick_device
@@ -223,6 +259,7 @@ def calibrate_weights(
     from .weights import load_model, resolve_weights, save_weights
 
     path = resolve_weights(weights)
+    out = str(check_output_file(output or path))  # before the fitting, not after it
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
     val = load_fer2013(data)["val"]
@@ -233,7 +270,6 @@ def calibrate_weights(
                                                                                        val.labels, meta.classes)
     calibrated = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing,
                                                                              temperature=round(temperature, 6)))
-    out = output or str(path)
     save_weights(out, model, calibrated)
     return {"weights": str(path), "output": out, "temperature": round(temperature, 6), "split": "val",
             "val_nll_before": before["loss"], "val_nll_after": after["loss"], "val_ece_before": before["ece"],

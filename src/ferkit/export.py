@@ -29,6 +29,7 @@ from torch import nn
 from . import __version__
 from .inference import VIEW_COUNTS, InferenceModel, predict_logits, to_tensor
 from .labels import IMAGE_SIZE
+from .outputs import OutputPathError, check_output_file
 from .weights import (
     EXPORT_KEY,
     METADATA_KEY,
@@ -89,6 +90,7 @@ def export_model(
             _write_onnx(wrapped, meta, info, tmp, opset)
         else:
             _write_torchscript(wrapped, meta, info, tmp)
+        check_output_file(out)  # again: the export took a while, and the rename replaces whatever is there
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -96,10 +98,13 @@ def export_model(
 
 
 def check_writable(out: Path) -> None:
-    """ExportError naming `out` unless a file can be written there: its folder is made if missing, and a
-    probe file created and removed (permission bits alone do not tell: root, read-only mounts, ACLs)."""
-    if out.is_dir():
-        raise ExportError(f"{out}: cannot write the export there (Is a directory)")
+    """ExportError naming `out` unless a file can be written there: it must be a regular file or nothing
+    (`ferkit.outputs.check_output_file`); its folder is made if missing, and a probe file created and removed
+    (permission bits alone do not tell: root, read-only mounts, ACLs)."""
+    try:
+        check_output_file(out)
+    except OutputPathError as err:
+        raise ExportError(str(err)) from None
     probe = out.with_name(f".{out.name}.probe{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,9 @@ LABEL_SCHEMES: tuple[str, ...] = ("fer2013", "ferplus-majority", "ferplus-plural
 
 NUM_EMOTION_VOTES = len(FERPLUS_CLASSES)
 FERPLUS_SPLIT_FOLDERS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
+FERPLUS_TEST_MAJORITY_COUNTS = {"neutral": 1089, "happy": 893, "surprise": 396, "sad": 384, "angry": 273,
+                                "disgust": 18, "fear": 83, "contempt": 16}
+"""FER2013Test's faces per class under the majority protocol (3,152 in all): what `--record` expects on FER+."""
 _PNG_NAME = re.compile(r"^fer\d{7}\.png$")
 
 

@@ -16,6 +16,7 @@ also divides out the training set's class prior (see `inference.adjusted_logits`
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ class Backend(Protocol):
 
 SMALL_BATCH = 16
 """Batches up to this many crops run on one CPU thread."""
+_THREAD_COUNT_LOCK = threading.Lock()
+"""PyTorch's thread count is process-wide: two small batches at once must not restore each other's count."""
 
 
 class TorchBackend:
@@ -98,12 +101,13 @@ class TorchBackend:
         # The few faces of one photo gain nothing from intra-op threads, and on a busy machine the
         # OpenMP barriers between them can cost 100 ms; logits move by ~1e-6 with the thread
         # count either way (as evaluate's own do), never enough to change a label in our checks.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return predict_logits(self.model, crops, self.device, self.batch_size, pre).numpy()
-        finally:
-            torch.set_num_threads(threads)
+        with _THREAD_COUNT_LOCK:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return predict_logits(self.model, crops, self.device, self.batch_size, pre).numpy()
+            finally:
+                torch.set_num_threads(threads)
 
 
 class OnnxBackend:
@@ -196,6 +200,12 @@ class EmotionRecognizer:
     `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "train"
     (probabilities under FER-2013's class mix, as trained) or "uniform" (that prior divided out, for faces
     whose emotions are not mixed like FER-2013's; it can change the label).
+
+    Threads: one recognizer may be shared by any number of threads and gives each the results it
+    gives alone. Face detection is serialised by a lock of the recognizer's (OpenCV's detectors keep
+    state between calls and return wrong boxes when two threads share one); the model call is not
+    (PyTorch in eval mode and onnxruntime's `InferenceSession.run` are both safe to call at once).
+    For detection in parallel, give each thread its own recognizer.
     """
 
     def __init__(
@@ -218,6 +228,7 @@ class EmotionRecognizer:
         self.classes = list(self.meta.classes)
         self.detect = detect
         self.detector = make_detector(detector, min_face, detect_max_side) if detect else None
+        self._detect_lock = threading.Lock()
         self.max_pixels = max_pixels
         if prior == "uniform" and self.meta.preprocessing.class_prior is None:
             raise WeightsError(f"{self.backend.path}: these weights carry no training class prior, so "
@@ -236,7 +247,8 @@ class EmotionRecognizer:
         """Faces (box, score, 48x48 crop) in a loaded image; the whole image when detection is off."""
         if self.detector is None:
             return [whole_image_face(image)]
-        return find_faces(image, self.detector)
+        with self._detect_lock:
+            return find_faces(image, self.detector)
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
         """float32 logits (N, classes) for uint8 face crops (N, 48, 48)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .annotate import annotated_image_path, write_annotated_image
 from .faces import Face
 from .images import IMAGE_EXTENSIONS, ImageError
+from .outputs import file_kind
 from .predict import EmotionRecognizer, FaceResult
 from .video import VIDEO_EXTENSIONS, FrameResult, VideoError, annotated_video_path, open_video, predict_video
 
@@ -79,6 +81,13 @@ def _folder_items(folder: Path, display: str) -> list[InputItem]:
     return files
 
 
+def _not_a_file(path: Path) -> str:
+    try:
+        return f"not a regular file ({file_kind(path.stat().st_mode)})"
+    except OSError as err:  # a dangling link, a loop of links
+        return f"cannot be opened ({err.strerror or err})"
+
+
 def expand_inputs(arguments: Sequence[str]) -> list[InputItem]:
     """Files, folders (recursively) and globs -> inputs, in argument order, each folder and glob sorted."""
     items: list[InputItem] = []
@@ -98,6 +107,8 @@ def expand_inputs(arguments: Sequence[str]) -> list[InputItem]:
                     items += _folder_items(found, match)
                 else:
                     items.append(InputItem(match, found, _kind(found), Path(found.name)))
+        elif os.path.lexists(path):  # a device, FIFO or socket (or a dangling link): not something to read
+            items.append(InputItem(argument, error=f"{argument}: {_not_a_file(path)}"))
         else:
             items.append(InputItem(argument, error=f"{argument}: no such file or folder"))
     return items

@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from . import __version__
 from .data import FerData
+from .outputs import check_output_file
 
 CONFIG_JSON = "config.json"
 METRICS_CSV = "metrics.csv"
@@ -80,6 +81,7 @@ def write_config_json(run_dir: Path, config: dict[str, Any], data: FerData,
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write-then-rename, so that a kill leaves either the old file or the new one."""
+    check_output_file(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(text)
@@ -91,6 +93,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def write_bytes_atomic(path: Path, blob: bytes) -> Path:
     """Write-then-rename with the bytes on disk before the rename: a kill or a crash leaves the old file or the new."""
+    check_output_file(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -105,6 +108,7 @@ def write_bytes_atomic(path: Path, blob: bytes) -> Path:
 
 def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     """metrics.csv from the history of epochs, atomically."""
+    check_output_file(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", newline="") as f:

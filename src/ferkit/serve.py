@@ -12,6 +12,15 @@ thread of its own (PyTorch's thread settings are process-wide, and one forward p
 what makes batching pay), fed by an asyncio queue that waits `batch_window_ms` for more requests'
 faces, up to `max_batch`. At most `max_pending` predict requests are admitted at once; the next
 gets 503 with Retry-After rather than a place in an unbounded queue.
+
+Budgets (issue 18): a request's body must arrive within `body_timeout_s` (408), and only then takes a
+pending slot, so slow senders cannot fill the queue; headers must arrive within `header_timeout_s`
+(uvicorn's h11 protocol with a timer, `uvicorn_options`). Each image's size is read from its header
+before anything is decoded: a request's images may hold `max_request_pixels` in all, and images
+being decoded at once may take `max_decode_mb` of memory in all (`DecodeBudget`; the next waits for
+room); a decoded image is dropped once its faces are cut. Without an API key only loopback names and
+`allowed_hosts` are answered (DNS rebinding). Metric labels come from a closed set; a bug is a JSON 500
+whose error id is in the log.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time, and
@@ -26,10 +35,12 @@ import hmac
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE, Face, make_detector, whole_image_face
-from .images import ImageError, PixelLimitError, decode_image_bytes
+from .images import ImageError, PixelLimitError, decode_image_bytes, read_image_header
 from .predict import EmotionRecognizer, FaceResult
 from .predict_files import PROBABILITY_DIGITS, InputItem, InputResult, json_record
 
@@ -53,6 +64,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 """Decoders tried on uploads; Pillow's others (EPS via Ghostscript, exotic formats) are not exposed."""
 MAX_DIGITS = 15
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""Host names every server answers; others only with an API key or in `allowed_hosts`."""
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+"""HTTP methods that get a metric label of their own; any other is counted as "other"."""
+log = logging.getLogger("ferkit.serve")
 
 
 def _priors() -> tuple[str, ...]:
@@ -86,12 +102,22 @@ class ServeConfig:
     max_batch: int = 64
     max_pending: int = 64
     timeout_s: float = 30.0
+    max_request_pixels: int = 100_000_000
+    max_decode_mb: float = 768.0
+    body_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
+    allowed_hosts: tuple[str, ...] = ()
 
     def problem(self) -> str | None:
         """What is wrong with these settings, or None."""
-        for name in ("workers", "max_file_bytes", "max_pixels", "max_files", "max_batch", "max_pending"):
+        for name in ("workers", "max_file_bytes", "max_pixels", "max_files", "max_batch", "max_pending",
+                     "max_request_pixels"):
             if getattr(self, name) < 1:
                 return f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}"
+        for name in ("max_decode_mb", "body_timeout_s", "header_timeout_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                return f"{name.removesuffix('_s').replace('_', '-')} must be positive, not {value}"
         if not (self.batch_window_ms >= 0 and math.isfinite(self.batch_window_ms)):
             return f"batch-window-ms must be 0 (no batching) or more, not {self.batch_window_ms}"
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
@@ -112,6 +138,42 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """The memory decoding an image takes at its peak: measured 4 bytes a pixel for gray, 10 for RGB
+    (Pillow's 4, a copy, the array); 14 covers RGBA, palette and 16-bit images, which are converted."""
+    return width * height * (4 if mode in ("L", "1") else 14)
+
+
+class DecodeBudget:
+    """The memory that images being decoded at once may take, shared by all requests (on the event loop).
+
+    An image waits until its share fits beside the others'; one larger than the whole budget is
+    refused (413) before it waits.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit, self.used = limit_bytes, 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+    async def acquire(self, size: int) -> None:
+        while self.used + size > self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -278,6 +340,7 @@ class Service:
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="ferkit-detect")
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="ferkit-model")
         self.pending = 0
+        self.budget = DecodeBudget(round(config.max_decode_mb * 2**20))
         self.ready = False
         self.warmup_error: str | None = None
         # One recognizer per prior, all sharing the loaded model (`prior` only changes how logits
@@ -357,36 +420,82 @@ class Service:
             if self.recognizer.detector is not None:
                 vars(view)["detector"] = make_detector(self.config.detector, self.config.min_face,
                                                        self.config.detect_max_side)
+                vars(view)["_detect_lock"] = threading.Lock()  # its own detector: no need to wait for the others
             self.local.recognizer = view
         return view
 
-    def faces_of(self, data: bytes, name: str, detect: bool) -> tuple[np.ndarray, list[Face]]:
-        """Decode one upload and find its faces (on a pool thread)."""
+    def faces_of(self, data: bytes, name: str, detect: bool) -> tuple[tuple[int, int], list[Face]]:
+        """Decode one upload and find its faces (on a pool thread): its (width, height) and faces.
+
+        The decoded image is dropped here, not kept until the request's answer: faces are small.
+        """
         image = decode_image(data, name, self.config.max_pixels)
-        return image, (self.detecting().find_faces(image) if detect else [whole_image_face(image)])
+        return (image.shape[1], image.shape[0]), (self.detecting().find_faces(image) if detect
+                                                  else [whole_image_face(image)])
+
+    def budget_shares(self, uploads: Sequence[tuple[str, bytes]]) -> list[int]:
+        """The memory each upload takes to decode, from its header; 413 past the request's or server's budget."""
+        shares, pixels = [], 0
+        for name, data in uploads:
+            if not data:
+                raise ImageError(f"{name}: empty file")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                width, height, mode = read_image_header(data, name, self.config.max_pixels, IMAGE_FORMATS)
+            pixels += width * height
+            shares.append(decode_bytes(width, height, mode))
+            if shares[-1] > self.budget.limit:
+                raise RequestError(413, f"{name}: {width}x{height} ({mode}) takes about {shares[-1] / 2**20:,.0f} MB "
+                                        f"to decode, over the server's memory budget of "
+                                        f"{self.config.max_decode_mb:g} MB (--max-decode-mb)")
+        if pixels > self.config.max_request_pixels:
+            raise RequestError(413, f"the request's images hold {pixels:,} pixels, over the limit of "
+                                    f"{self.config.max_request_pixels:,} a request (--max-request-pixels)")
+        return shares
+
+    async def faces_within_budget(self, name: str, data: bytes, detect: bool,
+                                  share: int) -> tuple[tuple[int, int], list[Face]]:
+        """`faces_of` on a pool thread once `share` bytes of the decode budget are free; they are given back
+        when the thread is done with the image (not when a timed-out request stops waiting for it)."""
+        await self.budget.acquire(share)
+        loop = asyncio.get_running_loop()
+
+        def give_back(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed first: the server is stopping
+                loop.call_soon_threadsafe(self.budget.release, share)
+
+        try:
+            job = self.pool.submit(self.faces_of, data, name, detect)
+        except BaseException:
+            self.budget.release(share)
+            raise
+        job.add_done_callback(give_back)
+        return await asyncio.wrap_future(job)
 
     async def predict(self, uploads: Sequence[tuple[str, bytes]], detect: bool, digits: int,
                       prior: str | None) -> list[dict[str, Any]]:
         """`predict --json` records for named image bytes; a bad image refuses the whole request."""
-        loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.pool, self.faces_of, data, name, detect) for name, data in uploads]
-        found = await asyncio.gather(*jobs, return_exceptions=True)
-        for (name, _), outcome in zip(uploads, found, strict=True):
-            if isinstance(outcome, PixelLimitError):
-                raise RequestError(413, str(outcome))
-            if isinstance(outcome, ImageError):
-                raise RequestError(422, str(outcome))
-            if isinstance(outcome, BaseException):
-                raise RequestError(422, f"{name}: cannot be read as an image ({type(outcome).__name__}: {outcome})")
+        try:
+            shares = self.budget_shares(uploads)
+            jobs = [self.faces_within_budget(name, data, detect, share)
+                    for (name, data), share in zip(uploads, shares, strict=True)]
+            found = await asyncio.gather(*jobs, return_exceptions=True)
+            for outcome in found:  # the first failure in upload order; anything but an ImageError is a bug
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        except PixelLimitError as err:
+            raise RequestError(413, str(err)) from None
+        except ImageError as err:
+            raise RequestError(422, str(err)) from None
         decoded = [outcome for outcome in found if not isinstance(outcome, BaseException)]
         faces = [face for _, image_faces in decoded for face in image_faces]
         results = await self.batcher.submit(self.recognizer_for(prior), faces)
         self.images.inc(len(uploads))
         records, start = [], 0
-        for (name, _), (image, image_faces) in zip(uploads, decoded, strict=True):
+        for (name, _), (size, image_faces) in zip(uploads, decoded, strict=True):
             # The same record `ferkit predict --json` writes for an image file of this name.
             result = InputResult(InputItem(name, Path(name), "image"), results[start : start + len(image_faces)],
-                                 size=(image.shape[1], image.shape[0]))
+                                 size=size)
             start += len(image_faces)
             records.append(json_record(result, digits))
         return records
@@ -401,12 +510,17 @@ async def read_body(request: Any, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left halfway: no one to answer, and not a bug of ours
+        raise RequestError(400, "the client disconnected before its request body was complete") from None
     return b"".join(chunks)
 
 
@@ -451,12 +565,31 @@ async def multipart_uploads(request: Any, body: bytes, config: ServeConfig) -> l
         await form.close()
 
 
+BASE64_WHITESPACE = str.maketrans("", "", " \t\r\n")
+URL_SAFE = str.maketrans("-_", "+/")
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    """Standard or URL-safe base64, line-wrapped or not, padded or not; 400 naming the first bad character."""
+    text = text.translate(BASE64_WHITESPACE).translate(URL_SAFE)
+    bad = next((c for c in text.rstrip("=") if not (c.isascii() and (c.isalnum() or c in "+/"))), None)
+    if bad is not None:
+        raise RequestError(400, f"{name}: not valid base64: {bad!r} is not a base64 character (standard or "
+                                "URL-safe alphabet; line breaks are fine)")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(400, f"{name}: not valid base64 ({err})") from None
+
+
 def json_uploads(body: bytes, config: ServeConfig) -> list[tuple[str, bytes]]:
     """(name, bytes) of the base64 images of a JSON body {"images": [...]} (data: URLs welcome)."""
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RequestError(400, f"the body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise RequestError(400, "the body's JSON is nested too deeply") from None
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list) or not images:
         raise RequestError(400, 'no images: send a JSON object {"images": [base64, ...]} with at least one')
@@ -469,12 +602,9 @@ def json_uploads(body: bytes, config: ServeConfig) -> list[tuple[str, bytes]]:
             raise RequestError(400, f"{name}: expected a base64 string, got {type(text).__name__}")
         if text.startswith("data:") and "," in text:
             text = text.split(",", 1)[1]
-        if len(text) > (config.max_file_bytes + 2) // 3 * 4 + 4:
+        if len(text) > ((config.max_file_bytes + 2) // 3 * 4 + 4) * 78 // 76:  # room for line breaks
             raise RequestError(413, f"{name}: over the limit of {config.max_file_bytes:,} bytes a file")
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise RequestError(400, f"{name}: not valid base64 ({err})") from None
+        data = decode_base64(text, name)
         if len(data) > config.max_file_bytes:
             raise RequestError(413, f"{name}: {len(data):,} bytes, over the limit of {config.max_file_bytes:,}")
         uploads.append((name, data))
@@ -497,6 +627,58 @@ def _validation_message(errors: Sequence[Any]) -> str:
         where = f"{location[-1]} ({location[0]})" if len(location) > 1 else ".".join(location) or "request"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
+
+
+def query_names(dependant: Any) -> set[str]:
+    """The query parameters a FastAPI endpoint takes, its dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= query_names(sub)
+    return names
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET is (uvicorn leaves out the body), on every GET route."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
+def allowed_hosts(config: ServeConfig) -> set[str]:
+    """The Host names a server without an API key answers: loopback, its own address, `allowed_hosts`."""
+    bound = {config.host.strip("[]").lower()} - {"0.0.0.0", "::", ""}
+    return {*LOOPBACK_HOSTS, *bound, *(h.strip("[]").lower() for h in config.allowed_hosts)}
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class HostAllowList:
+    """ASGI middleware: 400 for a Host header not in `hosts`, against DNS rebinding (a web page whose name
+    comes to point at 127.0.0.1 would otherwise drive a keyless server on this machine)."""
+
+    def __init__(self, app: Any, hosts: set[str], error: Callable[..., Any]) -> None:
+        self.app, self.hosts, self.error = app, hosts, error
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if header is not None and host_name(header) not in self.hosts:
+                response = self.error(400, f"Host {header!r} is not a name this server answers without an API key "
+                                           "(a DNS-rebinding guard): add it with --allowed-hosts, or set an API key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer | None = None) -> Any:
@@ -524,6 +706,7 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.routing import Mount
 
     from . import __version__
 
@@ -586,16 +769,29 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
                 await warm
             await service.stop()
 
+    async def known_query(request: Request) -> None:
+        """422 for a query parameter the endpoint does not take (`?detetc=false` is a typo, not a no-op)."""
+        route = request.scope.get("route")
+        if not getattr(route, "include_in_schema", False) or not hasattr(route, "dependant"):
+            return  # the page and the docs: not the API
+        known = query_names(getattr(route, "dependant", None))
+        unknown = sorted(set(request.query_params) - known)
+        if unknown:
+            raise RequestError(422, f"unknown query parameter{'s' * (len(unknown) > 1)} "
+                                    f"{', '.join(map(repr, unknown))}; {request.url.path} takes "
+                                    f"{', '.join(sorted(known)) or 'none'}")
+
     # FastAPIOffline is FastAPI with /docs and /redoc served from files in its package, not a CDN.
-    app = FastAPIOffline(title="ferkit", version=__version__, lifespan=lifespan,
+    app = FastAPIOffline(title="ferkit", version=__version__, lifespan=lifespan, dependencies=[Depends(known_query)],
                          description="Facial expression recognition: the emotions of the faces in images. "
                                      "Records are those of `ferkit predict --json`.")
     app.state.service = service
     bearer = HTTPBearer(auto_error=False, description=f"the --api-key (or ${API_KEY_ENV}) when the server has one")
     api_key = config.api_key
 
-    def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    def error_response(status: int, message: str, headers: dict[str, str] | None = None,
+                       **extra: Any) -> JSONResponse:
+        return JSONResponse({"error": message, "status": status, **extra}, status_code=status, headers=headers)
 
     async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if api_key is None:
@@ -618,6 +814,19 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
     async def on_http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return error_response(err.status_code, str(err.detail), dict(err.headers or {}))
 
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, err: Exception) -> JSONResponse:
+        # A bug, not the client's fault: a 500 whose id finds the traceback in the log, which the client never sees.
+        error_id = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=err)
+        return error_response(500, f"internal error {error_id}: a bug in the server; its log has the details",
+                              error_id=error_id)
+
+    app.add_middleware(HeadAsGet)
+    if api_key is None and "*" not in config.allowed_hosts:
+        app.add_middleware(HostAllowList, hosts=allowed_hosts(config), error=error_response)
+    known_paths: set[str] = set()  # filled in below, once every route is defined
+
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
@@ -627,13 +836,15 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            if not path.startswith("/static"):
-                service.latency.labels(path, request.method).observe(time.perf_counter() - start)
-                service.requests.labels(path, request.method, str(status)).inc()
+            # Labels from a closed set: made-up methods and paths must not each add a series.
+            path = getattr(request.scope.get("route"), "path", None)
+            path = path if path in known_paths else "other"
+            method = request.method if request.method in METHODS else "other"
+            if not request.url.path.startswith("/static/"):
+                service.latency.labels(path, method).observe(time.perf_counter() - start)
+                service.requests.labels(path, method, str(status)).inc()
                 if status >= 400:
-                    service.errors.labels(path, request.method, str(status)).inc()
+                    service.errors.labels(path, method, str(status)).inc()
 
     predict_body = {"required": True, "content": {
         "multipart/form-data": {"schema": {
@@ -650,7 +861,7 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
     @app.post("/v1/predict", tags=["api"], dependencies=[Depends(require_key)],
               openapi_extra={"requestBody": predict_body},
               responses={200: {"model": list[ImageRecord], "description": "one record per image, in order"},
-                         **errors(400, 401, 413, 415, 422, 503, 504)})
+                         **errors(400, 401, 408, 413, 415, 422, 500, 503, 504)})
     async def predict(
         request: Request,
         detect: bool = Query(True, description="find faces; false: each image is one face crop"),
@@ -666,16 +877,23 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
         service.recognizer_for(prior)  # an unknown prior is refused before the upload is read
         if not service.ready:
             raise RequestError(503, "the model is still warming up", {"Retry-After": "1"})
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in ("multipart/form-data", "application/json"):
+            raise RequestError(415, f"content type {content_type or 'none'!r}: send multipart/form-data "
+                                    "with files in the field 'files', or application/json with "
+                                    '{"images": [base64, ...]}')
+        # The body is read before the request takes a pending slot, within a time of its own: a client
+        # that sends slowly (or less than its Content-Length) holds a connection, never the queue.
+        try:
+            body = await asyncio.wait_for(read_body(request, config.max_body_bytes), config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
+                                    "(--body-timeout)", {"Connection": "close"}) from None
         if service.pending >= config.max_pending:
             raise RequestError(503, f"busy: {service.pending} requests in progress, the most it queues; retry soon",
                                {"Retry-After": "1"})
+
         async def answer() -> list[dict[str, Any]]:
-            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if content_type not in ("multipart/form-data", "application/json"):
-                raise RequestError(415, f"content type {content_type or 'none'!r}: send multipart/form-data "
-                                        "with files in the field 'files', or application/json with "
-                                        '{"images": [base64, ...]}')
-            body = await read_body(request, config.max_body_bytes)
             if content_type == "application/json":
                 uploads = json_uploads(body, config)
             else:
@@ -723,6 +941,7 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
         return HTMLResponse((folder / "index.html").read_text(encoding="utf-8"))
 
     app.mount("/static", StaticFiles(directory=folder), name="static")
+    known_paths.update(getattr(route, "path", "other") for route in app.routes if not isinstance(route, Mount))
     return app
 
 
@@ -743,4 +962,61 @@ def serve(config: ServeConfig, recognizer: EmotionRecognizer | None = None, log_
     app = create_app(config, recognizer)
     import uvicorn
 
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5,
+                **uvicorn_options(config))
+
+
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    """uvicorn's settings for `ferkit serve`: its h11 protocol with a timeout on the request headers."""
+    return {"http": header_timeout_protocol(config.header_timeout_s), "timeout_keep_alive": 5}
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, answering 408 and closing a connection whose request headers take longer than
+    `seconds` (uvicorn times out idle connections only, and each byte that trickles in restarts that timer)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"error": f"the request headers did not arrive within {seconds:g} s (--header-timeout)",
+                       "status": 408}).encode()
+    timeout_response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class HeaderTimeoutH11(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # for the next request's headers on this connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self.conn.our_state is h11.IDLE:  # between requests: nothing of ours is half sent
+                    self.transport.write(timeout_response)
+                self.transport.close()
+
+    return HeaderTimeoutH11

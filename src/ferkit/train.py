@@ -60,6 +60,7 @@ from .runs import (
     write_checkpoint,
     write_config_json,
     write_metrics_csv,
+    write_text_atomic,
 )
 from .weights import WeightsError, WeightsMeta, load_model, read_meta, resolve_weights, save_weights, unwrap
 
@@ -689,7 +690,7 @@ def finish_run(run_dir: Path, data: FerData, device: torch.device, batch_size: i
         metrics["ferplus"] = ferplus_report(logits.numpy(), test.votes, meta.classes)
     metrics["best_epoch"] = meta.epoch
     metrics["views"] = meta.views
-    (run_dir / TEST_METRICS).write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(run_dir / TEST_METRICS, json.dumps(metrics, indent=2))
     history = read_metrics_csv(run_dir / METRICS_CSV)
     plot_curves(history, run_dir / "curves.png", title=f"{meta.arch}: {run_dir.name}")
     plot_confusion(metrics["confusion_matrix"], meta.classes, run_dir / "confusion_matrix_test.png",

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 
 from .annotate import draw_results
+from .outputs import check_output_file
 from .predict import EmotionRecognizer, FaceResult
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
@@ -99,7 +100,7 @@ def predict_video(
 
 
 def _open_writer(out: str | os.PathLike[str], fps: float, width: int, height: int) -> cv2.VideoWriter:
-    path = annotated_video_path(out)
+    path = check_output_file(annotated_video_path(out))
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*FOURCC[path.suffix.lower()]), fps, (width, height))
     if not writer.isOpened():

@@ -26,6 +26,7 @@ from . import __version__
 from .inference import DEFAULT_PREPROCESSING, Preprocessing
 from .labels import EMOTIONS
 from .models import ARCH_RENAMES, create_model
+from .outputs import check_output_file
 
 METADATA_KEY = "ferkit"
 EXPORT_KEY = "ferkit_export"
@@ -191,8 +192,8 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
 
 
 def save_weights(path: str | os.PathLike[str], model: nn.Module, meta: WeightsMeta) -> None:
-    """Write `model`'s state as safetensors with `meta` in the header, atomically."""
-    path = Path(path)
+    """Write `model`'s state as safetensors with `meta` in the header, atomically (never over a non-file)."""
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
