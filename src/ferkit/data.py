@@ -86,6 +86,9 @@ class FerData:
     classes: tuple[str, ...] = EMOTIONS
     labels: str = "fer2013"
     """What `Split.labels` are: FER-2013's own labels, a FER+ scheme's, or "votes" (FER+'s folder: plurality)."""
+    all_faces: dict[str, Split] | None = None
+    """Under a FER+ scheme: every face of each split with its votes, before the scheme dropped any (the faces
+    that scores against the votes, such as plurality accuracy or KL, are computed over)."""
 
     @property
     def fer2013_labels_known(self) -> bool:

@@ -182,8 +182,10 @@ def evaluate_weights(
         torch.from_numpy(shared_class_view(adjusted_logits(raw, dataclasses.replace(pre, temperature=1.0), prior),
                                            part.labels, meta.classes, dataset.classes)[0]).float(),
         torch.as_tensor(labels, dtype=torch.long))
-    if part.votes is not None:
-        report["ferplus"] = ferplus_report(adjusted, part.votes, meta.classes)
+    if dataset.all_faces is not None:
+        every = dataset.all_faces[split]
+        every_raw = predict_logits(model, every.images, torch_device, batch_size, pre).numpy()
+        report["ferplus"] = ferplus_report(adjusted_logits(every_raw, pre, prior), every.votes, meta.classes)
     metrics_csv = path.parent / METRICS_CSV
     out_dir = Path(figures_dir) if figures_dir else (path.parent if metrics_csv.exists() else Path("ferkit-eval"))
     title = f"{meta.arch} ({path.name}), {split}: accuracy {100 * report['accuracy']:.2f}%"

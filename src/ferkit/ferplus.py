@@ -120,7 +120,7 @@ def with_label_scheme(data: FerData, scheme: str) -> FerData:
         splits[split] = Split(part.images[keep], labels[keep], part.names[keep], votes=part.votes[keep],
                               targets=targets[keep] if targets is not None else None)
     notes = [*data.notes, f"labels: {scheme} for training, ferplus-majority for validation and test"]
-    return replace(data, splits=splits, classes=FERPLUS_CLASSES, notes=notes, labels=scheme)
+    return replace(data, splits=splits, classes=FERPLUS_CLASSES, notes=notes, labels=scheme, all_faces=data.splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +348,9 @@ def class_columns(from_classes: list[str] | tuple[str, ...], to_classes: list[st
     return [list(from_classes).index(c) for c in to_classes]
 
 
-def ferplus_report(logits: np.ndarray, votes: np.ndarray, classes: list[str] | tuple[str, ...]) -> dict[str, object]:
+def ferplus_report(
+    logits: np.ndarray, votes: np.ndarray | None, classes: list[str] | tuple[str, ...]
+) -> dict[str, object]:
     """A model's (N, classes) logits scored against FER+ votes (N, 10) over the classes both share.
 
     For a FER+ model that is all eight; a FER-2013 model is scored over its seven (faces whose majority is
@@ -358,6 +360,8 @@ def ferplus_report(logits: np.ndarray, votes: np.ndarray, classes: list[str] | t
     """
     from .evaluate import compute_metrics
 
+    if votes is None:
+        raise ValueError("no FER+ votes to score against")
     shared = [c for c in FERPLUS_CLASSES if c in classes]
     z = torch.from_numpy(np.asarray(logits, dtype=np.float32)[:, class_columns(classes, shared)])
     to_shared = np.array([shared.index(c) if c in shared else -1 for c in FERPLUS_CLASSES])

@@ -686,8 +686,10 @@ def finish_run(run_dir: Path, data: FerData, device: torch.device, batch_size: i
     test = data["test"]
     logits = predict_logits(model, test.images, device, batch_size, meta.preprocessing)
     metrics = compute_metrics(logits, test.labels, meta.classes)
-    if test.votes is not None:
-        metrics["ferplus"] = ferplus_report(logits.numpy(), test.votes, meta.classes)
+    if data.all_faces is not None:
+        every = data.all_faces["test"]
+        every_logits = predict_logits(model, every.images, device, batch_size, meta.preprocessing).numpy()
+        metrics["ferplus"] = ferplus_report(every_logits, every.votes, meta.classes)
     metrics["best_epoch"] = meta.epoch
     metrics["views"] = meta.views
     write_text_atomic(run_dir / TEST_METRICS, json.dumps(metrics, indent=2))
