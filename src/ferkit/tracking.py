@@ -16,8 +16,11 @@ over their frames, so a track id and a smoothed label mean the same everywhere.
 - Smoothing (`Smoother`): a face's smoothed probabilities are the mean of its track's probabilities
   over the last `smooth` seconds (frames in (t - smooth, t]). Being in seconds, it behaves the same
   at any `--every` or frame rate, and a real change of expression is fully in the smoothed
-  probabilities `smooth` seconds later, never later. The label is the smoothed one; the raw
-  probabilities stay in `raw_probabilities`. `smooth=0` turns it off.
+  probabilities `smooth` seconds later, never later. The label is the smoothed one, with a little
+  hysteresis: it moves to another emotion once that emotion's smoothed probability passes the
+  current label's by `HYSTERESIS`, so a face whose probabilities sit at a tie between two emotions
+  does not flicker between them. The raw probabilities stay in `raw_probabilities`. `smooth=0`
+  turns all of this off.
 - Summaries (`summarize_tracks`): per track, first and last seen, the time seen, each emotion's
   share of that time (by smoothed label) and the dominant emotion. Each sampled frame stands for
   the time until the next sampled frame, so a variable frame rate is weighted right.
@@ -40,6 +43,8 @@ DEFAULT_SMOOTH = 1.0
 """Seconds of probabilities averaged per track for video and cameras (photos are never smoothed)."""
 DEFAULT_KEEP = 1.5
 """Seconds a track waits, unseen, for its face to come back before it ends."""
+HYSTERESIS = 0.05
+"""How far another emotion's smoothed probability must pass the current label's to take its place."""
 
 
 @dataclass(frozen=True)
@@ -171,13 +176,16 @@ class Tracking:
     classes: Sequence[str]
     smooth: float = DEFAULT_SMOOTH
     keep: float = DEFAULT_KEEP
+    hysteresis: float = HYSTERESIS
     tracker: FaceTracker = field(init=False)
     smoother: Smoother = field(init=False)
+    labels: dict[int, int] = field(init=False)  # each track's current label
     last_time: float = field(init=False, default=-np.inf)
 
     def __post_init__(self) -> None:
         self.tracker = FaceTracker(self.keep)
         self.smoother = Smoother(self.smooth)
+        self.labels = {}
 
     def update(self, time: float, faces: Sequence[FaceResult]) -> list[FaceResult]:
         """`faces` (one frame's, raw) with their track ids, smoothed probabilities and label."""
@@ -188,7 +196,9 @@ class Tracking:
         self.last_time = time
         ids = self.tracker.update(time, [face.box for face in faces])
         tracked = [self._smoothed(face, track, time) for face, track in zip(faces, ids, strict=True)]
-        self.smoother.keep_only(self.tracker.live())
+        live = self.tracker.live()
+        self.smoother.keep_only(live)
+        self.labels = {k: v for k, v in self.labels.items() if k in live}
         return tracked
 
     def _smoothed(self, face: FaceResult, track: int, time: float) -> FaceResult:
@@ -196,8 +206,11 @@ class Tracking:
         smoothed = self.smoother.update(track, time, raw)
         if self.smooth == 0:
             return replace(face, track=track, raw_probabilities=face.probabilities)
+        top, current = int(np.argmax(smoothed)), self.labels.get(track)
+        label = current if current is not None and smoothed[top] - smoothed[current] < self.hysteresis else top
+        self.labels[track] = label
         probabilities = dict(zip(self.classes, map(float, smoothed), strict=True))
-        return replace(face, track=track, probabilities=probabilities, label=self.classes[int(np.argmax(smoothed))],
+        return replace(face, track=track, probabilities=probabilities, label=self.classes[label],
                        raw_probabilities=face.probabilities)
 
     def frame(self, frame: FrameResult) -> FrameResult:
@@ -205,9 +218,9 @@ class Tracking:
 
 
 def track_frames(frames: Iterable[FrameResult], classes: Sequence[str], smooth: float = DEFAULT_SMOOTH,
-                 keep: float = DEFAULT_KEEP) -> list[FrameResult]:
+                 keep: float = DEFAULT_KEEP, hysteresis: float = HYSTERESIS) -> list[FrameResult]:
     """Untracked frames (in time order) -> the same frames with track ids and smoothed labels."""
-    tracking = Tracking(classes, smooth, keep)
+    tracking = Tracking(classes, smooth, keep, hysteresis)
     return [tracking.frame(frame) for frame in frames]
 
 

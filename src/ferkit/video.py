@@ -64,7 +64,8 @@ def open_video(source: str | os.PathLike[str] | int) -> tuple[cv2.VideoCapture, 
     capture = cv2.VideoCapture(source if isinstance(source, int) else str(source))
     if not capture.isOpened():
         what = f"camera {source}" if isinstance(source, int) else str(source)
-        raise VideoError(f"{what}: cannot be opened as a video (not a video, truncated, or a codec this OpenCV lacks)")
+        raise VideoError(f"{what}: cannot be opened as a video: no video stream OpenCV can decode (not a video, "
+                         "audio only, truncated, or a codec this OpenCV lacks)")
     fps = capture.get(cv2.CAP_PROP_FPS)
     info = VideoInfo(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
                      fps if fps and fps > 0 else 25.0, max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0))
@@ -83,6 +84,7 @@ class VideoReader:
         self.read = 0  # frames decoded
         self.bad = 0  # frames skipped because they did not decode
         self.attempts = 0
+        self.last_index = -1  # of the last frame read
 
     def __iter__(self) -> Iterator[tuple[int, float, np.ndarray]]:
         frame: np.ndarray | None = None
@@ -101,7 +103,7 @@ class VideoReader:
                 index = self.attempts - 1
                 stamp = self.capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
                 last_time = stamp if stamp > last_time else max(index / self.info.fps, last_time + 1e-3)
-                self.read += 1
+                self.read, self.last_index = self.read + 1, index
                 yield index, last_time, frame
         finally:
             self.capture.release()
@@ -111,11 +113,14 @@ class VideoReader:
     def problem(self) -> str | None:
         """What was lost, or None: "N of M frames read" when fewer were read than the container holds."""
         expected = self.info.frames
-        if expected and self.read < expected:
-            stopped = self.attempts < expected or self.bad >= MAX_BAD_FRAMES_IN_A_ROW
-            how = "it stops decoding part way" if stopped else f"{self.bad} did not decode"
-            return f"{self.path}: {self.read} of {expected} frames read ({how})"
-        return None
+        if not expected or self.read >= expected:
+            return None
+        tail = expected - (self.last_index + 1)  # frames after the last one read
+        inside = self.bad - (min(self.attempts, expected) - (self.last_index + 1))  # bad frames before it
+        reasons = [f"{inside} did not decode"] if inside > 0 else []
+        if tail > 0:
+            reasons.append(f"it stops decoding after frame {self.last_index}")
+        return f"{self.path}: {self.read} of {expected} frames read ({', '.join(reasons)})"
 
 
 def annotated_video_path(out: str | os.PathLike[str]) -> Path:
