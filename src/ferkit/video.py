@@ -153,10 +153,13 @@ def predict_video(
     tracking = Tracking(recognizer.classes, smooth, keep)
     writer = None
     latest: list[FaceResult] = []
+    rgb: np.ndarray | None = None
     try:
         for index, time, frame in reader:
             if index % every == 0:
-                latest = tracking.update(time, recognizer.predict(frame, color_order="bgr"))
+                # What `recognizer.predict(frame, color_order="bgr")` does, into one reused RGB buffer.
+                rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB, dst=rgb)
+                latest = tracking.update(time, recognizer.classify(recognizer.find_faces(rgb)))
                 yield FrameResult(index, time, latest)
             if annotate is not None:
                 if writer is None:
