@@ -16,6 +16,7 @@ import os
 import struct
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -374,3 +375,46 @@ def test_every_and_smooth_options_are_checked(video_recognizer: EmotionRecognize
     with pytest.raises(ValueError, match="smooth must be 0"):
         VideoRecognizer(video_recognizer, smooth=-0.5)
     assert isinstance(VideoRecognizer(video_recognizer).predict(clip).frames[0], FrameResult)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service's streams (what the webcam page sends)
+
+
+def test_the_service_tracks_and_smooths_the_frames_of_a_stream(two_faces_clip: Path,
+                                                                video_recognizer: EmotionRecognizer) -> None:
+    pytest.importorskip("fastapi", reason="the service needs the serve extra")
+    import httpx
+
+    from ferkit.serve import ServeConfig, create_app
+    from serve_live import live_server
+
+    capture = cv2.VideoCapture(str(two_faces_clip))
+    jpegs = []
+    for _ in range(6):
+        ok, frame = capture.read()
+        assert ok
+        jpegs.append(cv2.imencode(".jpg", frame)[1].tobytes())
+    offline = VideoRecognizer(video_recognizer).stream()
+    with live_server(create_app(ServeConfig(), video_recognizer)) as base:
+        def send(stream: str, i: int, extra: str = "") -> Any:
+            return httpx.post(f"{base}/v1/predict?stream={stream}&time={i / 10}{extra}",
+                              files={"files": (f"{i}.jpg", jpegs[i])}, timeout=60)
+
+        records = [send("cam-1", i).json()[0] for i in range(6)]
+        assert send("other", 0).json()[0]["faces"][0]["track"] == 1  # each stream has its own tracks
+        refused = httpx.post(f"{base}/v1/predict?stream=cam-1", timeout=60,
+                             files=[("files", ("a.jpg", jpegs[0])), ("files", ("b.jpg", jpegs[1]))])
+        assert refused.status_code == 422 and "one frame a request" in refused.json()["error"]
+        assert httpx.post(f"{base}/v1/predict?stream=bad id!", files={"files": ("a.jpg", jpegs[0])},
+                          timeout=60).status_code == 422
+        plain = httpx.post(f"{base}/v1/predict", files={"files": ("a.jpg", jpegs[0])}, timeout=60).json()[0]
+    assert all("track" not in face for face in plain["faces"])  # photos: no tracks, no smoothing
+    for i, record in enumerate(records):
+        # The same tracks and smoothed labels as the Python API's stream on the same decoded frames.
+        image = cv2.imdecode(np.frombuffer(jpegs[i], np.uint8), cv2.IMREAD_COLOR)
+        expected = offline.update(image, i / 10, color_order="bgr")
+        assert [(f["track"], f["label"]) for f in record["faces"]] == [(f.track, f.label) for f in expected]
+        for face, mine in zip(record["faces"], expected, strict=True):
+            assert face["probabilities"] == pytest.approx(mine.probabilities, abs=1e-5)
+            assert face["raw_probabilities"] == pytest.approx(mine.raw_probabilities, abs=1e-5)

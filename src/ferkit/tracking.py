@@ -28,7 +28,7 @@ over their frames, so a track id and a smoothed label mean the same everywhere.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -270,3 +270,31 @@ def summarize_tracks(frames: Sequence[FrameResult], classes: Sequence[str]) -> l
         dominant = max(classes, key=lambda c: shares[c])
         summaries.append(TrackSummary(track, rows[0][0], rows[-1][0], len(rows), total, shares, dominant))
     return summaries
+
+
+class Streams:
+    """Live streams' `Tracking` by stream id, for a server: at most `capacity`, each dropped after `idle` s unused.
+
+    A stream's times are the caller's (seconds, say, since its camera started), else this clock's
+    since the stream's first frame.
+    """
+
+    def __init__(self, classes: Sequence[str], smooth: float = DEFAULT_SMOOTH, capacity: int = 64,
+                 idle: float = 60.0, clock: Any = None) -> None:
+        import time
+
+        self.classes, self.smooth, self.capacity, self.idle = classes, smooth, capacity, idle
+        self.clock = clock or time.monotonic
+        self.streams: OrderedDict[str, tuple[Tracking, float, float]] = OrderedDict()  # tracking, start, last use
+
+    def update(self, stream: str, faces: Sequence[FaceResult], time: float | None = None) -> list[FaceResult]:
+        """One frame's faces of `stream`, tracked and smoothed."""
+        now = self.clock()
+        while self.streams and next(iter(self.streams.values()))[2] < now - self.idle:
+            self.streams.popitem(last=False)
+        tracking, start, _ = self.streams.pop(stream) if stream in self.streams else (
+            Tracking(self.classes, self.smooth), now, now)
+        self.streams[stream] = (tracking, start, now)
+        if len(self.streams) > self.capacity:
+            self.streams.popitem(last=False)
+        return tracking.update(now - start if time is None else time, faces)
