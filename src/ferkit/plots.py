@@ -89,12 +89,13 @@ EMOTION_COLORS = {"angry": "#e62828", "disgust": "#289628", "fear": "#a050b4", "
                   "surprise": "#3cc8fa", "neutral": "#b4b4b4"}
 
 
-def plot_timeline(frames: Sequence[Any], classes: Sequence[str], path: str | os.PathLike[str], title: str = ""
-                  ) -> Path:
+def plot_timeline(frames: Sequence[Any], classes: Sequence[str], path: str | os.PathLike[str], title: str = "",
+                  min_frames: int = 3) -> Path:
     """Each track's (smoothed) emotion probabilities over time as stacked areas, one panel per track.
 
     `frames` are `ferkit.tracking.FrameResult`s with tracked faces; a track's area breaks where its
-    face was not seen for more than two sampling steps.
+    face was not seen for more than two sampling steps. Tracks seen in fewer than `min_frames`
+    sampled frames (a detector's passing false alarm, mostly) get no panel; the title counts them.
     """
     series: dict[int, list[tuple[float, list[float]]]] = {}
     for frame in frames:
@@ -103,7 +104,8 @@ def plot_timeline(frames: Sequence[Any], classes: Sequence[str], path: str | os.
                 series.setdefault(face.track, []).append((frame.time, [face.probabilities[c] for c in classes]))
     times = sorted({frame.time for frame in frames})
     step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
-    tracks = sorted(series) or [0]
+    brief = [track for track, rows in series.items() if len(rows) < min_frames]
+    tracks = sorted(set(series) - set(brief)) or [0]
     fig, axes = plt.subplots(len(tracks), 1, figsize=(10, 1.4 + 1.6 * len(tracks)), sharex=True, squeeze=False,
                              layout="constrained")
     colors = [EMOTION_COLORS.get(c, f"C{i}") for i, c in enumerate(classes)]
@@ -122,5 +124,6 @@ def plot_timeline(frames: Sequence[Any], classes: Sequence[str], path: str | os.
     axes[-1, 0].set_xlabel("time (s)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
     fig.legend(handles, classes, loc="outside lower center", ncol=len(classes), frameon=False)
-    fig.suptitle(title or "Emotions over time", fontsize=10)
+    note = f" ({len(brief)} track{'s' * (len(brief) != 1)} seen in fewer than {min_frames} frames not drawn)"
+    fig.suptitle((title or "Emotions over time") + (note if brief else ""), fontsize=10)
     return _save(fig, path)

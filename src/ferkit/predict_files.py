@@ -231,7 +231,7 @@ def _run_video(
         if timeline is not None:
             from .plots import plot_timeline
 
-            result.timeline = plot_timeline(result.frames, recognizer.classes, timeline, title=item.display)
+            result.timeline = plot_timeline(result.frames, recognizer.classes, timeline, title=item.path.name)
     return result
 
 
