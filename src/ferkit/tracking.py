@@ -149,20 +149,24 @@ class Smoother:
             raise ValueError(f"smoothing must be 0 (off) or more seconds, not {seconds}")
         self.seconds = seconds
         self.history: dict[int, deque[tuple[float, np.ndarray]]] = {}
+        self.sums: dict[int, np.ndarray] = {}  # of each track's history: a mean costs the same for any window
 
     def update(self, track: int, time: float, probabilities: np.ndarray) -> np.ndarray:
         """The smoothed probabilities of `track` at `time`, this frame's `probabilities` included."""
         if self.seconds == 0:
             return probabilities
         history = self.history.setdefault(track, deque())
+        total = self.sums.setdefault(track, np.zeros_like(probabilities, dtype=np.float64))
         history.append((time, probabilities))
+        total += probabilities
         while history[0][0] <= time - self.seconds:
-            history.popleft()
-        return np.mean([p for _, p in history], axis=0)
+            total -= history.popleft()[1]
+        return total / len(history)
 
     def keep_only(self, tracks: Iterable[int]) -> None:
         live = set(tracks)
         self.history = {k: v for k, v in self.history.items() if k in live}
+        self.sums = {k: v for k, v in self.sums.items() if k in live}
 
 
 @dataclass
