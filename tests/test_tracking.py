@@ -13,7 +13,7 @@ import pytest
 
 from ferkit.labels import EMOTIONS
 from ferkit.predict import FaceResult
-from ferkit.tracking import FaceTracker, FrameResult, Smoother, Tracking, summarize_tracks, track_frames
+from ferkit.tracking import FaceTracker, FrameResult, Smoother, Streams, Tracking, summarize_tracks, track_frames
 
 
 def face(box: tuple[int, int, int, int], probabilities: np.ndarray) -> FaceResult:
@@ -125,3 +125,18 @@ def test_time_going_back_starts_over_with_new_ids() -> None:
     again = tracking.update(0.0, [face((0, 0, 50, 50), onehot(3))])
     assert (first[0].track, again[0].track) == (1, 2)
     assert again[0].label == EMOTIONS[3]  # no probabilities carried over from the old stream
+
+
+def test_streams_keep_their_own_tracks_and_are_forgotten_when_idle_or_too_many() -> None:
+    now = [0.0]
+    streams = Streams(EMOTIONS, capacity=2, idle=60.0, clock=lambda: now[0])
+    one = [face((10, 10, 80, 80), onehot(3))]
+    assert streams.update("a", one, 0.0)[0].track == 1
+    assert streams.update("b", one)[0].track == 1  # its own tracks
+    now[0] = 1.0
+    assert streams.update("a", one, 1.0)[0].track == 1
+    assert streams.update("c", one)[0].track == 1  # a third stream: "b", the least recently used, goes
+    assert list(streams.streams) == ["a", "c"]
+    now[0] = 100.0  # both idle for more than 60 s
+    streams.update("d", one)
+    assert list(streams.streams) == ["d"]
