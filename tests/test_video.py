@@ -65,6 +65,7 @@ def changes(labels: list[str]) -> int:
 # Tracks
 
 
+@pytest.mark.slow
 def test_two_crossing_faces_keep_their_ids_and_the_one_that_leaves_gets_its_own_back(
     video_recognizer: EmotionRecognizer, data_root: Path, tmp_path: Path
 ) -> None:

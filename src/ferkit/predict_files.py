@@ -231,7 +231,10 @@ def _run_video(
         if timeline is not None:
             from .plots import plot_timeline
 
-            result.timeline = plot_timeline(result.frames, recognizer.classes, timeline, title=item.path.name)
+            try:
+                result.timeline = plot_timeline(result.frames, recognizer.classes, timeline, title=item.path.name)
+            except INPUT_ERRORS as err:
+                result.error = _message(item, err)
     return result
 
 

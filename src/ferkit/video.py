@@ -34,6 +34,8 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", "
 FOURCC = {".avi": "MJPG", ".mp4": "mp4v"}
 MAX_BAD_FRAMES_IN_A_ROW = 50
 """Undecodable frames skipped in a row before a file counts as ending there."""
+COUNT_SLACK = 2
+"""Frames a file may end short of its container's count unreported: some formats (MKV, WebM) only estimate it."""
 
 __all__ = ["FrameResult", "VideoError", "VideoRecognizer", "VideoWarning", "predict_video"]
 
@@ -80,6 +82,7 @@ class VideoReader:
 
     Only frames 0, `every`, 2 x `every`, ... are yielded; the others are decoded (to count them and
     keep time) but not converted to BGR pixels, which is most of what `--every` saves on decoding.
+    The array yielded is reused for the next frame: copy it to keep it.
     """
 
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
@@ -126,6 +129,8 @@ class VideoReader:
             return None
         tail = expected - (self.last_index + 1)  # frames after the last one read
         inside = self.bad - (min(self.attempts, expected) - (self.last_index + 1))  # bad frames before it
+        if inside <= 0 and tail <= COUNT_SLACK:
+            return None
         reasons = [f"{inside} did not decode"] if inside > 0 else []
         if tail > 0:
             reasons.append(f"it stops decoding after frame {self.last_index}")
