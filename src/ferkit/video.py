@@ -37,7 +37,8 @@ MAX_BAD_FRAMES_IN_A_ROW = 50
 COUNT_SLACK = 2
 """Frames a file may end short of its container's count unreported: some formats (MKV, WebM) only estimate it."""
 
-__all__ = ["FrameResult", "VideoError", "VideoRecognizer", "VideoWarning", "predict_video"]
+__all__ = ["FaceStream", "FrameResult", "VideoError", "VideoReader", "VideoRecognizer", "VideoResult", "VideoWarning",
+           "predict_video"]
 
 
 class VideoError(ValueError):
