@@ -141,11 +141,63 @@ def test_page_labels_the_webcam_live(url: str, tmp_path: Path, request: pytest.F
             page.wait_for_function("document.querySelector('#webcam-status').textContent.includes('ms a frame')")
             page.wait_for_timeout(1500)
             labels = page.locator("#overlay .live-box .box-label").all_inner_texts()
-            assert labels and all(text.split(": ")[1].split()[0] in EMOTIONS for text in labels), labels
-            assert page.locator("#live-label").inner_text().split()[0] in EMOTIONS
+            assert labels and all(text.startswith("#") and text.split()[1] in EMOTIONS for text in labels), labels
+            assert page.locator("#live-label").inner_text().split()[1] in EMOTIONS
             assert page.locator("#live-bars .bar").count() == len(EMOTIONS)
             assert page.locator("#video").evaluate("v => v.videoWidth") == 640
             page.screenshot(path=str(ARTIFACTS / "serve-webcam.png"), full_page=True)
+            page.click("#webcam-stop")
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+# Records each webcam frame's faces as the page receives them: [[track, box, label], ...] per frame.
+RECORD_STREAM = """
+const originalFetch = window.fetch;
+window.streamFrames = [];
+window.fetch = async (...args) => {
+  const response = await originalFetch(...args);
+  if (String(args[0]).includes("stream=") && response.ok) {
+    const [record] = await response.clone().json();
+    window.streamFrames.push(record.faces.map((f) => [f.track, f.box, f.label]));
+  }
+  return response;
+};
+"""
+
+
+def test_webcam_faces_keep_their_track_over_consecutive_frames(url: str, tmp_path: Path,
+                                                                request: pytest.FixtureRequest) -> None:
+    """The page sends its frames as one stream; the server's tracker gives each face one id throughout."""
+    sync_playwright = _require_browser()
+    try:
+        data_root: Path | None = request.getfixturevalue("data_root")
+    except pytest.skip.Exception:
+        data_root = None
+    video = write_y4m(tmp_path / "faces.y4m", webcam_frames(data_root))
+    with sync_playwright() as playwright:
+        browser = _launch(playwright, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                          f"--use-file-for-fake-video-capture={video}")
+        try:
+            context = browser.new_context(viewport={"width": 1100, "height": 720})
+            context.grant_permissions(["camera"], origin=url)
+            context.add_init_script(RECORD_STREAM)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(url)
+            page.click("#tab-webcam")
+            page.click("#webcam-start")
+            page.wait_for_function("window.streamFrames.length >= 8", timeout=60_000)
+            frames = page.evaluate("window.streamFrames")
+            largest = [faces[0][0] for faces in frames if faces]  # the astronaut, largest face in every frame
+            assert len(largest) >= 7 and len(set(largest)) == 1, frames
+            assert all(isinstance(track, int) for faces in frames for track, _, _ in faces)
+            assert len({track for faces in frames for track, _, _ in faces}) <= 3, frames
+            shown = page.locator("#overlay .live-box").evaluate_all("boxes => boxes.map(b => b.dataset.track)")
+            assert str(largest[0]) in shown
+            assert page.locator("#live-label").inner_text().startswith(f"#{largest[0]} ")
             page.click("#webcam-stop")
             assert not errors, errors
         finally:

@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
-__all__ = ["EmotionRecognizer", "FaceResult", "__version__"]
+__all__ = ["EmotionRecognizer", "FaceResult", "VideoRecognizer", "__version__"]
 
 if TYPE_CHECKING:
     from .predict import EmotionRecognizer, FaceResult
+    from .video import VideoRecognizer
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from . import predict
 
         return getattr(predict, name)
+    if name == "VideoRecognizer":
+        from .video import VideoRecognizer
+
+        return VideoRecognizer
     raise AttributeError(f"module 'ferkit' has no attribute {name!r}")

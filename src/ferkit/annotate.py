@@ -21,7 +21,10 @@ WRITABLE_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 
 
 def draw_results(bgr: np.ndarray, results: Sequence[FaceResult]) -> np.ndarray:
-    """Draw each face's box and "label 87%" onto a BGR uint8 image, in place; returns it."""
+    """Draw each face's box and "label 87%" onto a BGR uint8 image, in place; returns it.
+
+    A tracked face (video, camera) reads "#3 label 87%": its track id and smoothed label.
+    """
     height, width = bgr.shape[:2]
     thickness = max(1, round(min(height, width) / 300))
     for result in results:
@@ -29,6 +32,8 @@ def draw_results(bgr: np.ndarray, results: Sequence[FaceResult]) -> np.ndarray:
         color = COLORS_BGR.get(result.label, (0, 255, 0))
         cv2.rectangle(bgr, (x, y), (x + w - 1, y + h - 1), color, thickness)
         text = f"{result.label} {result.probabilities[result.label]:.0%}"
+        if result.track is not None:
+            text = f"#{result.track} {text}"
         scale = max(0.4, min(w / 160, 1.5))
         (text_w, text_h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         top = y - text_h - base - 2 if y - text_h - base - 2 >= 0 else y + h  # above the box, else below it

@@ -225,10 +225,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.camera is not None:
         from .video import run_camera
 
-        run_camera(recognizer, args.camera, args.every)
+        run_camera(recognizer, args.camera, args.every, smooth=args.smooth)
         return 0
     fmt = "json" if args.json else "csv" if args.csv else "table"
-    return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None)
+    return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None,
+                           smooth=args.smooth, timeline=args.timeline)
 
 
 def parity_images(data: str | None, count: int) -> tuple[Any, str]:
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE
     from .images import DEFAULT_MAX_PIXELS
     from .inference import PRIORS
+    from .tracking import DEFAULT_SMOOTH
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="ferkit", description=__doc__, epilog=EXIT_STATUS)
@@ -379,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-detect", action="store_true", help="inputs are face crops: no face detection")
     predict.add_argument("--every", type=int, default=1, metavar="N", help="videos: every Nth frame (default: 1)")
     predict.add_argument("--camera", type=int, metavar="INDEX", help="live window on this webcam (needs a display)")
+    predict.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH, metavar="SECONDS",
+                         help="videos and cameras: average each tracked face's probabilities over this many seconds; "
+                              f"the label is the smoothed one (default: {DEFAULT_SMOOTH:g}; 0: off; photos: never)")
+    predict.add_argument("--timeline", metavar="PNG",
+                         help="videos: draw each track's emotion probabilities over time into this PNG")
     predict.add_argument("--detector", default="haar", help="haar, a Haar cascade .xml or a YuNet .onnx model file")
     predict.add_argument("--min-face", type=int, default=DEFAULT_MIN_FACE, metavar="PX",
                          help=f"smallest face side in pixels (default: {DEFAULT_MIN_FACE})")

@@ -88,3 +88,47 @@ def plot_reliability(probabilities: np.ndarray, targets: np.ndarray, path: str |
     count_ax.set(xlabel="confidence of the top label", ylabel="faces")
     fig.tight_layout()
     return _save(fig, path)
+
+
+EMOTION_COLORS = {"angry": "#e62828", "disgust": "#289628", "fear": "#a050b4", "happy": "#fac81e", "sad": "#1e78c8",
+                  "surprise": "#3cc8fa", "neutral": "#b4b4b4"}
+
+
+def plot_timeline(frames: Sequence[Any], classes: Sequence[str], path: str | os.PathLike[str], title: str = "",
+                  min_frames: int = 3) -> Path:
+    """Each track's (smoothed) emotion probabilities over time as stacked areas, one panel per track.
+
+    `frames` are `ferkit.tracking.FrameResult`s with tracked faces; a track's area breaks where its
+    face was not seen for more than two sampling steps. Tracks seen in fewer than `min_frames`
+    sampled frames (a detector's passing false alarm, mostly) get no panel; the title counts them.
+    """
+    series: dict[int, list[tuple[float, list[float]]]] = {}
+    for frame in frames:
+        for face in frame.faces:
+            if face.track is not None:
+                series.setdefault(face.track, []).append((frame.time, [face.probabilities[c] for c in classes]))
+    times = sorted({frame.time for frame in frames})
+    step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+    brief = [track for track, rows in series.items() if len(rows) < min_frames]
+    tracks = sorted(set(series) - set(brief)) or [0]
+    fig, axes = plt.subplots(len(tracks), 1, figsize=(10, 1.4 + 1.6 * len(tracks)), sharex=True, squeeze=False,
+                             layout="constrained")
+    colors = [EMOTION_COLORS.get(c, f"C{i}") for i, c in enumerate(classes)]
+    for ax, track in zip(axes[:, 0], tracks, strict=True):
+        rows = series.get(track, [])
+        start = 0
+        for end in range(1, len(rows) + 1):
+            if end == len(rows) or rows[end][0] - rows[end - 1][0] > 2 * step:
+                t = [r[0] for r in rows[start:end]]
+                ax.stackplot(t, np.array([r[1] for r in rows[start:end]]).T, colors=colors, labels=classes,
+                             linewidth=0)
+                start = end
+        ax.set(ylim=(0, 1), ylabel=f"track {track}" if rows else "no face", xlim=(times[0], times[-1]) if times
+               else None)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("time (s)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
+    fig.legend(handles, classes, loc="outside lower center", ncol=len(classes), frameon=False)
+    note = f" ({len(brief)} track{'s' * (len(brief) != 1)} seen in fewer than {min_frames} frames not drawn)"
+    fig.suptitle((title or "Emotions over time") + (note if brief else ""), fontsize=10)
+    return _save(fig, path)

@@ -46,18 +46,30 @@ class FaceResult:
 
     `box` is (x, y, w, h) in the upright original image's pixels: the square region the model read
     (FER-2013 framing), clipped to the image; the whole image when detection is off. `score` is
-    the detector's (see `ferkit.faces`), None when detection is off.
+    the detector's (see `ferkit.faces`), None when detection is off. In video and camera streams
+    (`ferkit.tracking`), `track` is the face's track id, `probabilities` and `label` are smoothed
+    over time and `raw_probabilities` are this frame's own; both are None for photos.
     """
 
     box: Box
     probabilities: dict[str, float]
     label: str
     score: float | None
+    track: int | None = None
+    raw_probabilities: dict[str, float] | None = None
 
     def to_dict(self, digits: int | None = None) -> dict[str, Any]:
         """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}, optionally rounded."""
-        probabilities = {k: (round(v, digits) if digits is not None else v) for k, v in self.probabilities.items()}
-        return {"box": list(self.box), "label": self.label, "probabilities": probabilities, "score": self.score}
+        def rounded(values: dict[str, float]) -> dict[str, float]:
+            return {k: (round(v, digits) if digits is not None else v) for k, v in values.items()}
+
+        record = {"box": list(self.box), "label": self.label, "probabilities": rounded(self.probabilities),
+                  "score": self.score}
+        if self.track is not None:
+            record = {"track": self.track, **record}
+        if self.raw_probabilities is not None:
+            record["raw_probabilities"] = rounded(self.raw_probabilities)
+        return record
 
 
 class Backend(Protocol):

@@ -5,6 +5,12 @@ expanded here when the shell did not. An input that fails (no such file, not an 
 over the pixel limit, an empty folder, a glob matching nothing) becomes a result with an error and
 the rest go on; a photo without faces is a result with no faces, not an error. Results come out in
 input order as a table, CSV or a JSON array, streamed as they are ready.
+
+A video's faces carry their frame, time and track id (`ferkit.tracking`), its labels are smoothed,
+and each of its tracks is summed up: in the JSON under "tracks", in the CSV as one row per track
+after the video's faces (`face` "summary", with `first_seen`, `last_seen` and `seconds`; `label`
+the dominant emotion and the emotion columns each one's share of the time), and as a table.
+A video read only in part (frames that do not decode) is reported with a warning, not an error.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from .faces import Face
 from .images import IMAGE_EXTENSIONS, ImageError
 from .outputs import file_kind
 from .predict import EmotionRecognizer, FaceResult
-from .video import VIDEO_EXTENSIONS, FrameResult, VideoError, annotated_video_path, open_video, predict_video
+from .tracking import DEFAULT_SMOOTH, FrameResult, TrackSummary, summarize_tracks
+from .video import VIDEO_EXTENSIONS, VideoError, annotated_video_path, open_video, predict_video
 
 CHUNK = 256
 """Images whose faces go through the model together."""
@@ -59,6 +66,9 @@ class InputResult:
     fps: float | None = None
     error: str | None = None
     annotated: Path | None = None
+    tracks: list[TrackSummary] | None = None
+    warnings: list[str] = field(default_factory=list)
+    timeline: Path | None = None
 
 
 def _kind(path: Path) -> str:
@@ -141,8 +151,14 @@ def run_inputs(
     every: int = 1,
     annotate: str | Path | None = None,
     progress: bool = False,
+    smooth: float = DEFAULT_SMOOTH,
+    timeline: str | Path | None = None,
 ) -> Iterator[InputResult]:
-    """Predict on every input, yielding results in input order; failures become results with an error."""
+    """Predict on every input, yielding results in input order; failures become results with an error.
+
+    `timeline`: where each video's timeline PNG goes; with several videos, their names are added to it.
+    """
+    videos = sum(item.kind == "video" and item.error is None for item in items)
     annotations = _Annotations(Path(annotate) if annotate is not None else None)
     # Faces of up to CHUNK images go through the model together; an annotating run keeps each
     # image only until its faces are classified.
@@ -170,7 +186,8 @@ def run_inputs(
                 pending.append((InputResult(item, error=item.error), [], None))
             elif item.kind == "video":
                 yield from flush()
-                yield _run_video(recognizer, item, every, annotations, progress)
+                figure = timeline_path(timeline, item, several=videos > 1) if timeline is not None else None
+                yield _run_video(recognizer, item, every, annotations, progress, smooth, figure)
             else:
                 result = InputResult(item)
                 faces: list[Face] = []
@@ -189,8 +206,18 @@ def run_inputs(
         yield from flush()
 
 
+def timeline_path(timeline: str | Path, item: InputItem, several: bool) -> Path:
+    """`timeline`, or with several videos `timeline`'s stem, a dash and the video's name: out-clip.png."""
+    path = Path(timeline)
+    path = path if path.suffix else path.with_name(path.name + ".png")
+    if not several or item.path is None:
+        return path
+    return path.with_name(f"{path.stem}-{item.path.stem}{path.suffix}")
+
+
 def _run_video(
-    recognizer: EmotionRecognizer, item: InputItem, every: int, annotations: _Annotations, progress: bool
+    recognizer: EmotionRecognizer, item: InputItem, every: int, annotations: _Annotations, progress: bool,
+    smooth: float = DEFAULT_SMOOTH, timeline: Path | None = None,
 ) -> InputResult:
     assert item.path is not None
     result = InputResult(item, frames=[])
@@ -202,7 +229,8 @@ def _run_video(
         total = -(-info.frames // every) if info.frames else None
         with tqdm(total=total, unit="frame", file=sys.stderr, disable=not progress, delay=1.0, leave=False,
                   desc=item.path.name) as bar:
-            for frame in predict_video(recognizer, item.path, every, result.annotated):
+            for frame in predict_video(recognizer, item.path, every, result.annotated, smooth,
+                                       warn=result.warnings.append):
                 assert result.frames is not None
                 result.frames.append(frame)
                 bar.update(1)
@@ -210,6 +238,14 @@ def _run_video(
         result.error = _message(item, err)
     if result.frames:
         result.faces = [face for frame in result.frames for face in frame.faces]
+        result.tracks = summarize_tracks(result.frames, recognizer.classes)
+        if timeline is not None:
+            from .plots import plot_timeline
+
+            try:
+                result.timeline = plot_timeline(result.frames, recognizer.classes, timeline, title=item.path.name)
+            except INPUT_ERRORS as err:
+                result.error = _message(item, err)
     return result
 
 
@@ -244,8 +280,12 @@ def json_record(result: InputResult, digits: int = PROBABILITY_DIGITS) -> dict[s
     if result.frames is not None:
         record["fps"] = result.fps
         record["sampled_frames"] = [frame.frame for frame in result.frames]
+        record["tracks"] = [summary.to_dict() for summary in result.tracks or []]
+        record["warnings"] = result.warnings
     if result.annotated is not None:
         record["annotated"] = str(result.annotated)
+    if result.timeline is not None:
+        record["timeline"] = str(result.timeline)
     return record
 
 
@@ -279,10 +319,11 @@ class Writer:
             self.out.write("[")
         elif self.fmt == "csv":
             self.csv = csv.writer(self.out, lineterminator="\n")
-            self.csv.writerow(["path", "frame", "time", "face", "x", "y", "w", "h", "label", "probability", "score",
-                               *self.classes, "error"])
+            summary = ["first_seen", "last_seen", "seconds"] if self.has_video else []
+            self.csv.writerow(["path", "frame", "time", "track", "face", "x", "y", "w", "h", "label", "probability",
+                               "score", *self.classes, "error", *summary])
         else:
-            frame = f"{'frame':>7} " if self.has_video else ""
+            frame = f"{'frame':>7} {'track':>5} " if self.has_video else ""
             self.emit(f"{'path':<{self.path_width}} {frame}{'face':>4}  {'box (x, y, w, h)':<22} {'label':<9} "
                       f"{'p':>5} {'score':>6}")
 
@@ -294,10 +335,15 @@ class Writer:
         elif self.fmt == "csv":
             for frame, number, face in _rows(result):
                 self.csv.writerow(self._csv_row(result, frame, number, face))
+            for summary in result.tracks or []:
+                self.csv.writerow(self._csv_summary(result, summary))
             self.out.flush()
         else:
             for frame, number, face in _rows(result):
                 self.emit(self._table_row(result, frame, number, face))
+            if result.tracks:
+                for line in summary_table(result.tracks, self.classes):
+                    self.emit("  " + line)
         self.count += 1
 
     def finish(self) -> None:
@@ -308,21 +354,30 @@ class Writer:
     def _csv_row(self, result: InputResult, frame: FrameResult | None, number: int, face: FaceResult | None
                  ) -> list[Any]:
         row: list[Any] = [result.item.display, "" if frame is None else frame.frame,
-                          "" if frame is None else round(frame.time, 3)]
+                          "" if frame is None else round(frame.time, 3),
+                          "" if face is None or face.track is None else face.track]
         if face is None:
             row += [""] * (8 + len(self.classes))
         else:
             row += [number, *face.box, face.label, round(face.probabilities[face.label], PROBABILITY_DIGITS),
                     "" if face.score is None else face.score,
                     *(round(face.probabilities[c], PROBABILITY_DIGITS) for c in self.classes)]
-        return [*row, result.error or ""]
+        return [*row, result.error or "", *([""] * 3 if self.has_video else [])]
+
+    def _csv_summary(self, result: InputResult, track: TrackSummary) -> list[Any]:
+        shares = [round(track.shares[c], PROBABILITY_DIGITS) for c in self.classes]
+        return [result.item.display, "", "", track.track, "summary", "", "", "", "", track.dominant,
+                round(track.shares[track.dominant], PROBABILITY_DIGITS), "", *shares, "",
+                round(track.first_seen, 3), round(track.last_seen, 3), round(track.seconds, 3)]
 
     def _table_row(self, result: InputResult, frame: FrameResult | None, number: int, face: FaceResult | None
                    ) -> str:
         path = result.item.display
         if len(path) > self.path_width:
             path = "..." + path[-(self.path_width - 3):]
-        head = f"{path:<{self.path_width}} " + (f"{'' if frame is None else frame.frame:>7} " if self.has_video else "")
+        track = "" if face is None or face.track is None else face.track
+        head = f"{path:<{self.path_width}} " + (f"{'' if frame is None else frame.frame:>7} {track:>5} "
+                                                if self.has_video else "")
         if result.error is not None:
             return f"{head}{'-':>4}  error: {result.error}"
         if face is None:
@@ -333,6 +388,17 @@ class Writer:
                 f"{score:>6}")
 
 
+def summary_table(tracks: Sequence[TrackSummary], classes: Sequence[str]) -> list[str]:
+    """Per-track summaries as text lines: seen from, until, for how long, dominant emotion, shares of time."""
+    shares = " ".join(f"{c[:8]:>8}" for c in classes)
+    lines = [f"{'track':>5} {'first s':>8} {'last s':>8} {'seen s':>8}  {'dominant':<9} {shares}"]
+    for t in tracks:
+        values = " ".join(f"{t.shares[c]:>8.2f}" for c in classes)
+        lines.append(f"{t.track:>5} {t.first_seen:>8.2f} {t.last_seen:>8.2f} {t.seconds:>8.2f}  {t.dominant:<9} "
+                     f"{values}")
+    return lines
+
+
 def predict_command(
     recognizer: EmotionRecognizer,
     arguments: Sequence[str],
@@ -341,13 +407,18 @@ def predict_command(
     annotate: str | None = None,
     progress: bool | None = None,
     out: TextIO | None = None,
+    smooth: float = DEFAULT_SMOOTH,
+    timeline: str | None = None,
 ) -> int:
     """`ferkit predict PATH...`: write every input's result to `out`; 1 if any input failed, else 0.
 
-    Failures also go to stderr, one line each, when stdout is for machines (CSV, JSON).
+    Failures also go to stderr, one line each, when stdout is for machines (CSV, JSON); warnings
+    (a video read only in part) always do.
     """
     if every < 1:
         raise ValueError(f"--every must be at least 1, not {every}")
+    if smooth < 0:
+        raise ValueError(f"--smooth must be 0 (off) or more seconds, not {smooth}")
     out = out or sys.stdout
     items = expand_inputs(arguments)
     show_progress = sys.stderr.isatty() if progress is None else progress
@@ -356,8 +427,10 @@ def predict_command(
     failed = 0
     writer.start()
     try:
-        for result in run_inputs(recognizer, items, every, annotate, show_progress):
+        for result in run_inputs(recognizer, items, every, annotate, show_progress, smooth, timeline):
             writer.add(result)
+            for warning in result.warnings:
+                print(f"ferkit: warning: {warning}", file=sys.stderr)
             if result.error is not None:
                 failed += 1
                 if fmt != "table":

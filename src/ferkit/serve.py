@@ -56,6 +56,7 @@ from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE, Face, make_detecto
 from .images import ImageError, PixelLimitError, decode_image_bytes, read_image_header
 from .predict import EmotionRecognizer, FaceResult
 from .predict_files import PROBABILITY_DIGITS, InputItem, InputResult, json_record
+from .tracking import Streams
 
 API_KEY_ENV = "FERKIT_API_KEY"
 """Environment variable read for the API key when `--api-key` is not given."""
@@ -370,6 +371,7 @@ class Service:
         self.pending_gauge.set_function(lambda: self.pending)
         self.batcher = MicroBatcher(self.model_thread, config.batch_window_ms / 1000, config.max_batch,
                                     self._observe_batch)
+        self.streams = Streams(recognizer.classes)  # the webcam pages' tracks and smoothing, by stream id
 
     def recognizer_for(self, prior: str | None) -> EmotionRecognizer:
         """The recognizer for a request's prior (None: the one the server was started with)."""
@@ -473,8 +475,13 @@ class Service:
         return await asyncio.wrap_future(job)
 
     async def predict(self, uploads: Sequence[tuple[str, bytes]], detect: bool, digits: int,
-                      prior: str | None) -> list[dict[str, Any]]:
-        """`predict --json` records for named image bytes; a bad image refuses the whole request."""
+                      prior: str | None, stream: str | None = None, frame_time: float | None = None
+                      ) -> list[dict[str, Any]]:
+        """`predict --json` records for named image bytes; a bad image refuses the whole request.
+
+        With `stream`, the one image is the next frame of that stream: its faces get track ids and
+        smoothed labels (`ferkit.tracking`, as `ferkit predict` gives a video's).
+        """
         try:
             shares = self.budget_shares(uploads)
             jobs = [self.faces_within_budget(name, data, detect, share)
@@ -490,6 +497,8 @@ class Service:
         decoded = [outcome for outcome in found if not isinstance(outcome, BaseException)]
         faces = [face for _, image_faces in decoded for face in image_faces]
         results = await self.batcher.submit(self.recognizer_for(prior), faces)
+        if stream is not None:
+            results = self.streams.update(stream, results, frame_time)
         self.images.inc(len(uploads))
         records, start = [], 0
         for (name, _), (size, image_faces) in zip(uploads, decoded, strict=True):
@@ -727,6 +736,9 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
         label: str
         probabilities: dict[str, float]
         score: float | None = Field(description="the face detector's score; null without detection")
+        track: int | None = Field(None, description="with ?stream=: the face's track id in that stream")
+        raw_probabilities: dict[str, float] | None = Field(
+            None, description="with ?stream=: this frame's own probabilities (`probabilities` are smoothed)")
 
     class ImageRecord(BaseModel):
         path: str = Field(description="the upload's file name, or images[i] for base64 images")
@@ -869,6 +881,12 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
         prior: str | None = Query(None, description=f"one of {', '.join(PRIORS) or 'none in this version'}: train, "
                                                     "as trained; uniform: the training prior divided out "
                                               "(weights that carry one)"),
+        stream: str | None = Query(None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                                   description="frames of a live stream (a webcam): one image, the stream's next "
+                                               "frame; faces get track ids and labels smoothed over time"),
+        frame_time: float | None = Query(None, alias="time", ge=0, le=1e7,
+                                         description="with stream: the frame's time in seconds (default: the "
+                                                     "server's clock)"),
     ) -> Response:
         """The emotions of the faces in one or more images: the records of `ferkit predict --json`.
 
@@ -898,7 +916,9 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
                 uploads = json_uploads(body, config)
             else:
                 uploads = await multipart_uploads(request, body, config)
-            return await service.predict(uploads, detect, digits, prior)
+            if stream is not None and len(uploads) != 1:
+                raise RequestError(422, f"stream: send one frame a request, not {len(uploads)} images")
+            return await service.predict(uploads, detect, digits, prior, stream, frame_time)
 
         service.pending += 1
         try:

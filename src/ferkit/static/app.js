@@ -1,5 +1,7 @@
 // The ferkit page: photos or webcam frames go to POST /v1/predict; each face is boxed with its label,
-// and its seven probabilities are drawn as bars. Plain JS, no dependencies, works offline.
+// and its seven probabilities are drawn as bars. Webcam frames are sent as one stream (?stream=ID&time=T):
+// the server tracks the faces and smooths their labels over time, as `ferkit predict` does a video's,
+// and each track keeps its box here. Plain JS, no dependencies, works offline.
 "use strict";
 
 const KEY_STORE = "ferkit-api-key";
@@ -62,22 +64,34 @@ function drawBars(container, face) {
   });
 }
 
-// Boxes as percentages of the image's size, so they follow it at any display size.
+// A face's name on the page: its track id in a stream ("#3"), else its number in the photo ("1:").
+function faceName(face, i) { return face.track != null ? `#${face.track}` : `${i + 1}:`; }
+
+// Boxes as percentages of the image's size, so they follow it at any display size. A tracked face
+// keeps its box element from frame to frame (so it glides instead of blinking).
 function drawBoxes(layer, record, className) {
-  layer.querySelectorAll(".box").forEach((box) => box.remove());
+  const kept = new Map();
+  layer.querySelectorAll(".box").forEach((box) => {
+    if (box.dataset.track) kept.set(box.dataset.track, box); else box.remove();
+  });
   record.faces.forEach((face, i) => {
     const [x, y, w, h] = face.box;
-    const box = el("div", `box ${className || ""}`);
+    const track = face.track != null ? String(face.track) : "";
+    const box = kept.get(track) || el("div", `box ${className || ""}`);
+    kept.delete(track);
     box.style.left = `${(100 * x) / record.width}%`;
     box.style.top = `${(100 * y) / record.height}%`;
     box.style.width = `${(100 * w) / record.width}%`;
     box.style.height = `${(100 * h) / record.height}%`;
     box.style.setProperty("--c", color(face.label));
-    const label = el("span", "box-label", `${i + 1}: ${face.label} ${topProbability(face).toFixed(2)}`);
+    if (track) box.dataset.track = track;
+    const label = box.firstChild || el("span", "box-label");
+    label.textContent = `${faceName(face, i)} ${face.label} ${topProbability(face).toFixed(2)}`;
     label.dataset.label = face.label;
-    box.append(label);
-    layer.append(box);
+    if (!label.parentNode) box.append(label);
+    if (!box.parentNode) layer.append(box);
   });
+  kept.forEach((box) => box.remove());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -136,7 +150,13 @@ function renderPhoto(card, file, record) {
 // ------------------------------------------------------------------------------------------------
 // Webcam
 
-const webcam = { stream: null, timer: null, busy: false, canvas: document.createElement("canvas"), sent: 0 };
+const webcam = { stream: null, timer: null, busy: false, canvas: document.createElement("canvas"), sent: 0, id: "",
+  started: 0 };
+
+function newStreamId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 async function startWebcam() {
   const status = $("webcam-status");
@@ -157,6 +177,8 @@ async function startWebcam() {
   $("webcam-stop").disabled = false;
   status.className = "status";
   status.textContent = "live";
+  webcam.id = newStreamId(); // a new stream: new tracks, nothing smoothed over from before
+  webcam.started = performance.now();
   webcam.timer = setInterval(sendFrame, FRAME_INTERVAL_MS);
 }
 
@@ -182,14 +204,16 @@ async function sendFrame() {
     canvas.width = video.videoWidth;
     canvas.height = video.videoHeight;
     canvas.getContext("2d").drawImage(video, 0, 0);
+    const seconds = ((performance.now() - webcam.started) / 1000).toFixed(3); // when the frame was taken
     const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.85));
     const form = new FormData();
     form.append("files", blob, `frame-${webcam.sent++}.jpg`);
-    const [record] = await api("/v1/predict", { method: "POST", body: form });
+    const [record] = await api(`/v1/predict?stream=${webcam.id}&time=${seconds}`, { method: "POST", body: form });
     if (!webcam.stream) return;
     drawBoxes($("overlay"), record, "live-box");
     const face = record.faces[0];
-    $("live-label").textContent = face ? `${face.label} ${topProbability(face).toFixed(2)}` : "no face";
+    $("live-label").textContent = face ? `${faceName(face, 0)} ${face.label} ${topProbability(face).toFixed(2)}` :
+      "no face";
     $("live-label").style.color = face ? color(face.label) : "";
     if (face) drawBars($("live-bars"), face);
     $("webcam-status").className = "status";
