@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import DATA_ROOT
-from ferkit.data import DataError, load_fer2013, summarize
-from ferkit.ferplus import (
-    majority_labels,
-    plurality_labels,
-    scheme_labels,
-    shared_class_view,
-    vote_distributions,
-    with_label_scheme,
-)
+from ferkit.data import DataError, load_fer2013
+from ferkit.evaluate import shared_class_view
+from ferkit.ferplus import vote_statistics, with_label_scheme
 from ferkit.labels import EMOTIONS, FERPLUS_CLASSES
+from ferkit.votes import majority_labels, plurality_labels, scheme_labels, vote_distributions
 
 FERPLUS_ROOT = Path(os.environ.get("FERKIT_FERPLUS") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
                     / "ferplus")
@@ -88,7 +83,7 @@ def test_folder_loads_with_the_readme_counts(ferplus) -> None:  # type: ignore[n
         majority = majority_labels(ferplus[split].votes)
         assert np.bincount(majority[majority >= 0], minlength=8).tolist() == per_class
         assert ((majority >= 0).sum(), (majority < 0).sum()) == (kept, dropped)
-    stats = summarize(ferplus)["votes"]
+    stats = vote_statistics(ferplus)
     assert stats["test"]["kept"]["ferplus-majority"] == 3152  # type: ignore[index]
 
 
@@ -205,7 +200,7 @@ def test_csv_pair_joins_by_position_and_drops_non_faces(tmp_path: Path) -> None:
     assert sum(len(data[s]) for s in ("train", "val", "test")) == len(faces)
     assert data["train"].votes.tolist() == [[int(v) for v in row[2:]] for row in faces if row[0] == "Training"]
     assert f"{len(body) - len(faces)} rows FER+ marks as not a face dropped" in " ".join(data.notes)
-    stats = summarize(data)["votes"]["train"]  # type: ignore[index]
+    stats = vote_statistics(data)["train"]
     assert 0 <= stats["fer2013_agreement"]["overall"] <= 1  # type: ignore[index]
 
 
@@ -228,13 +223,21 @@ def test_csv_pair_with_other_usages_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_full_csv_pair_gives_the_readme_counts(tmp_path: Path) -> None:
+def test_full_csv_pair_gives_the_readme_counts_plus_the_rows_that_share_a_file(tmp_path: Path) -> None:
+    """fer2013new.csv names four files twice (rows 5276/6970, 5350/11819, 8425/15837 in Training and 33202/34336
+    in PrivateTest), where FER+'s folder holds one file each, with the later row's votes; joined by position
+    every row is its own face. The extra Training rows are a neutral (9 votes), a sad (6 of 10) and an angry
+    face (4 of 7 after single votes go); the extra PrivateTest row is neutral (5 of 8), where the folder's
+    copy of that file has 10 not-a-face votes."""
     fer_csv, new_csv = write_csv_pair(tmp_path)
     data = load_fer2013(fer_csv, votes=new_csv, use_cache=False)
-    assert [len(data[s]) for s in ("train", "val", "test")] == [28558, 3579, 3573]
+    assert [len(data[s]) for s in ("train", "val", "test")] == [28558 + 3, 3579, 3573 + 1]
+    extra = {"train": [1, 0, 0, 1, 1, 0, 0, 0], "val": [0] * 8, "test": [1, 0, 0, 0, 0, 0, 0, 0]}
     for split, (per_class, kept, _) in README_MAJORITY.items():
         majority = majority_labels(data[split].votes)
-        assert np.bincount(majority[majority >= 0], minlength=8).tolist() == per_class and (majority >= 0).sum() == kept
+        expected = [n + e for n, e in zip(per_class, extra[split], strict=True)]
+        assert np.bincount(majority[majority >= 0], minlength=8).tolist() == expected
+        assert (majority >= 0).sum() == kept + sum(extra[split])
 
 
 # ---------------------------------------------------------------------------------------------

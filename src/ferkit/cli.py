@@ -80,12 +80,18 @@ def given_options(config_type: type, args: argparse.Namespace) -> dict[str, Any]
 
 def cmd_data_info(args: argparse.Namespace) -> int:
     from .data import load_fer2013, summarize
+    from .ferplus import vote_statistics
 
-    summary = summarize(load_fer2013(args.data, use_cache=not args.no_cache, votes=args.votes))
+    data = load_fer2013(args.data, use_cache=not args.no_cache, votes=args.votes)
+    summary = summarize(data)
+    if any(part.votes is not None for part in data.splits.values()):
+        summary["votes"] = vote_statistics(data)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"source: {summary['source']} ({summary['format']}{', from cache' if summary['from_cache'] else ''})")
+    if summary["labels"] == "votes":
+        print("per-class counts: each face's plurality of the FER+ votes (a face with none counts in the total only)")
     classes = next(iter(summary["splits"].values()))["per_class"]  # type: ignore[attr-defined]
     header = f"{'split':<6} {'usage':<12}" + "".join(f"{name:>9}" for name in classes) + f"{'total':>9}"
     print(header)

@@ -2,8 +2,10 @@
 
 Formats, detected from the path: the Kaggle challenge `fer2013.csv` (`emotion,pixels,Usage`),
 the later `icml_face_data.csv` (`emotion, Usage, pixels`), the image-folder layout
-`train|test/<class>/<Usage>_<id>.jpg`, and a .zip of that layout read in place. Each source is
-decoded once into a uint8 cache keyed by the source's identity. Bad input raises `DataError`
+`train|test/<class>/<Usage>_<id>.jpg`, a .zip of that layout read in place, and FER+'s folder layout
+(`FER2013Train|Valid|Test/label.csv` and PNGs), whose faces carry the crowd's ten votes; `fer2013.csv`
+also takes FER+'s `fer2013new.csv`, joined by row position (`votes=`); `ferkit.votes` turns votes into labels.
+Each source is decoded once into a uint8 cache keyed by the source's identity. Bad input raises `DataError`
 naming the file and the row, image or zip member; nothing is dropped without a word.
 
 Images are decoded by `ferkit.images` and cut to 48x48 by `ferkit.faces.crop_face`, the same code
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,7 +31,7 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -37,7 +40,18 @@ import numpy as np
 
 from .faces import crop_face
 from .images import ImageError, NotRegularFileError, decode_image_bytes, open_regular_file, os_error_reason, to_gray
-from .labels import EMOTION_TO_ID, EMOTIONS, IMAGE_SIZE, NUM_PIXELS, SPLIT_TO_USAGE, SPLITS, USAGE_TO_SPLIT
+from .labels import (
+    EMOTION_TO_ID,
+    EMOTIONS,
+    FERPLUS_CLASSES,
+    FERPLUS_VOTE_COLUMNS,
+    IMAGE_SIZE,
+    NUM_PIXELS,
+    SPLIT_TO_USAGE,
+    SPLITS,
+    USAGE_TO_SPLIT,
+)
+from .votes import plurality_labels
 
 CACHE_VERSION = 2  # 2: images decoded by ferkit.images and cropped by faces.crop_face (16-bit, RGB, EXIF)
 DEFAULT_DATA_PATH = Path("data/fer2013")
@@ -48,6 +62,8 @@ MAX_MEMBER_BYTES = 1 << 26
 """Largest zip member read (64 MiB uncompressed): a face image is kilobytes; this bounds a zip bomb."""
 SPLIT_SEED = 0
 _USAGE_PREFIX = re.compile(r"^(Training|PublicTest|PrivateTest)_")
+_FERPLUS_PNG = re.compile(r"^fer\d{7}\.png$")
+FERPLUS_SPLIT_FOLDERS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
 _FOLDER_ENTRY = re.compile(r"^(?P<prefix>(?:.*/)?)(?P<part>train|test)/(?P<cls>[^/]+)/(?P<name>[^/]+)$")
 
 
@@ -125,8 +141,6 @@ def load_fer2013(
     uint8 cache. `votes`: FER+'s `fer2013new.csv`, joined by position with a `fer2013.csv` source."""
     data = _load_source(path, cache_dir, use_cache)
     if votes is not None:
-        from .ferplus import attach_votes
-
         data = attach_votes(data, Path(votes).expanduser())
     return data
 
@@ -162,9 +176,7 @@ def _load_source(
 def detect_format(path: Path) -> str:
     """'ferplus', 'folder', 'zip', 'csv' or 'icml-csv', from the path and, for CSVs, the header."""
     if path.is_dir():
-        from .ferplus import is_ferplus_folder
-
-        return "ferplus" if is_ferplus_folder(path) else "folder"
+        return "ferplus" if (path / FERPLUS_SPLIT_FOLDERS["train"] / "label.csv").is_file() else "folder"
     suffix = path.suffix.lower()
     if suffix == ".zip":
         return "zip"
@@ -638,14 +650,8 @@ def _read_cache(cache_file: Path) -> FerData:
     return FerData(splits=splits, from_cache=True, **meta)
 
 
-def _load_ferplus(root: Path) -> FerData:
-    from .ferplus import load_ferplus_folder
-
-    return load_ferplus_folder(root)
-
-
-_LOADERS = {"folder": _load_folder, "zip": _load_zip, "csv": _load_csv, "icml-csv": _load_csv,
-            "ferplus": _load_ferplus}
+_LOADERS: dict[str, Callable[[Path], FerData]] = {"folder": _load_folder, "zip": _load_zip, "csv": _load_csv,
+                                                  "icml-csv": _load_csv}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,8 +710,166 @@ def summarize(data: FerData) -> dict[str, object]:
         "from_cache": data.from_cache,
         "labels": data.labels,
     }
-    if any(part.votes is not None for part in data.splits.values()):
-        from .ferplus import vote_statistics
-
-        summary["votes"] = vote_statistics(data)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# FER+ sources: its folder layout, and fer2013.csv joined with fer2013new.csv
+
+
+def parse_vote_row(fields: list[str], first: int, where: str) -> np.ndarray:
+    """The ten vote counts of one label row, from column `first` on; DataError naming `where` if bad."""
+    counts = fields[first : first + len(FERPLUS_VOTE_COLUMNS)]
+    if len(fields) != first + len(FERPLUS_VOTE_COLUMNS):
+        raise DataError(f"{where}: expected {first + len(FERPLUS_VOTE_COLUMNS)} columns (name, ..., "
+                        f"{', '.join(FERPLUS_VOTE_COLUMNS)}), got {len(fields)}")
+    bad = next((i for i, c in enumerate(counts) if not (c.strip().isascii() and c.strip().isdigit())), None)
+    if bad is not None:
+        raise DataError(f"{where}: vote count for {FERPLUS_VOTE_COLUMNS[bad]} is {counts[bad]!r}, not a whole number")
+    votes = np.array([int(c) for c in counts], dtype=np.int64)
+    if votes.sum() == 0 or votes.sum() > 20:
+        raise DataError(f"{where}: {votes.sum()} votes in all (FER+ has about 10 per face)")
+    return votes
+
+
+def _load_ferplus(root: Path) -> FerData:
+    """FER+'s folder layout -> FerData with the votes and FER+'s eight classes (labels: the plurality, -1 for none).
+
+    Each split's `label.csv` (no header) and its PNGs must match one to one: a row without its PNG and a PNG
+    without a row are both errors, named with file and row.
+    """
+    splits = {}
+    errors: list[str] = []
+    converted = 0
+    for split, folder_name in FERPLUS_SPLIT_FOLDERS.items():
+        folder = root / folder_name
+        rows, mentioned, problems = _read_label_csv(folder / "label.csv")
+        errors += problems
+        on_disk = {p.name for p in folder.iterdir() if _FERPLUS_PNG.match(p.name)} if folder.is_dir() else set()
+        errors += [f"{folder_name}/label.csv: row {n}: no image {name} in {folder_name}/"
+                   for n, (name, _) in rows.items() if name not in on_disk]
+        errors += [f"{folder_name}/{name}: an image with no row in label.csv" for name in sorted(on_disk - mentioned)]
+        if errors:
+            continue
+        images, names, votes = [], [], []
+        for name, vote in rows.values():
+            try:
+                image, was_converted = decode_face_image(read_regular_file(folder / name), f"{folder_name}/{name}")
+            except (DataError, OSError) as err:
+                errors.append(str(err))
+                continue
+            converted += was_converted
+            images.append(image)
+            names.append(f"{folder_name}/{name}")
+            votes.append(vote)
+        splits[split] = _votes_split(images, names, votes)
+    raise_collected(root, errors)
+    return FerData(source=str(root), format="ferplus", splits=splits, converted=converted, classes=FERPLUS_CLASSES,
+                   labels="votes")
+
+
+def _votes_split(images: list[np.ndarray], names: list[str], votes: list[np.ndarray]) -> Split:
+    """A Split of FER+ faces labelled by their plurality (-1 where none: data info and audits only)."""
+    vote_array = np.stack(votes) if votes else np.zeros((0, len(FERPLUS_VOTE_COLUMNS)), np.int64)
+    image_array = np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    return Split(image_array, plurality_labels(vote_array), np.array(names, dtype=str), votes=vote_array)
+
+
+def _read_label_csv(path: Path) -> tuple[dict[int, tuple[str, np.ndarray]], set[str], list[str]]:
+    """FER+ `label.csv` rows by row number: (PNG name, votes); every image name it mentions (bad rows too);
+    and the problems, each naming file and row."""
+    where_file = f"{path.parent.name}/{path.name}"
+    if not path.is_file():
+        return {}, set(), [f"{where_file}: missing (FER+'s folder layout has one label.csv per split)"]
+    rows: dict[int, tuple[str, np.ndarray]] = {}
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for number, fields in enumerate(csv.reader(f), start=1):
+            where = f"{where_file}: row {number}"
+            if not fields:
+                continue
+            try:
+                name = fields[0].strip()
+                if not _FERPLUS_PNG.match(name):
+                    raise DataError(f"{where}: {name!r} is not a FER+ image name (ferNNNNNNN.png)")
+                if name in seen:
+                    raise DataError(f"{where}: {name} already listed in row {seen[name]}")
+                seen[name] = number
+                rows[number] = (name, parse_vote_row(fields, 2, where))
+            except DataError as err:
+                problems.append(str(err))
+    return rows, set(seen), problems
+
+
+def attach_votes(data: FerData, votes_csv: Path) -> FerData:
+    """FER-2013 loaded from `fer2013.csv` (rows in file order) joined by position with FER+'s `fer2013new.csv`.
+
+    Rows FER+ marks as not a face (an empty `Image name`) are dropped and counted in the notes; row counts and
+    the Usage of every row must agree, else DataError naming the first row that differs.
+    """
+    if data.format not in ("csv", "icml-csv"):
+        raise DataError(f"{votes_csv}: FER+ votes join fer2013.csv by row position, so --votes needs a FER-2013 "
+                        f"CSV, not a {data.format} source")
+    usages, names, votes = _read_votes_csv(votes_csv)
+    total = sum(len(data.splits[s]) for s in SPLITS)
+    if len(usages) != total:
+        raise DataError(f"{votes_csv}: {len(usages)} rows, but {data.source} has {total}: the two files do not "
+                        "line up (they are joined by position)")
+    position = _row_positions(data)
+    splits = {}
+    dropped = 0
+    for split in SPLITS:
+        part = data.splits[split]
+        rows = position[split]
+        for i, row in enumerate(rows):
+            if USAGE_TO_SPLIT.get(usages[row]) != split:
+                raise DataError(f"{votes_csv}: row {row + 2} has Usage {usages[row]!r}, but row {row + 2} of "
+                                f"{data.source} ({part.names[i]}) is {split}: the two files do not line up")
+        face = np.array([bool(names[row]) for row in rows], dtype=bool)
+        dropped += int((~face).sum())
+        split_votes = np.stack([votes[row] for row in rows])[face] if len(rows) else np.zeros((0, 10), np.int64)
+        splits[split] = Split(part.images[face], part.labels[face], part.names[face], votes=split_votes)
+    notes = [*data.notes, f"joined with FER+ votes from {votes_csv}: {dropped} rows FER+ marks as not a face dropped"]
+    return replace(data, splits=splits, notes=notes, source=f"{data.source}+{votes_csv}")
+
+
+def _row_positions(data: FerData) -> dict[str, list[int]]:
+    """Each split's rows as 0-based positions among the CSV's data rows, in file order (names are `row N`)."""
+    numbered = []
+    for split in SPLITS:
+        for i, name in enumerate(data.splits[split].names):
+            text = str(name).removeprefix("row ")
+            if not text.isdigit():
+                raise DataError(f"{data.source}: {name!r} is not a CSV row number, so rows cannot be joined")
+            numbered.append((int(text), split, i))
+    positions: dict[str, list[int]] = {split: [0] * len(data.splits[split]) for split in SPLITS}
+    for rank, (_, split, i) in enumerate(sorted(numbered)):
+        positions[split][i] = rank
+    return positions
+
+
+def _read_votes_csv(path: Path) -> tuple[list[str], list[str], list[np.ndarray]]:
+    """`fer2013new.csv`: (Usage, Image name, ten votes) per row; DataError naming file and row when malformed."""
+    with open_source(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        expected = ["Usage", "Image name", *FERPLUS_VOTE_COLUMNS]
+        missing = [c for c in expected if c not in header]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
+        usage_col, name_col, first = header.index("Usage"), header.index("Image name"), header.index("neutral")
+        usages, names, votes = [], [], []
+        for number, fields in enumerate(reader, start=2):
+            if len(fields) != len(header):
+                raise DataError(f"{path}: row {number}: expected {len(header)} columns, got {len(fields)}")
+            usages.append(fields[usage_col].strip())
+            names.append(fields[name_col].strip())
+            votes.append(parse_vote_row(fields[: first + len(FERPLUS_VOTE_COLUMNS)], first, f"{path}: row {number}")
+                         if names[-1] else np.zeros(len(FERPLUS_VOTE_COLUMNS), np.int64))
+    return usages, names, votes
+
+
+
+
+_LOADERS["ferplus"] = _load_ferplus

@@ -1,5 +1,6 @@
 """Metrics of a model on a split: accuracy, balanced accuracy, loss, calibration, per-class P/R/F1, confusion
-matrix; temperature fitting; the robustness benchmark (`ferkit.corruptions`).
+matrix; temperature fitting; the robustness benchmark (`ferkit.corruptions`); scores against FER+'s votes and
+across the FER-2013 and FER+ vocabularies.
 
 The logits come from `ferkit.inference.predict_logits`, the same code every other command runs, and
 are adjusted (temperature, prior) by `ferkit.inference.adjusted_logits` as every report of ferkit is.
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .labels import EMOTIONS
+from .labels import EMOTIONS, FERPLUS_CLASSES
 from .outputs import check_output_file
+from .votes import majority_labels, plurality_labels, vote_distributions
 
 FER2013_TEST_COUNTS = {"angry": 491, "disgust": 55, "fear": 528, "happy": 879, "sad": 594, "surprise": 416,
                        "neutral": 626}
@@ -154,7 +156,7 @@ def evaluate_weights(
 
     from .data import load_fer2013
     from .devices import pick_device
-    from .ferplus import ferplus_report, shared_class_view, with_label_scheme
+    from .ferplus import with_label_scheme
     from .inference import adjusted_logits, predict_logits
     from .plots import plot_confusion, plot_curves, plot_reliability
     from .runs import METRICS_CSV, read_metrics_csv
@@ -276,3 +278,75 @@ def calibrate_weights(
     return {"weights": str(path), "output": out, "temperature": round(temperature, 6), "split": "val",
             "val_nll_before": before["loss"], "val_nll_after": after["loss"], "val_ece_before": before["ece"],
             "val_ece_after": after["ece"], "num_images": len(target)}
+
+
+# ---------------------------------------------------------------------------------------------
+# FER+: scores against the crowd votes, and across the FER-2013 and FER+ vocabularies
+
+
+def class_columns(from_classes: list[str] | tuple[str, ...], to_classes: list[str] | tuple[str, ...]) -> list[int]:
+    """Indices into `from_classes` of each of `to_classes`, by name (e.g. a FER+ model's logits in FER-2013 order)."""
+    missing = [c for c in to_classes if c not in from_classes]
+    if missing:
+        raise ValueError(f"classes {', '.join(missing)} are not among {', '.join(from_classes)}")
+    return [list(from_classes).index(c) for c in to_classes]
+
+
+def ferplus_report(
+    logits: np.ndarray, votes: np.ndarray | None, classes: list[str] | tuple[str, ...]
+) -> dict[str, object]:
+    """A model's (N, classes) logits scored against FER+ votes (N, 10) over the classes both share.
+
+    For a FER+ model that is all eight; a FER-2013 model is scored over its seven (faces whose majority is
+    contempt are left out). Majority accuracy is the literature's protocol; plurality accuracy, balanced
+    accuracy, ECE and the confusion matrix are over the faces each scheme keeps; NLL and KL are against
+    the vote distributions (outliers removed, renormalised over the shared classes).
+    """
+    if votes is None:
+        raise ValueError("no FER+ votes to score against")
+    shared = [c for c in FERPLUS_CLASSES if c in classes]
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float32)[:, class_columns(classes, shared)])
+    to_shared = np.array([shared.index(c) if c in shared else -1 for c in FERPLUS_CLASSES])
+
+    def scored(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mapped = np.where(labels >= 0, to_shared[np.maximum(labels, 0)], -1)
+        return mapped >= 0, mapped
+
+    keep, majority = scored(majority_labels(votes))
+    report = compute_metrics(z[keep], majority[keep], shared)
+    plural_keep, plurality = scored(plurality_labels(votes))
+    plural = compute_metrics(z[plural_keep], plurality[plural_keep], shared)
+    nll, kl, faces = _distribution_fit(z, votes, shared)
+    return {"classes": shared, "majority_accuracy": report["accuracy"], "majority_faces": int(keep.sum()),
+            "majority_balanced_accuracy": report["balanced_accuracy"], "majority_ece": report["ece"],
+            "majority_macro_f1": report["macro_f1"], "confusion_matrix": report["confusion_matrix"],
+            "plurality_accuracy": plural["accuracy"], "plurality_faces": int(plural_keep.sum()),
+            "distribution_nll": nll, "distribution_kl": kl, "distribution_faces": faces}
+
+
+def _distribution_fit(z: torch.Tensor, votes: np.ndarray, shared: list[str]) -> tuple[float, float, int]:
+    """Mean cross-entropy and KL divergence (nats) of softmax(z) from the vote distributions over `shared`."""
+    targets, keep = vote_distributions(votes)
+    p = targets[:, [FERPLUS_CLASSES.index(c) for c in shared]].astype(np.float64)
+    total = p.sum(1)
+    keep &= total > 0
+    p = p[keep] / total[keep, None]
+    log_q = torch.log_softmax(z[torch.from_numpy(keep)].double(), 1).numpy()
+    nll = -(p * log_q).sum(1)
+    entropy = -(p * np.log(p, out=np.zeros_like(p), where=p > 0)).sum(1)
+    return float(nll.mean()), float((nll - entropy).mean()), int(keep.sum())
+
+
+def shared_class_view(
+    logits: np.ndarray, labels: np.ndarray, model_classes: list[str] | tuple[str, ...],
+    label_classes: list[str] | tuple[str, ...],
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """A model scored on labels of another vocabulary (a FER-2013 model on FER+, a FER+ model on FER-2013):
+    (logits over the shared classes, labels as indices into them, the shared classes in the labels' order,
+    the mask of faces whose label is shared). With one vocabulary it changes nothing."""
+    shared = [c for c in label_classes if c in model_classes]
+    to_shared = np.array([shared.index(c) if c in shared else -1 for c in label_classes])
+    labels = np.asarray(labels)
+    mapped = np.where(labels >= 0, to_shared[np.maximum(labels, 0)], -1)
+    keep = mapped >= 0
+    return np.asarray(logits)[keep][:, class_columns(model_classes, shared)], mapped[keep], shared, keep

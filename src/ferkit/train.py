@@ -37,8 +37,8 @@ from .augment import AugmentConfig, mix_batch, train_transform
 from .data import FerData, load_fer2013
 from .devices import DeviceError, autocast_dtype, pick_device
 from .distill import distillation_loss, load_teachers, online_soft_targets, soft_targets, teacher_logits
-from .evaluate import compute_metrics
-from .ferplus import LABEL_SCHEMES, ferplus_report, with_label_scheme
+from .evaluate import compute_metrics, ferplus_report
+from .ferplus import LABEL_SCHEMES, with_label_scheme
 from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
 from .labels import IMAGE_SIZE, NUM_CLASSES
 from .models import ARCH_RENAMES, create_model, list_models
