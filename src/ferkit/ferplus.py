@@ -1,8 +1,8 @@
 """FER+: the crowd votes that relabel FER-2013 (Barsoum et al., ICMI 2016), as training targets and as a benchmark.
 
 Owns a data set's view under a `--labels` scheme and the vote statistics. `ferkit.data` loads FER+'s
-sources, `ferkit.votes` holds the schemes' arithmetic and `ferkit.evaluate` scores models against the votes. Every scheme starts with the paper's outlier removal (an emotion with a single vote
-counts as none):
+sources, `ferkit.votes` holds the schemes' arithmetic and `ferkit.evaluate` scores models against the
+votes. Every scheme starts with the paper's outlier removal (an emotion with a single vote counts as none):
 
 - majority: the emotion holding more than half of the remaining votes; otherwise, or when `unknown`/`NF`
   holds it, the face is dropped. FER+'s test protocol: 3,152 of the 3,573 FER2013Test faces.
