@@ -133,10 +133,14 @@ def evaluate_weights(
     """Score a weights file (or run folder, or shipped model) on a split; write the figures.
 
     `views`: test-time views per face (default: the weights' own). `prior`: "train" or "uniform"
-    (see `inference.adjusted_logits`). The report's probabilities are the weights' calibrated ones
-    (their temperature); `ece_at_temperature_1` is the error before calibration. `corruptions`
-    adds the robustness benchmark. `record` stores the test figures in the weights' metadata (only
-    for the test split, the weights' own views and the training prior: what `ferkit models` shows).
+    (see `inference.adjusted_logits`) for the report, its figures and the corruptions; `priors` holds
+    accuracy, balanced accuracy, loss and ECE under both, and the ECE on the split reweighted to a
+    uniform class mix (`ece_uniform_mix`); `default_prior` is the one `ferkit predict` uses. The
+    report's probabilities are the weights' calibrated ones (temperature and calibration map);
+    `ece_at_temperature_1` is the error before calibration. `corruptions` adds the robustness
+    benchmark. `record` stores the split's figures under the training prior in the weights' metadata
+    (test: `test_*`; val: `val_*`, which the choice of the default model reads; only with the
+    weights' own views): what `ferkit models` shows.
     Writes the confusion matrix and a reliability diagram to `figures_dir` (default: the run folder
     the weights are in, else ./ferkit-eval) and, when the weights come from a run folder, the curves.
     """
@@ -144,7 +148,7 @@ def evaluate_weights(
 
     from .data import load_fer2013
     from .devices import pick_device
-    from .inference import adjusted_logits, predict_logits
+    from .inference import DEFAULT_PRIOR, adjusted_logits, predict_logits
     from .plots import plot_confusion, plot_curves, plot_reliability
     from .runs import METRICS_CSV, read_metrics_csv
     from .weights import load_model, resolve_weights
@@ -157,9 +161,12 @@ def evaluate_weights(
     raw = predict_logits(model, part.images, torch_device, batch_size, pre).numpy()
     logits = torch.from_numpy(adjusted_logits(raw, pre, prior)).float()
     report = compute_metrics(logits, part.labels, meta.classes)
+    uncalibrated = dataclasses.replace(pre, temperature=1.0, calibration_matrix=None, calibration_bias=None)
     report["ece_at_temperature_1"] = expected_calibration_error(
-        torch.from_numpy(adjusted_logits(raw, dataclasses.replace(pre, temperature=1.0), prior)).float(),
-        torch.as_tensor(part.labels, dtype=torch.long))
+        torch.from_numpy(adjusted_logits(raw, uncalibrated, prior)).float(), torch.as_tensor(part.labels))
+    report["priors"] = {name: prior_metrics(raw, part.labels, pre, name, meta.classes)
+                        for name in available_priors(pre)}
+    report["default_prior"] = DEFAULT_PRIOR
     metrics_csv = path.parent / METRICS_CSV
     out_dir = Path(figures_dir) if figures_dir else (path.parent if metrics_csv.exists() else Path("ferkit-eval"))
     title = f"{meta.arch} ({path.name}), {split}: accuracy {100 * report['accuracy']:.2f}%"
@@ -167,11 +174,11 @@ def evaluate_weights(
                               title),
                plot_reliability(torch.softmax(logits, 1).numpy(), part.labels, out_dir / f"reliability_{split}.png",
                                 f"{meta.arch} ({path.name}), {split}: ECE {report['ece']:.3f} "
-                                f"(T = {pre.temperature:.3f}, prior {prior})")]
+                                f"(T = {pre.temperature:.3f}{', map' if pre.calibrated else ''}, prior {prior})")]
     if metrics_csv.exists():
         figures.append(plot_curves(read_metrics_csv(metrics_csv), out_dir / "curves.png", title=meta.arch))
     report.update(weights=str(path), arch=meta.arch, split=split, views=pre.views, prior=prior,
-                  temperature=pre.temperature, figures=[str(f) for f in figures])
+                  temperature=pre.temperature, calibration_map=pre.calibrated, figures=[str(f) for f in figures])
     if corruptions:
         report["corruptions"] = corruption_report(model, part.images, part.labels, pre, torch_device, batch_size,
                                                   prior, severities)
@@ -180,45 +187,87 @@ def evaluate_weights(
     return report
 
 
+def available_priors(preprocessing: Any) -> tuple[str, ...]:
+    """The priors these weights can report under: uniform needs their training class prior."""
+    from .inference import PRIORS
+
+    return PRIORS if preprocessing.class_prior is not None else ("train",)
+
+
+def prior_metrics(raw: np.ndarray, targets: np.ndarray, preprocessing: Any, prior: str, classes: list[str]
+                  ) -> dict[str, float]:
+    """Accuracy, balanced accuracy, loss and ECE under `prior`; and the ECE on the split reweighted to a uniform
+    class mix (each face weighing 1 / its class count), the mix uniform-prior probabilities are meant for."""
+    from .calibration import calibration_error, uniform_mix_weights
+    from .inference import adjusted_logits, softmax
+
+    adjusted = adjusted_logits(raw, preprocessing, prior)
+    metrics = compute_metrics(torch.from_numpy(adjusted).float(), targets, classes)
+    probabilities = softmax(adjusted)
+    weights = uniform_mix_weights(targets, len(classes))
+    return {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+            "macro_f1": metrics["macro_f1"], "loss": metrics["loss"], "ece": metrics["ece"],
+            "ece_uniform_mix": calibration_error(probabilities, targets, weights)}
+
+
 def _record_test_metrics(path: Any, model: torch.nn.Module, meta: Any, report: dict[str, Any]) -> None:
     from .weights import save_weights
 
-    if report["split"] != "test" or report["prior"] != "train" or report["views"] != meta.views:
-        raise ValueError("--record stores PrivateTest figures of the weights as they are used: --split test, "
-                         "the weights' own views and --prior train")
-    figures = {"test_acc": report["accuracy"], "test_balanced_acc": report["balanced_accuracy"],
-               "test_ece": report["ece"], "test_macro_f1": report["macro_f1"], "test_loss": report["loss"]}
-    if "corruptions" in report and len(report["corruptions"]["severities"]) == 5:
-        figures["mean_corruption_acc"] = report["corruptions"]["mean_corruption_accuracy"]
+    if report["split"] not in ("test", "val") or report["views"] != meta.views:
+        raise ValueError("--record stores the figures of the weights as they are used: --split test or val and "
+                         "the weights' own views")
+    split, train = report["split"], report["priors"]["train"]
+    figures = {f"{split}_acc": train["accuracy"], f"{split}_balanced_acc": train["balanced_accuracy"],
+               f"{split}_ece": train["ece"], f"{split}_loss": train["loss"]}
+    if split == "test":
+        figures["test_macro_f1"] = train["macro_f1"]
+    if "uniform" in report["priors"]:
+        figures[f"{split}_ece_uniform_prior_uniform_mix"] = report["priors"]["uniform"]["ece_uniform_mix"]
+    bench = report.get("corruptions")
+    if bench and len(bench["severities"]) == 5 and report["prior"] == "train":
+        figures["mean_corruption_acc" if split == "test" else "val_mean_corruption_acc"] = \
+            bench["mean_corruption_accuracy"]
     save_weights(path, model, dataclasses.replace(meta, metrics={**meta.metrics, **figures}))
 
 
 def calibrate_weights(
     weights: str | None, data: str | None, output: str | None = None, device: str = "auto", batch_size: int = 512,
+    calibration_map: str = "auto", strength: float = 1e-3,
 ) -> dict[str, Any]:
-    """Fit the temperature on the validation split (never the test split) and store it in the weights.
+    """Fit the calibration on the validation split (never the test split) and store it in the weights.
 
-    Writes the weights, with the temperature in their preprocessing metadata, to `output` (default:
-    in place). Returns the temperature and the validation NLL and ECE before and after.
+    `calibration_map`: "temperature" (alone), "vector" or "matrix" (an affine map of the tempered
+    logits, L2 `strength` towards the identity; see `ferkit.calibration`), or "auto": the family and
+    strength with the lowest cross-validated ECE on the validation split. Writes the weights, with the
+    temperature and map in their preprocessing metadata, to `output` (default: in place). Returns what
+    was fitted, the cross-validation table (auto) and the validation NLL and ECE before and after.
     """
+    from .calibration import cross_validate, fit_map
     from .data import load_fer2013
     from .devices import pick_device
-    from .inference import predict_logits
+    from .inference import adjusted_logits, predict_logits
     from .weights import load_model, resolve_weights, save_weights
 
     path = resolve_weights(weights)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
     val = load_fer2013(data)["val"]
-    logits = predict_logits(model, val.images, torch_device, batch_size, meta.preprocessing)
-    temperature = fit_temperature(logits, val.labels)
-    target = torch.as_tensor(val.labels, dtype=torch.long)
-    before, after = compute_metrics(logits, val.labels, meta.classes), compute_metrics(logits / temperature,
-                                                                                       val.labels, meta.classes)
-    calibrated = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing,
-                                                                             temperature=round(temperature, 6)))
+    raw = predict_logits(model, val.images, torch_device, batch_size, meta.preprocessing).numpy()
+    table = cross_validate(raw, val.labels) if calibration_map == "auto" else None
+    family, strength = (table[0]["family"], table[0]["strength"]) if table else (calibration_map, strength)
+    fitted = fit_map(raw, val.labels, family, strength)
+    affine = family != "temperature"
+    pre = dataclasses.replace(
+        meta.preprocessing, temperature=round(fitted.temperature, 6),
+        calibration_matrix=tuple(tuple(round(float(v), 6) for v in row) for row in fitted.matrix) if affine else None,
+        calibration_bias=tuple(round(float(v), 6) for v in fitted.bias) if affine else None)
+    before = compute_metrics(torch.from_numpy(raw), val.labels, meta.classes)
+    after = compute_metrics(torch.from_numpy(adjusted_logits(raw, pre)).float(), val.labels, meta.classes)
     out = output or str(path)
-    save_weights(out, model, calibrated)
-    return {"weights": str(path), "output": out, "temperature": round(temperature, 6), "split": "val",
+    save_weights(out, model, dataclasses.replace(meta, preprocessing=pre))
+    return {"weights": str(path), "output": out, "map": family, "strength": strength if affine else None,
+            "temperature": pre.temperature, "calibration_matrix": pre.calibration_matrix,
+            "calibration_bias": pre.calibration_bias, "split": "val", "cross_validation": table,
             "val_nll_before": before["loss"], "val_nll_after": after["loss"], "val_ece_before": before["ece"],
-            "val_ece_after": after["ece"], "num_images": len(target)}
+            "val_ece_after": after["ece"], "val_accuracy_before": before["accuracy"],
+            "val_accuracy_after": after["accuracy"], "num_images": len(val.labels)}
