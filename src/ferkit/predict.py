@@ -9,8 +9,9 @@ through the model. Two backends run the model:
 - onnxruntime, for an exported .onnx file: runs no torch code; the graph takes the uint8 crops and
   holds the same normalisation and views (`inference.InferenceModel`, exported).
 
-Probabilities are the softmax of the logits divided by the weights' temperature; `prior="uniform"`
-also divides out the training set's class prior (see `inference.adjusted_logits`).
+Probabilities are the softmax of the logits through the weights' calibration (temperature and map,
+fitted on PublicTest); `prior="uniform"`, the default, also divides out the training set's class
+prior, FER-2013's class mix (see `inference.adjusted_logits`); `prior="train"` keeps it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import numpy as np
 
 from .faces import (
     DEFAULT_DETECT_MAX_SIDE,
+    DEFAULT_DETECTOR,
     DEFAULT_MIN_FACE,
+    LANDMARKS,
     Box,
     Face,
     FaceDetector,
@@ -34,7 +37,7 @@ from .faces import (
     whole_image_face,
 )
 from .images import DEFAULT_MAX_PIXELS, ColorOrder, ImageInput, load_image
-from .inference import PRIORS, adjusted_logits, softmax
+from .inference import DEFAULT_PRIOR, PRIORS, adjusted_logits, softmax
 from .labels import IMAGE_SIZE
 from .weights import WeightsError, WeightsMeta
 
@@ -45,13 +48,16 @@ class FaceResult:
 
     `box` is (x, y, w, h) in the upright original image's pixels: the square region the model read
     (FER-2013 framing), clipped to the image; the whole image when detection is off. `score` is
-    the detector's (see `ferkit.faces`), None when detection is off.
+    the detector's (see `ferkit.faces`), None when detection is off. `landmarks`: {name: (x, y)} in
+    the same pixels for the detector's landmarks (YuNet: eyes, nose tip, mouth corners; see
+    `ferkit.faces.LANDMARKS`), None where it gives none (Haar, no detection); not in `to_dict`.
     """
 
     box: Box
     probabilities: dict[str, float]
     label: str
     score: float | None
+    landmarks: dict[str, tuple[float, float]] | None = None
 
     def to_dict(self, digits: int | None = None) -> dict[str, Any]:
         """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}, optionally rounded."""
@@ -188,14 +194,15 @@ class EmotionRecognizer:
     >>> for face in recognizer.predict("photo.jpg"):  # doctest: +SKIP
     ...     print(face.box, face.label, face.probabilities[face.label])
 
-    `weights`: None (the shipped default), a shipped model's name, a safetensors file, a run folder,
-    or an exported .onnx file (runs on onnxruntime). `detect=False` treats each image as one face
-    crop, like FER-2013's. `detector`: "haar", a Haar cascade .xml, a YuNet .onnx model, or an object
-    with `detect()` and `crop_scale` (see `ferkit.faces`). `min_face`: smallest face side in pixels;
+    `weights`: None (the shipped default, see `weights.choose_default`), a shipped model's name, a
+    safetensors file, a run folder, or an exported .onnx file (runs on onnxruntime). `detect=False`
+    treats each image as one face crop, like FER-2013's. `detector`: "yunet" (the default, shipped),
+    "haar", a YuNet .onnx model, a Haar cascade .xml, or an object with `detect()` and `crop_scale`
+    (see `ferkit.faces`). `min_face`: smallest face side in pixels;
     `detect_max_side`: larger images are downscaled to this for detection (crops come from the original).
-    `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "train"
-    (probabilities under FER-2013's class mix, as trained) or "uniform" (that prior divided out, for faces
-    whose emotions are not mixed like FER-2013's; it can change the label).
+    `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "uniform"
+    (the default: FER-2013's class mix divided out, for faces whose emotions are not mixed like
+    FER-2013's; it can change the label) or "train" (probabilities under FER-2013's class mix, as trained).
     """
 
     def __init__(
@@ -204,12 +211,12 @@ class EmotionRecognizer:
         *,
         device: str = "auto",
         detect: bool = True,
-        detector: str | os.PathLike[str] | FaceDetector = "haar",
+        detector: str | os.PathLike[str] | FaceDetector = DEFAULT_DETECTOR,
         min_face: int = DEFAULT_MIN_FACE,
         detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 512,
-        prior: str = "train",
+        prior: str = DEFAULT_PRIOR,
     ) -> None:
         if prior not in PRIORS:
             raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
@@ -255,11 +262,12 @@ class EmotionRecognizer:
         adjusted = adjusted_logits(self.logits(np.stack([face.crop for face in faces])), self.meta.preprocessing,
                                    self.prior)
         probabilities = softmax(adjusted)
-        # The label is the argmax of the logits, exactly as `ferkit evaluate` counts it (a temperature
-        # cannot change it; the uniform prior can, and is meant to).
+        # The label is the argmax of the calibrated logits, exactly as `ferkit evaluate` counts it (the
+        # calibration map's biases and the uniform prior can change it).
         labels = adjusted.argmax(1)
         return [
-            FaceResult(face.box, dict(zip(self.classes, map(float, p), strict=True)), self.classes[int(k)], face.score)
+            FaceResult(face.box, dict(zip(self.classes, map(float, p), strict=True)), self.classes[int(k)], face.score,
+                       dict(zip(LANDMARKS, face.landmarks, strict=True)) if face.landmarks else None)
             for face, p, k in zip(faces, probabilities, labels, strict=True)
         ]
 
