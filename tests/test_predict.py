@@ -53,7 +53,10 @@ def _same(a: list[FaceResult], b: list[FaceResult], atol: float = 0.0) -> None:
 
 def test_the_astronaut(recognizer: EmotionRecognizer, astronaut: np.ndarray) -> None:
     (face,) = recognizer.predict(astronaut)
-    assert iou(face.box, ASTRONAUT_FACE) > 0.7
+    # ASTRONAUT_FACE is Haar's box; the default YuNet's crop square is larger (its boxes are taller), so the
+    # PASCAL criterion, IoU >= 0.5, and the same centre within a few pixels.
+    assert iou(face.box, ASTRONAUT_FACE) >= 0.5
+    assert abs(face.box[0] + face.box[2] / 2 - 224.5) <= 8 and abs(face.box[1] + face.box[3] / 2 - 113.5) <= 12
     assert list(face.probabilities) == list(EMOTIONS)
     assert abs(sum(face.probabilities.values()) - 1) < 1e-6
     assert face.label == max(face.probabilities, key=face.probabilities.__getitem__)

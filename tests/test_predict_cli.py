@@ -83,7 +83,7 @@ def test_a_folder_of_real_photos(photos: Path, recognizer: EmotionRecognizer, ca
     assert all(r["error"] is None and r["type"] == "image" for r in records.values())
     assert records["empty-room.jpg"]["faces"] == []
     (astronaut,) = records["astronaut.png"]["faces"]
-    assert iou(tuple(astronaut["box"]), ASTRONAUT_FACE) > 0.7
+    assert iou(tuple(astronaut["box"]), ASTRONAUT_FACE) >= 0.5  # Haar's box; YuNet's crop square is larger
     assert (records["astronaut.png"]["width"], records["astronaut.png"]["height"]) == (512, 512)
     found = 0
     for name, boxes in PASTED.items():

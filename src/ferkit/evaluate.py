@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .calibration import fit_temperature  # noqa: F401  (its home before ferkit.calibration; still imported from here)
 from .labels import EMOTIONS
 
 
@@ -68,30 +69,6 @@ def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor) -> f
     probabilities = torch.softmax(logits.float(), 1)
     return float(multiclass_calibration_error(probabilities, targets, num_classes=logits.shape[1], n_bins=ECE_BINS,
                                               norm="l1"))
-
-
-def fit_temperature(logits: torch.Tensor | np.ndarray, targets: np.ndarray | torch.Tensor) -> float:
-    """The temperature T that minimises the NLL of softmax(logits / T) on (validation) data.
-
-    The NLL is convex in 1/T, so a ternary search over 1/T in [0.05, 20] finds the minimum,
-    deterministically, to about 1e-6.
-    """
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-    if len(y) == 0:
-        raise ValueError("cannot fit a temperature on no images")
-
-    def nll(inverse_t: float) -> float:
-        return float(F.cross_entropy(z * inverse_t, y))
-
-    low, high = 0.05, 20.0
-    for _ in range(200):
-        a, b = low + (high - low) / 3, high - (high - low) / 3
-        if nll(a) <= nll(b):
-            high = b
-        else:
-            low = a
-    return 1.0 / ((low + high) / 2)
 
 
 def corruption_report(
