@@ -367,9 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "0: never)")
     predict.add_argument("--detect-size", dest="detect_max_side", type=int, action=DeprecatedOption,
                          new="--detect-max-side")
-    predict.add_argument("--prior", choices=PRIORS, default=DEFAULT_PRIOR,
+    predict.add_argument("--prior", choices=PRIORS,
                          help=f"uniform: FER-2013's class mix divided out, for faces whose emotions are not mixed like "
-                              f"FER-2013's; train: probabilities under that mix, as trained (default: {DEFAULT_PRIOR})")
+                              f"FER-2013's; train: probabilities under that mix, as trained (default: {DEFAULT_PRIOR}, "
+                              "where the weights carry their class prior)")
     predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help=f"refuse image files with more pixels (default: {DEFAULT_MAX_PIXELS}; 0: no limit)")
     predict.add_argument("--device", default="auto")

@@ -43,9 +43,8 @@ HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 HAAR_CROP_SCALE = 1.05
 DEFAULT_MIN_FACE = 64
 DEFAULT_DETECT_MAX_SIDE = 640
-DETECTORS = ("yunet", "haar")
-"""Detectors by name; a file name (.onnx YuNet model, .xml Haar cascade) also works."""
 DEFAULT_DETECTOR = "yunet"
+"""By name: "yunet" (shipped) or "haar"; a YuNet .onnx or Haar cascade .xml file name also works."""
 YUNET_MODEL = "face_detection_yunet_2023mar.onnx"
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 
@@ -140,7 +139,7 @@ class HaarDetector:
             if folder is None:
                 raise DetectorError(
                     f"OpenCV {cv2.__version__} ships no Haar cascades (OpenCV 5 removed them); "
-                    "install opencv-python-headless<5 or pass a YuNet model file as the detector"
+                    "install opencv-python-headless<5 or use the YuNet detector ('yunet', the default)"
                 )
             path = Path(folder) / str(cascade)
         if not path.is_file():

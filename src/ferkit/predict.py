@@ -201,8 +201,9 @@ class EmotionRecognizer:
     (see `ferkit.faces`). `min_face`: smallest face side in pixels;
     `detect_max_side`: larger images are downscaled to this for detection (crops come from the original).
     `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "uniform"
-    (the default: FER-2013's class mix divided out, for faces whose emotions are not mixed like
-    FER-2013's; it can change the label) or "train" (probabilities under FER-2013's class mix, as trained).
+    (FER-2013's class mix divided out, for faces whose emotions are not mixed like FER-2013's; it can
+    change the label) or "train" (probabilities under FER-2013's class mix, as trained); None (the
+    default): "uniform" where the weights carry their training class prior, else "train".
     """
 
     def __init__(
@@ -216,9 +217,9 @@ class EmotionRecognizer:
         detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 512,
-        prior: str = DEFAULT_PRIOR,
+        prior: str | None = None,
     ) -> None:
-        if prior not in PRIORS:
+        if prior is not None and prior not in PRIORS:
             raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
         self.backend = open_backend(weights, device, batch_size)
         self.meta = self.backend.meta
@@ -226,10 +227,11 @@ class EmotionRecognizer:
         self.detect = detect
         self.detector = make_detector(detector, min_face, detect_max_side) if detect else None
         self.max_pixels = max_pixels
-        if prior == "uniform" and self.meta.preprocessing.class_prior is None:
+        has_prior = self.meta.preprocessing.class_prior is not None
+        if prior == "uniform" and not has_prior:
             raise WeightsError(f"{self.backend.path}: these weights carry no training class prior, so "
                                "prior='uniform' cannot be applied")
-        self.prior = prior
+        self.prior = prior or (DEFAULT_PRIOR if has_prior else "train")
 
     def __repr__(self) -> str:
         return (f"EmotionRecognizer(weights={str(self.backend.path)!r}, backend={self.backend.name!r}, "
