@@ -30,7 +30,7 @@ def test_models_prints_what_the_files_hold(capsys: pytest.CaptureFixture[str]) -
     assert cli.main(["models", "--speed-seconds", "0"]) == 0
     table = capsys.readouterr().out.splitlines()
     for row in rows:
-        line = next(line for line in table if line.startswith(row["name"]))
+        line = next(line for line in table if line.split() and line.split()[0].rstrip("*") == row["name"])
         assert f"{100 * row['test_accuracy']:.2f}" in line and f"{row['parameters']:,}" in line
     # Which model is the default, and why: the rule's PublicTest figures from the file's metadata.
     default = read_meta(shipped_models()[DEFAULT_MODEL])
