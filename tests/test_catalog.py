@@ -36,7 +36,7 @@ def test_models_prints_what_the_files_hold(capsys: pytest.CaptureFixture[str]) -
     default = read_meta(shipped_models()[DEFAULT_MODEL])
     assert [r["default"] for r in rows] == [True] + [False] * (len(rows) - 1) and default.views == 1
     assert table[-1].startswith(f"* the default, {DEFAULT_MODEL}: one view; PublicTest accuracy "
-                                f"{100 * default.metrics['val_acc']:.2f}%")
+                                f"{100 * default.metrics['val_acc']:.2f}%, ")
     assert rows[0]["default_reason"] == table[-1].split(": ", 1)[1]
 
 

@@ -199,7 +199,7 @@ def choose_default(metas: Mapping[str, WeightsMeta], points: float = DEFAULT_RUL
                       f"best one-view model's {100 * best:.2f}% (as are: {', '.join(close)}); the highest PublicTest "
                       f"mean corruption accuracy among them, {100 * robust[name]:.2f}%")
     name = max(close, key=accuracy.__getitem__)
-    return name, (f"one view; the best PublicTest accuracy, {100 * best:.2f}% (no model within {points:g} points "
+    return name, (f"one view; PublicTest accuracy {100 * best:.2f}%, the best (no model within {points:g} points "
                   "has a PublicTest corruption figure)")
 
 
