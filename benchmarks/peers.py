@@ -129,6 +129,7 @@ def timing(data: Path, fer_python: str, repeats: int) -> dict[str, Any]:
         result[f"{name} crops/s"] = crops_per_second(model, meta.preprocessing, seconds=5.0)
     result["fer crops/s"] = run_fer(fer_python, "crops", "20")["crops_per_s"]
     result["torch_threads"] = torch.get_num_threads()
+    result["ferkit_weights"] = recognizer.backend.path.name
     return result
 
 
@@ -141,7 +142,7 @@ def table(result: dict[str, Any]) -> str:
     def ms(row: dict[str, Any] | None) -> str:
         return "-" if not row else f"{row['median_ms']:.1f} / {row['p95_ms']:.1f}"
 
-    name = acc.get("ferkit_weights", "ferkit default").removesuffix(".safetensors")
+    name = (acc.get("ferkit_weights") or tim.get("ferkit_weights") or "ferkit default").removesuffix(".safetensors")
     crops = tim.get(f"{name} crops/s")
     rows = [(f"ferkit default ({name}, YuNet, uniform prior)", acc.get("ferkit prior uniform"), tim.get("ferkit photo"),
              crops),

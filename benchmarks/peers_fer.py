@@ -55,7 +55,7 @@ def main() -> None:
             start = time.perf_counter()
             detector.detect_emotions(image)
             seconds.append(time.perf_counter() - start)
-        print(json.dumps({"seconds": seconds, "faces": [f["box"] for f in faces]}, default=int))
+        print(json.dumps({"seconds": seconds, "faces": [[int(v) for v in f["box"]] for f in faces]}))
     elif command == "crops":
         crops = np.random.default_rng(0).integers(0, 256, (256, 48, 48), dtype=np.uint8)
         classify(detector, crops)
