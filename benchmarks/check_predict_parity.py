@@ -32,7 +32,7 @@ from PIL import Image
 from ferkit.cli import main as ferkit_main
 from ferkit.data import load_fer2013, resolve_data_path
 from ferkit.evaluate import evaluate_weights
-from ferkit.inference import predict_logits
+from ferkit.inference import adjusted_logits, predict_logits
 from ferkit.predict import EmotionRecognizer
 from ferkit.weights import load_model, resolve_weights, shipped_models
 
@@ -53,18 +53,20 @@ def check_model(weights: str, root: Path, files: list[Path], workdir: Path) -> d
     started = time.perf_counter()
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = ferkit_main(["predict", "--no-detect", "--json", "--no-progress", "--weights", weights,
-                              *map(str, files)])
+        status = ferkit_main(["predict", "--no-detect", "--json", "--no-progress", "--prior", "train", "--weights",
+                              weights, *map(str, files)])
     records = json.loads(stdout.getvalue())
     names = [f.relative_to(root).as_posix() for f in files]
     predicted = {Path(r["path"]).relative_to(root).as_posix(): r["faces"][0]["label"] for r in records}
 
     test = load_fer2013(root)["test"]
     model, meta = load_model(resolve_weights(weights))
-    logits = predict_logits(model, test.images, "cpu", preprocessing=meta.preprocessing)
+    # evaluate's labels: the argmax of the calibrated logits (temperature and map) under the training prior
+    logits = adjusted_logits(predict_logits(model, test.images, "cpu", preprocessing=meta.preprocessing).numpy(),
+                             meta.preprocessing)
     by_evaluate = {str(name): meta.classes[int(k)] for name, k in zip(test.names, logits.argmax(1), strict=True)}
     truth = {str(name): meta.classes[int(y)] for name, y in zip(test.names, test.labels, strict=True)}
-    recognizer = EmotionRecognizer(weights, detect=False)
+    recognizer = EmotionRecognizer(weights, detect=False, prior="train")
     single = {name: recognizer.predict(f)[0].label for name, f in zip(names, files, strict=True)}
 
     onnx_path = workdir / f"{Path(weights).stem}.onnx"

@@ -363,7 +363,11 @@ def test_licence_and_a_model_card_for_every_shipped_model() -> None:
 
     root = Path(__file__).resolve().parents[1]
     assert (root / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) 2026 the ferkit authors\n")
-    assert 'license = "MIT"' in (root / "pyproject.toml").read_text()
+    project = (root / "pyproject.toml").read_text()
+    # ferkit's code and weights: MIT; the shipped YuNet face detector: Apache-2.0, its text in the wheel too.
+    assert 'license = "MIT AND Apache-2.0"' in project
+    assert 'license-files = ["LICENSE", "src/ferkit/detectors/LICENSE"]' in project
+    assert (root / "src/ferkit/detectors/LICENSE").read_text().count("Apache License") >= 1
     card = (root / "MODEL_CARD.md").read_text()
     for name in shipped_models():
         assert f"\n## `{name}`" in card, name

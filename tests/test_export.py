@@ -24,7 +24,7 @@ from ferkit.export import (
 from ferkit.inference import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.predict import EmotionRecognizer
-from ferkit.weights import WeightsError, load_model, read_meta
+from ferkit.weights import WeightsError, WeightsMeta, load_model, read_meta
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -42,9 +42,24 @@ def onnx_file(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_model(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
+def calibrated(logits: np.ndarray, meta: WeightsMeta) -> np.ndarray:
+    """The weights' calibration written out, as the exported graph must apply it: (z / T) W^T + b."""
+    pre = meta.preprocessing
+    z = np.asarray(logits, np.float64) / pre.temperature
+    return z if pre.calibration_matrix is None else z @ np.array(pre.calibration_matrix).T + np.array(
+        pre.calibration_bias)
+
+
+def exported_meta(meta: WeightsMeta, views: int | None = None) -> WeightsMeta:
+    """What an export's metadata says: the calibration is in the graph, so none is left to apply."""
+    pre = dataclasses.replace(meta.preprocessing.with_views(views), temperature=1.0, calibration_matrix=None,
+                              calibration_bias=None)
+    return dataclasses.replace(meta, preprocessing=pre)
+
+
 def test_onnx_matches_pytorch_on_real_faces(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
     model, meta = load_model(weights)
-    reference = predict_logits(model, faces, preprocessing=meta.preprocessing).numpy()
+    reference = calibrated(predict_logits(model, faces, preprocessing=meta.preprocessing).numpy(), meta)
     exported = exported_logits(onnx_file, faces)
     assert exported.shape == (len(faces), len(EMOTIONS))
     assert np.abs(exported - reference).max() <= PARITY_TOLERANCE
@@ -55,12 +70,13 @@ def test_onnx_matches_pytorch_on_real_faces(onnx_file: Path, weights: Path, face
 
 def test_onnx_carries_the_weights_metadata(onnx_file: Path, weights: Path) -> None:
     meta, info = read_export_info(onnx_file)
-    assert meta == read_meta(weights)
-    assert info["format"] == "onnx" and info["views"] == meta.views and info["opset"] >= 17
+    assert meta == exported_meta(read_meta(weights))
+    assert info["format"] == "onnx" and info["views"] == meta.views and info["opset"] >= 17 and info["calibrated"]
 
 
 def test_onnx_runs_on_onnxruntime_and_numpy_alone(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
-    """What the README shows: uint8 crops in, logits out; the normalisation and views are in the graph."""
+    """What the README shows: uint8 crops in, calibrated logits out; normalisation, views and calibration are in
+    the graph; the uniform prior is the log class prior subtracted."""
     import json
 
     import onnxruntime as ort
@@ -68,13 +84,17 @@ def test_onnx_runs_on_onnxruntime_and_numpy_alone(onnx_file: Path, weights: Path
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     assert [(i.name, i.type, i.shape[1:]) for i in session.get_inputs()] == [("input", "tensor(uint8)", [1, 48, 48])]
     meta = json.loads(session.get_modelmeta().custom_metadata_map["ferkit"])
-    logits = session.run(None, {"input": faces[:, None]})[0] / meta["preprocessing"]["temperature"]
-    probabilities = np.exp(logits - logits.max(1, keepdims=True))
-    probabilities /= probabilities.sum(1, keepdims=True)
-    recognizer = EmotionRecognizer(weights, device="cpu", detect=False)
-    expected = [r[0] for r in recognizer.predict_batch(list(faces))]
-    assert [meta["classes"][k] for k in probabilities.argmax(1)] == [r.label for r in expected]
-    np.testing.assert_allclose(probabilities, [list(r.probabilities.values()) for r in expected], atol=1e-5)
+    assert meta["preprocessing"]["temperature"] == 1.0 and meta["preprocessing"]["calibration_matrix"] is None
+    for prior in ("train", "uniform"):
+        logits = session.run(None, {"input": faces[:, None]})[0]
+        if prior == "uniform":
+            logits = logits - np.log(meta["preprocessing"]["class_prior"])
+        probabilities = np.exp(logits - logits.max(1, keepdims=True))
+        probabilities /= probabilities.sum(1, keepdims=True)
+        recognizer = EmotionRecognizer(weights, device="cpu", detect=False, prior=prior)
+        expected = [r[0] for r in recognizer.predict_batch(list(faces))]
+        assert [meta["classes"][k] for k in probabilities.argmax(1)] == [r.label for r in expected]
+        np.testing.assert_allclose(probabilities, [list(r.probabilities.values()) for r in expected], atol=1e-5)
 
 
 def test_recognizer_on_onnx_runs_no_torch_code(
@@ -102,12 +122,11 @@ def test_recognizer_on_onnx_runs_no_torch_code(
 
 def test_torchscript_matches_pytorch_with_two_views(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
     out = export_model(weights, tmp_path / "model.pt", "torchscript", views=2)
-    model, _ = load_model(weights)
-    reference = predict_logits(model, faces, views=2).numpy()
+    model, weights_meta = load_model(weights)
+    reference = calibrated(predict_logits(model, faces, views=2).numpy(), weights_meta)
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
     meta, info = read_export_info(out)
-    weights_meta = read_meta(weights)
-    assert meta == dataclasses.replace(weights_meta, preprocessing=weights_meta.preprocessing.with_views(2))
+    assert meta == exported_meta(weights_meta, views=2)
     assert info == {**info, "format": "torchscript", "views": 2}
 
 
@@ -122,8 +141,8 @@ def test_cli_export_onnx_with_views_checks_parity(weights: Path, faces: np.ndarr
     lines = stdout.getvalue().splitlines()
     assert lines[0].startswith(f"wrote {out} (onnx, opset") and "2 views" in lines[0]
     assert lines[1].startswith("parity with PyTorch on 14 test images") and lines[1].endswith(": ok")
-    model, _ = load_model(weights)
-    reference = predict_logits(model, faces, views=2).numpy()
+    model, meta = load_model(weights)
+    reference = calibrated(predict_logits(model, faces, views=2).numpy(), meta)
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
 
 

@@ -547,3 +547,21 @@ def test_serve_command_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) 
     assert "no-such-model" in capsys.readouterr().err
     assert cli.main(["serve", "--max-files", "0"]) == 2
     assert "max-files" in capsys.readouterr().err
+
+
+def test_the_detector_choice_reaches_the_service(recognizer: EmotionRecognizer, astronaut: bytes,
+                                                 weights: Path) -> None:
+    from ferkit.faces import HaarDetector, YuNetDetector
+    from ferkit.serve import make_recognizer
+
+    assert ServeConfig().detector == "yunet"
+    boxes = {}
+    for name, kind in (("yunet", YuNetDetector), ("haar", HaarDetector)):
+        assert isinstance(make_recognizer(ServeConfig(weights=str(weights), device="cpu", detector=name)).detector,
+                          kind)
+        with client(recognizer, detector=name) as c:
+            (face,) = c.post("/v1/predict", files=_files(("a.png", astronaut))).json()[0]["faces"]
+        (expected,) = EmotionRecognizer(weights, device="cpu", detector=name).predict(skimage_data.astronaut())
+        assert face["box"] == list(expected.box) and face["label"] == expected.label
+        boxes[name] = face["box"]
+    assert boxes["yunet"] != boxes["haar"]  # the two detectors frame the face differently

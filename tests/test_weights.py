@@ -21,6 +21,7 @@ from ferkit.weights import (
     METADATA_KEY,
     WeightsError,
     WeightsMeta,
+    choose_default,
     load_model,
     read_meta,
     resolve_weights,
@@ -215,18 +216,47 @@ def test_resolve_a_missing_path_lists_the_shipped_models(tmp_path: Path) -> None
         resolve_weights(tmp_path / "empty-run")  # a folder without best.safetensors
 
 
-def test_the_default_model_is_the_shipped_resnet() -> None:
+def test_the_default_model_is_the_one_view_model_the_rule_picks() -> None:
     shipped = shipped_models()
-    assert {"ferkit-refcnn", "ferkit-resnet"} <= set(shipped)
-    assert weights_module.DEFAULT_MODEL == "ferkit-resnet"
-    assert resolve_weights(None) == resolve_weights("default") == shipped["ferkit-resnet"]
-    meta = read_meta(shipped["ferkit-resnet"])
-    assert (meta.arch, meta.views) == ("resnet", 10)  # the `accurate` preset's model and its ten views
-    assert meta.recipe["preset"] == "accurate" and meta.recipe["epochs"] == 120
+    assert {"ferkit-refcnn", "ferkit-resnet", "ferkit-resnet-robust"} <= set(shipped)
+    assert weights_module.DEFAULT_MODEL == weights_module.default_model() == "ferkit-resnet-robust"
+    assert resolve_weights(None) == resolve_weights("default") == shipped["ferkit-resnet-robust"]
+    meta = read_meta(shipped["ferkit-resnet-robust"])
+    assert (meta.arch, meta.views) == ("resnet", 1) and meta.recipe["preset"] == "student"
+    accurate = read_meta(shipped["ferkit-resnet"])
+    assert (accurate.arch, accurate.views) == ("resnet", 10)  # still shipped: the `accurate` preset's ten views
+    assert accurate.recipe["preset"] == "accurate" and accurate.recipe["epochs"] == 120
     assert read_meta(shipped["ferkit-refcnn"]).arch == "refcnn"
     for name in shipped:
         prior = read_meta(shipped[name]).preprocessing.class_prior
         assert prior is not None and max(prior) == pytest.approx(7215 / 28709)  # happy, FER-2013's training mix
+    # The rule, applied by hand to the shipped files' PublicTest figures: among one-view models, those within
+    # 1.5 points of the best PublicTest accuracy, then the highest PublicTest mean corruption accuracy.
+    metas = {name: read_meta(path) for name, path in shipped.items()}
+    one_view = {name: m.metrics for name, m in metas.items() if m.views == 1}
+    best = max(m["val_acc"] for m in one_view.values())
+    close = [name for name, m in one_view.items() if m["val_acc"] >= best - 0.015]
+    expected = max(close, key=lambda name: one_view[name].get("val_mean_corruption_acc", -1.0))
+    name, reason = weights_module.default_choice()
+    assert name == expected and "one view" in reason and f"{100 * one_view[name]['val_acc']:.2f}%" in reason
+
+
+def _meta(views: int, **metrics: float) -> WeightsMeta:
+    return WeightsMeta(arch="resnet", preprocessing=Preprocessing(views=views), metrics=dict(metrics))
+
+
+def test_the_default_rule_prefers_robustness_within_one_and_a_half_points() -> None:
+    metas = {"accurate": _meta(1, val_acc=0.700, val_mean_corruption_acc=0.55),
+             "robust": _meta(1, val_acc=0.686, val_mean_corruption_acc=0.64),
+             "more-robust-but-worse": _meta(1, val_acc=0.684, val_mean_corruption_acc=0.70),
+             "ten-views": _meta(10, val_acc=0.75, val_mean_corruption_acc=0.80)}
+    assert choose_default(metas)[0] == "robust"  # 1.4 points below the best one-view model; 1.6 is too far
+    assert choose_default({k: metas[k] for k in ("accurate", "more-robust-but-worse")})[0] == "accurate"
+    no_robustness = {"a": _meta(1, val_acc=0.60), "b": _meta(1, val_acc=0.61)}
+    name, reason = choose_default(no_robustness)
+    assert name == "b" and "no model within 1.5 points has a PublicTest corruption figure" in reason
+    with pytest.raises(WeightsError, match="no one-view model"):
+        choose_default({"ten-views": metas["ten-views"], "unmeasured": _meta(1)})
 
 
 def test_old_names_keep_working_for_one_release_with_a_warning() -> None:

@@ -155,8 +155,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{report['weights']} on {report['split']} ({report['num_images']} images, {report['views']} view(s), "
           f"prior {report['prior']}): accuracy {100 * report['accuracy']:.2f}%, balanced accuracy "
           f"{100 * report['balanced_accuracy']:.2f}%, loss {report['loss']:.4f}, macro F1 {report['macro_f1']:.4f}")
-    print(f"calibration: ECE {report['ece']:.4f} at temperature {report['temperature']:.3f} "
-          f"({report['ece_at_temperature_1']:.4f} at 1)")
+    calibration = f"temperature {report['temperature']:.3f}" + (" and map" if report["calibration_map"] else "")
+    print(f"calibration: ECE {report['ece']:.4f} with {calibration} ({report['ece_at_temperature_1']:.4f} without)")
+    for name, m in report["priors"].items():
+        print(f"prior {name:<8}{' (predict default)' if name == report['default_prior'] else '':<18} accuracy "
+              f"{100 * m['accuracy']:.2f}%, balanced {100 * m['balanced_accuracy']:.2f}%, ECE {m['ece']:.4f}, "
+              f"ECE on a uniform class mix {m['ece_uniform_mix']:.4f}")
     print(f"{'class':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for name, m in report["per_class"].items():
         print(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>9}")
@@ -184,13 +188,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .evaluate import calibrate_weights
 
-    result = calibrate_weights(args.weights, args.data, args.output, device=args.device)
+    result = calibrate_weights(args.weights, args.data, args.output, device=args.device, calibration_map=args.map,
+                               strength=args.strength)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"temperature {result['temperature']:.4f} fitted on val ({result['num_images']} images): NLL "
-          f"{result['val_nll_before']:.4f} -> {result['val_nll_after']:.4f}, ECE {result['val_ece_before']:.4f} -> "
-          f"{result['val_ece_after']:.4f}; wrote {result['output']}")
+    for row in result["cross_validation"] or []:
+        print(f"cross-validated on val: {row['family']:<12} strength {row['strength']:<7g} NLL {row['cv_nll']:.4f} "
+              f"ECE {row['cv_ece']:.4f} accuracy {100 * row['cv_accuracy']:.2f}%")
+    strength = "" if result["strength"] is None else f" (strength {result['strength']:g})"
+    print(f"{result['map']} map{strength}, temperature {result['temperature']:.4f}, fitted on val "
+          f"({result['num_images']} images): NLL {result['val_nll_before']:.4f} -> {result['val_nll_after']:.4f}, "
+          f"ECE {result['val_ece_before']:.4f} -> {result['val_ece_after']:.4f}; wrote {result['output']}")
     return 0
 
 
@@ -213,9 +222,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{r['name'] + ('*' if r['default'] else ''):<{width}}{r['arch']:<8}{r['parameters']:>10,}"
               f"{r['macs'] / 1e6:>8.1f}M{r['views']:>6}{pct('test_accuracy'):>10}{pct('test_balanced_accuracy'):>10}"
               f"{ece:>7}{pct('mean_corruption_accuracy'):>10}{crops:>9}")
-    print("* the default. Accuracies on PrivateTest, from each file's metadata; crops/s measured now, on this "
-          "machine (PyTorch, batches of 256)." if args.speed_seconds else
-          "* the default. Accuracies on PrivateTest, from each file's metadata.")
+    print("Accuracies on PrivateTest, from each file's metadata" + ("; crops/s measured now, on this machine "
+          "(PyTorch, batches of 256)." if args.speed_seconds else "."))
+    default = next(r for r in rows if r["default"])
+    print(f"* the default, {default['name']}: {default['default_reason']}")
     return 0
 
 
@@ -310,9 +320,9 @@ EXIT_STATUS = ("exit status: 0 success; 1 some input failed (predict) or a parit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE
+    from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_DETECTOR, DEFAULT_MIN_FACE
     from .images import DEFAULT_MAX_PIXELS
-    from .inference import PRIORS
+    from .inference import DEFAULT_PRIOR, PRIORS
     from .tracking import DEFAULT_SMOOTH
     from .train import TrainConfig
 
@@ -347,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     add_views_argument(evaluate, "test-time views per face: 1, 2 or 10 (default: the weights' own)")
     evaluate.add_argument("--prior", choices=PRIORS, default="train",
-                          help="train: as trained (default); uniform: FER-2013's class mix divided out")
+                          help="the prior of the report, its figures and corruptions: train, as trained (default: "
+                               "the test split has the training mix); uniform: FER-2013's class mix divided out "
+                               "(predict's default). Accuracy, balanced accuracy and ECE are reported under both")
     evaluate.add_argument("--corruptions", action="store_true",
                           help="also score under the fixed, seeded corruptions of ferkit.corruptions (robustness)")
     evaluate.add_argument("--severities", type=int, nargs="+", choices=(1, 2, 3, 4, 5), metavar="S",
@@ -360,11 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    calibrate = commands.add_parser("calibrate", help="fit the temperature on the validation split into the weights")
+    calibrate = commands.add_parser("calibrate", help="fit a calibration map on the validation split into the weights")
     calibrate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     calibrate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
     calibrate.add_argument("--output", metavar="FILE", help="write the calibrated weights here (default: in place; "
                                                            "a shipped model needs one: the package is not written)")
+    calibrate.add_argument("--map", default="auto", choices=("auto", "temperature", "vector", "matrix"),
+                           help="temperature alone, or a vector / matrix map after it; auto (default): the one with "
+                                "the lowest cross-validated ECE on the validation split")
+    calibrate.add_argument("--strength", type=float, default=1e-3, metavar="L2",
+                           help="vector / matrix: L2 regularisation towards the identity (default: 0.001; auto "
+                                "chooses its own)")
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--json", action="store_true", help="print JSON")
     calibrate.set_defaults(func=cmd_calibrate)
@@ -392,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                               f"the label is the smoothed one (default: {DEFAULT_SMOOTH:g}; 0: off; photos: never)")
     predict.add_argument("--timeline", metavar="PNG",
                          help="videos: draw each track's emotion probabilities over time into this PNG")
-    predict.add_argument("--detector", default="haar", help="haar, a Haar cascade .xml or a YuNet .onnx model file")
+    predict.add_argument("--detector", default=DEFAULT_DETECTOR,
+                         help=f"yunet (shipped), haar, a YuNet .onnx model or a Haar cascade .xml file "
+                              f"(default: {DEFAULT_DETECTOR})")
     predict.add_argument("--min-face", type=int, default=DEFAULT_MIN_FACE, metavar="PX",
                          help=f"smallest face side in pixels (default: {DEFAULT_MIN_FACE})")
     predict.add_argument("--detect-max-side", type=int, default=DEFAULT_DETECT_MAX_SIDE, metavar="PX",
@@ -400,9 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "0: never)")
     predict.add_argument("--detect-size", dest="detect_max_side", type=int, action=DeprecatedOption,
                          new="--detect-max-side")
-    predict.add_argument("--prior", choices=PRIORS, default="train",
-                         help="train: probabilities under FER-2013's class mix (default); uniform: that prior "
-                              "divided out, for faces whose emotions are not mixed like FER-2013's")
+    predict.add_argument("--prior", choices=PRIORS,
+                         help=f"uniform: FER-2013's class mix divided out, for faces whose emotions are not mixed like "
+                              f"FER-2013's; train: probabilities under that mix, as trained (default: {DEFAULT_PRIOR}, "
+                              "where the weights carry their class prior)")
     predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help=f"refuse image files with more pixels (default: {DEFAULT_MAX_PIXELS}; 0: no limit)")
     predict.add_argument("--device", default="auto")
@@ -435,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights file, run folder, shipped model name or exported .onnx (default: shipped)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--detector", default=defaults.detector,
-                       help="haar, a Haar cascade .xml or a YuNet .onnx model file")
+                       help=f"yunet (shipped), haar, a YuNet .onnx model or a Haar cascade .xml file (default: "
+                            f"{defaults.detector})")
     serve.add_argument("--min-face", type=int, default=defaults.min_face, metavar="PX",
                        help=f"smallest face side in pixels (default: {defaults.min_face})")
     serve.add_argument("--detect-max-side", type=int, default=defaults.detect_max_side, metavar="PX",

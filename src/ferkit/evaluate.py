@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .calibration import fit_temperature  # noqa: F401  (its home before ferkit.calibration; still imported from here)
 from .labels import EMOTIONS, FERPLUS_CLASSES
 from .outputs import check_output_file
 from .votes import majority_labels, plurality_labels, vote_distributions
@@ -76,30 +77,6 @@ def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor) -> f
                                               norm="l1"))
 
 
-def fit_temperature(logits: torch.Tensor | np.ndarray, targets: np.ndarray | torch.Tensor) -> float:
-    """The temperature T that minimises the NLL of softmax(logits / T) on (validation) data.
-
-    The NLL is convex in 1/T, so a ternary search over 1/T in [0.05, 20] finds the minimum,
-    deterministically, to about 1e-6.
-    """
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-    if len(y) == 0:
-        raise ValueError("cannot fit a temperature on no images")
-
-    def nll(inverse_t: float) -> float:
-        return float(F.cross_entropy(z * inverse_t, y))
-
-    low, high = 0.05, 20.0
-    for _ in range(200):
-        a, b = low + (high - low) / 3, high - (high - low) / 3
-        if nll(a) <= nll(b):
-            high = b
-        else:
-            low = a
-    return 1.0 / ((low + high) / 2)
-
-
 def corruption_report(
     model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, preprocessing: Any, device: torch.device,
     batch_size: int = 512, prior: str = "train", severities: tuple[int, ...] | None = None,
@@ -141,11 +118,15 @@ def evaluate_weights(
     """Score a weights file (or run folder, or shipped model) on a split; write the figures.
 
     `views`: test-time views per face (default: the weights' own). `prior`: "train" or "uniform"
-    (see `inference.adjusted_logits`). The report's probabilities are the weights' calibrated ones
-    (their temperature); `ece_at_temperature_1` is the error before calibration. `corruptions`
-    adds the robustness benchmark. `record` stores the test figures in the weights' metadata (only
-    for the whole test split, the weights' own views and the training prior: what `ferkit models` shows),
-    writing the weights to `output` (default: in place; never into the installed package).
+    (see `inference.adjusted_logits`) for the report, its figures and the corruptions; `priors` holds
+    accuracy, balanced accuracy, loss and ECE under both, and the ECE on the split reweighted to a
+    uniform class mix (`ece_uniform_mix`); `default_prior` is the one `ferkit predict` uses. The
+    report's probabilities are the weights' calibrated ones (temperature and calibration map);
+    `ece_at_temperature_1` is the error before calibration. `corruptions` adds the robustness
+    benchmark. `record` stores the split's figures under the training prior in the weights' metadata
+    (test: `test_*`, only for the whole test split; val: `val_*`, which the choice of the default model
+    reads; only with the weights' own views): what `ferkit models` shows; it writes the weights to
+    `output` (default: in place; never into the installed package).
     Writes the confusion matrix and a reliability diagram to `figures_dir` (default: the run folder
     the weights are in, else ./ferkit-eval) and, when the weights come from a run folder, the curves.
     On FER+ data (or `votes`: FER+'s fer2013new.csv beside a fer2013.csv) the labels are FER+'s majority
@@ -157,7 +138,7 @@ def evaluate_weights(
     from .data import load_fer2013
     from .devices import pick_device
     from .ferplus import with_label_scheme
-    from .inference import adjusted_logits, predict_logits
+    from .inference import DEFAULT_PRIOR, adjusted_logits, predict_logits
     from .plots import plot_confusion, plot_curves, plot_reliability
     from .runs import METRICS_CSV, read_metrics_csv
     from .weights import load_model, resolve_weights
@@ -167,23 +148,27 @@ def evaluate_weights(
     model, meta = load_model(path, torch_device)
     if record:  # refused before the scoring, which takes minutes
         check_output_file(output or path)
-        _check_record(split, prior, meta.preprocessing.with_views(views).views, meta.views)
+        _check_record(split, meta.preprocessing.with_views(views).views, meta.views)
     dataset = load_fer2013(data, votes=votes)
     if dataset.labels != "fer2013":
         dataset = with_label_scheme(dataset, "ferplus-majority")
     part = dataset[split]
     if record:
-        _check_whole_test_split(part.labels, dataset.classes, meta.classes)
+        _check_whole_split(split, part.labels, dataset.classes, meta.classes)
     pre = meta.preprocessing.with_views(views)
     raw = predict_logits(model, part.images, torch_device, batch_size, pre).numpy()
     adjusted = adjusted_logits(raw, pre, prior)
     shared_logits, labels, classes, _ = shared_class_view(adjusted, part.labels, meta.classes, dataset.classes)
     logits = torch.from_numpy(shared_logits).float()
     report = compute_metrics(logits, labels, classes)
+    uncalibrated = dataclasses.replace(pre, temperature=1.0, calibration_matrix=None, calibration_bias=None)
     report["ece_at_temperature_1"] = expected_calibration_error(
-        torch.from_numpy(shared_class_view(adjusted_logits(raw, dataclasses.replace(pre, temperature=1.0), prior),
-                                           part.labels, meta.classes, dataset.classes)[0]).float(),
-        torch.as_tensor(labels, dtype=torch.long))
+        torch.from_numpy(shared_class_view(adjusted_logits(raw, uncalibrated, prior), part.labels, meta.classes,
+                                           dataset.classes)[0]).float(), torch.as_tensor(labels))
+    if classes == list(meta.classes):  # the priors are the model's own classes'
+        report["priors"] = {name: prior_metrics(raw, labels, pre, name, meta.classes)
+                            for name in available_priors(pre)}
+        report["default_prior"] = DEFAULT_PRIOR
     if dataset.all_faces is not None:
         every = dataset.all_faces[split]
         every_raw = predict_logits(model, every.images, torch_device, batch_size, pre).numpy()
@@ -195,12 +180,12 @@ def evaluate_weights(
                               title),
                plot_reliability(torch.softmax(logits, 1).numpy(), labels, out_dir / f"reliability_{split}.png",
                                 f"{meta.arch} ({path.name}), {split}: ECE {report['ece']:.3f} "
-                                f"(T = {pre.temperature:.3f}, prior {prior})")]
+                                f"(T = {pre.temperature:.3f}{', map' if pre.calibrated else ''}, prior {prior})")]
     if metrics_csv.exists():
         figures.append(plot_curves(read_metrics_csv(metrics_csv), out_dir / "curves.png", title=meta.arch))
     report.update(weights=str(path), arch=meta.arch, data_labels=dataset.labels, classes=classes, split=split,
-                  views=pre.views, prior=prior,
-                  temperature=pre.temperature, figures=[str(f) for f in figures])
+                  views=pre.views, prior=prior, temperature=pre.temperature, calibration_map=pre.calibrated,
+                  figures=[str(f) for f in figures])
     if corruptions:
         if classes != list(meta.classes):
             raise ValueError("--corruptions scores a model on labels of its own classes")
@@ -211,21 +196,23 @@ def evaluate_weights(
     return report
 
 
-def _check_record(split: str, prior: str, views: int, own_views: int) -> None:
-    if split != "test" or prior != "train" or views != own_views:
-        raise ValueError("--record stores PrivateTest figures of the weights as they are used: --split test, "
-                         "the weights' own views and --prior train")
+def _check_record(split: str, views: int, own_views: int) -> None:
+    if split not in ("test", "val") or views != own_views:
+        raise ValueError("--record stores the figures of the weights as they are used: --split test or val and "
+                         "the weights' own views")
 
 
-def _check_whole_test_split(labels: np.ndarray, classes: tuple[str, ...], model_classes: list[str]) -> None:
-    """ValueError unless `labels` are FER-2013's whole PrivateTest split (or, on FER+, its whole majority-protocol
-    test split), class by class, and the model names the same classes (figures across vocabularies are not its
-    own benchmark's)."""
+def _check_whole_split(split: str, labels: np.ndarray, classes: tuple[str, ...], model_classes: list[str]) -> None:
+    """ValueError unless the model names the data's classes (figures across vocabularies are not its own
+    benchmark's) and, for the test split, `labels` are FER-2013's whole PrivateTest split (or, on FER+, its
+    whole majority-protocol test split), class by class."""
     from .ferplus import FERPLUS_TEST_MAJORITY_COUNTS
 
     if list(classes) != list(model_classes):
         raise ValueError(f"--record stores figures on the model's own classes ({', '.join(model_classes)}), not "
                          f"on data labelled {', '.join(classes)}")
+    if split != "test":
+        return
     fer2013 = tuple(classes) == EMOTIONS
     manifest, split_name = (FER2013_TEST_COUNTS, "PrivateTest") if fer2013 else \
         (FERPLUS_TEST_MAJORITY_COUNTS, "FER2013Test (majority protocol)")
@@ -238,46 +225,93 @@ def _check_whole_test_split(labels: np.ndarray, classes: tuple[str, ...], model_
                          f"this data's test split has {len(labels):,} images ({differ}); score the full data set")
 
 
+def available_priors(preprocessing: Any) -> tuple[str, ...]:
+    """The priors these weights can report under: uniform needs their training class prior."""
+    from .inference import PRIORS
+
+    return PRIORS if preprocessing.class_prior is not None else ("train",)
+
+
+def prior_metrics(raw: np.ndarray, targets: np.ndarray, preprocessing: Any, prior: str, classes: list[str]
+                  ) -> dict[str, float]:
+    """Accuracy, balanced accuracy, loss and ECE under `prior`; and the ECE on the split reweighted to a uniform
+    class mix (each face weighing 1 / its class count), the mix uniform-prior probabilities are meant for."""
+    from .calibration import calibration_error, uniform_mix_weights
+    from .inference import adjusted_logits, softmax
+
+    adjusted = adjusted_logits(raw, preprocessing, prior)
+    metrics = compute_metrics(torch.from_numpy(adjusted).float(), targets, classes)
+    probabilities = softmax(adjusted)
+    weights = uniform_mix_weights(targets, len(classes))
+    return {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+            "macro_f1": metrics["macro_f1"], "loss": metrics["loss"], "ece": metrics["ece"],
+            "ece_uniform_mix": calibration_error(probabilities, targets, weights)}
+
+
 def _record_test_metrics(path: Any, model: torch.nn.Module, meta: Any, report: dict[str, Any]) -> None:
     from .weights import save_weights
 
-    figures = {"test_acc": report["accuracy"], "test_balanced_acc": report["balanced_accuracy"],
-               "test_ece": report["ece"], "test_macro_f1": report["macro_f1"], "test_loss": report["loss"]}
-    if "corruptions" in report and len(report["corruptions"]["severities"]) == 5:
-        figures["mean_corruption_acc"] = report["corruptions"]["mean_corruption_accuracy"]
+    split, train = report["split"], report["priors"]["train"]
+    figures = {f"{split}_acc": train["accuracy"], f"{split}_balanced_acc": train["balanced_accuracy"],
+               f"{split}_ece": train["ece"], f"{split}_loss": train["loss"]}
+    if split == "test":
+        figures["test_macro_f1"] = train["macro_f1"]
+    if "uniform" in report["priors"]:
+        figures[f"{split}_ece_uniform_prior_uniform_mix"] = report["priors"]["uniform"]["ece_uniform_mix"]
+    bench = report.get("corruptions")
+    if bench and len(bench["severities"]) == 5 and report["prior"] == "train":
+        figures["mean_corruption_acc" if split == "test" else "val_mean_corruption_acc"] = \
+            bench["mean_corruption_accuracy"]
     save_weights(path, model, dataclasses.replace(meta, metrics={**meta.metrics, **figures}))
 
 
 def calibrate_weights(
     weights: str | None, data: str | None, output: str | None = None, device: str = "auto", batch_size: int = 512,
+    calibration_map: str = "auto", strength: float = 1e-3,
 ) -> dict[str, Any]:
-    """Fit the temperature on the validation split (never the test split) and store it in the weights.
+    """Fit the calibration on the validation split (never the test split) and store it in the weights.
 
-    Writes the weights, with the temperature in their preprocessing metadata, to `output` (default:
-    in place; never into the installed package, whose shipped models are everyone's). Returns the
-    temperature and the validation NLL and ECE before and after.
+    `calibration_map`: "temperature" (alone), "vector" or "matrix" (an affine map of the tempered
+    logits, L2 `strength` towards the identity; see `ferkit.calibration`), or "auto": the family and
+    strength with the lowest cross-validated ECE on the validation split. Writes the weights, with the
+    temperature and map in their preprocessing metadata, to `output` (default: in place; never into the
+    installed package, whose shipped models are everyone's). Returns what was fitted, the
+    cross-validation table (auto) and the validation NLL and ECE before and after. On FER+ data the
+    validation labels are FER+'s majority protocol.
     """
+    from .calibration import cross_validate, fit_map
     from .data import load_fer2013
     from .devices import pick_device
-    from .inference import predict_logits
+    from .ferplus import with_label_scheme
+    from .inference import adjusted_logits, predict_logits
     from .weights import load_model, resolve_weights, save_weights
 
     path = resolve_weights(weights)
     out = str(check_output_file(output or path))  # before the fitting, not after it
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
-    val = load_fer2013(data)["val"]
-    logits = predict_logits(model, val.images, torch_device, batch_size, meta.preprocessing)
-    temperature = fit_temperature(logits, val.labels)
-    target = torch.as_tensor(val.labels, dtype=torch.long)
-    before, after = compute_metrics(logits, val.labels, meta.classes), compute_metrics(logits / temperature,
-                                                                                       val.labels, meta.classes)
-    calibrated = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing,
-                                                                             temperature=round(temperature, 6)))
-    save_weights(out, model, calibrated)
-    return {"weights": str(path), "output": out, "temperature": round(temperature, 6), "split": "val",
+    dataset = load_fer2013(data)
+    if dataset.labels != "fer2013":
+        dataset = with_label_scheme(dataset, "ferplus-majority")
+    val = dataset["val"]
+    raw = predict_logits(model, val.images, torch_device, batch_size, meta.preprocessing).numpy()
+    table = cross_validate(raw, val.labels) if calibration_map == "auto" else None
+    family, strength = (table[0]["family"], table[0]["strength"]) if table else (calibration_map, strength)
+    fitted = fit_map(raw, val.labels, family, strength)
+    affine = family != "temperature"
+    pre = dataclasses.replace(
+        meta.preprocessing, temperature=round(fitted.temperature, 6),
+        calibration_matrix=tuple(tuple(round(float(v), 6) for v in row) for row in fitted.matrix) if affine else None,
+        calibration_bias=tuple(round(float(v), 6) for v in fitted.bias) if affine else None)
+    before = compute_metrics(torch.from_numpy(raw), val.labels, meta.classes)
+    after = compute_metrics(torch.from_numpy(adjusted_logits(raw, pre)).float(), val.labels, meta.classes)
+    save_weights(out, model, dataclasses.replace(meta, preprocessing=pre))
+    return {"weights": str(path), "output": out, "map": family, "strength": strength if affine else None,
+            "temperature": pre.temperature, "calibration_matrix": pre.calibration_matrix,
+            "calibration_bias": pre.calibration_bias, "split": "val", "cross_validation": table,
             "val_nll_before": before["loss"], "val_nll_after": after["loss"], "val_ece_before": before["ece"],
-            "val_ece_after": after["ece"], "num_images": len(target)}
+            "val_ece_after": after["ece"], "val_accuracy_before": before["accuracy"],
+            "val_accuracy_after": after["accuracy"], "num_images": len(val.labels)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Export a weights file to ONNX or TorchScript, metadata inside, and check it against PyTorch.
 
 An exported model is `inference.InferenceModel` as a graph: uint8 face crops (N, 1, 48, 48) in,
-(N, classes) float32 logits out, the batch size free. Normalisation and the test-time views (the
-weights' own, or `views=`) are inside the graph, so it computes what `inference.predict_logits`
-does and `ferkit evaluate` scores, and a program using it needs only the crop and a softmax.
+(N, classes) float32 calibrated logits out, the batch size free. Normalisation, the test-time views
+(the weights' own, or `views=`) and the calibration (temperature and map) are inside the graph, so
+it computes what `inference.adjusted_logits` makes of `inference.predict_logits` under the training
+prior, as `ferkit evaluate` scores, and a program using it needs only the crop and a softmax (and,
+for the uniform prior, to subtract the log class prior the metadata holds). The metadata inside
+says so: its temperature is 1 and it has no map, as they are already applied.
 
 ONNX files carry the weights' metadata as JSON in their metadata_props under `ferkit`, and what the
 export did under `ferkit_export`; TorchScript files carry the same as extra files `ferkit.json` and
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .inference import VIEW_COUNTS, InferenceModel, predict_logits, to_tensor
+from .inference import VIEW_COUNTS, InferenceModel, adjusted_logits, predict_logits, to_tensor
 from .labels import IMAGE_SIZE
 from .outputs import OutputPathError, check_output_file
 from .weights import (
@@ -80,10 +83,13 @@ def export_model(
     check_writable(out)  # before the export, which takes seconds to minutes, not after it
     source = resolve_weights(weights)
     model, meta = load_model(source, "cpu")
-    meta = dataclasses.replace(meta, preprocessing=meta.preprocessing.with_views(views))
-    wrapped = InferenceModel(model, meta.preprocessing, channels_last=False).eval()
+    pre = meta.preprocessing.with_views(views)
+    wrapped = InferenceModel(model, pre, channels_last=False, calibrate=True).eval()
+    # The graph applies the calibration, so the metadata inside the export must not apply it again.
+    meta = dataclasses.replace(meta, preprocessing=dataclasses.replace(
+        pre, temperature=1.0, calibration_matrix=None, calibration_bias=None))
     info = {"format": fmt, "views": meta.views, "source": source.name, "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "ferkit_version": __version__}
+            "calibrated": True, "ferkit_version": __version__}
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         if fmt == "onnx":
@@ -169,8 +175,8 @@ def _write_onnx(model: nn.Module, meta: WeightsMeta, info: dict[str, Any], path:
         entry.key, entry.value = key, value
     size = meta.preprocessing.image_size
     proto.doc_string = (f"ferkit {meta.arch}: uint8 face crops (N, 1, {size}, {size}) -> (N, {len(meta.classes)}) "
-                        f"logits over {', '.join(meta.classes)}; {meta.views} view(s) averaged; probabilities = "
-                        f"softmax(logits / {meta.preprocessing.temperature})")
+                        f"calibrated logits over {', '.join(meta.classes)}; {meta.views} view(s) averaged; "
+                        "probabilities = softmax(logits), or softmax(logits - log(class_prior)) for a uniform prior")
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(path))
 
@@ -220,8 +226,10 @@ def exported_logits(path: str | os.PathLike[str], images: np.ndarray, batch_size
 def check_parity(
     weights: str | os.PathLike[str] | None, exported: str | os.PathLike[str], images: np.ndarray
 ) -> float:
-    """Largest absolute difference between the exported model's logits and PyTorch's on uint8 crops."""
-    model, _ = load_model(resolve_weights(weights), "cpu")
+    """Largest absolute difference between the logits ferkit reports (training prior) through the exported model
+    and through PyTorch, on uint8 crops."""
+    model, source = load_model(resolve_weights(weights), "cpu")
     meta, _ = read_export_info(exported)
-    reference = predict_logits(model, images, "cpu", preprocessing=meta.preprocessing).numpy()
-    return float(np.abs(exported_logits(exported, images) - reference).max())
+    reference = adjusted_logits(predict_logits(model, images, "cpu", preprocessing=meta.preprocessing).numpy(),
+                                source.preprocessing.with_views(meta.views))
+    return float(np.abs(adjusted_logits(exported_logits(exported, images), meta.preprocessing) - reference).max())

@@ -2,10 +2,10 @@
 
 Everything that turns 48x48 uint8 crops into logits lives here, once. `Preprocessing` is a small
 config stored in every weights file's metadata (input size, normalisation, face crop scale, views,
-temperature, class prior); `InferenceModel` builds the whole computation from it: uint8 crops in,
-float logits out, normalisation and views inside. `predict_logits` (training's validation,
-`ferkit evaluate`, `ferkit predict`), the exported ONNX and TorchScript graphs and the service all
-run that one module, so no two of them can preprocess differently.
+temperature, calibration map, class prior); `InferenceModel` builds the whole computation from it:
+uint8 crops in, float logits out, normalisation and views inside (and, for export, the calibration).
+`predict_logits` (training's validation, `ferkit evaluate`, `ferkit predict`), the exported ONNX and
+TorchScript graphs and the service all run that one module, so no two of them can preprocess differently.
 
 This module imports nothing of ferkit's but the label vocabulary.
 """
@@ -28,6 +28,9 @@ VIEW_COUNTS = (1, 2, 10)
 """Views per face: the image; it and its mirror; five positions (centre, shifted up/down/left/right) each mirrored."""
 PRIORS = ("train", "uniform")
 """`train`: probabilities as trained (FER-2013's class mix); `uniform`: the training prior divided out."""
+DEFAULT_PRIOR = "uniform"
+"""The prior of `ferkit predict`, the API, the service and the page: users' faces are not mixed like FER-2013's
+(25% happy, 1.5% disgust, a product of how its images were searched for)."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,10 @@ class Preprocessing:
 
     `crop_scale`: the square crop's side over the face detector's box. `views`/`view_shift`: test-time
     views averaged per face and the shift in pixels of the shifted ones. `temperature`: logits are divided
-    by it before the softmax (1: as trained). `class_prior`: training-set class frequencies, for
-    `prior="uniform"` (logit adjustment); None when unknown.
+    by it before the softmax (1: as trained). `calibration_matrix`/`calibration_bias`: an affine map
+    W z + b applied to the logits after the temperature (vector scaling when W is diagonal), fitted on
+    validation data by `ferkit calibrate`; None: none. `class_prior`: training-set class frequencies,
+    for `prior="uniform"` (logit adjustment); None when unknown.
     """
 
     image_size: int = IMAGE_SIZE
@@ -47,6 +52,8 @@ class Preprocessing:
     views: int = 1
     view_shift: int = 2
     temperature: float = 1.0
+    calibration_matrix: tuple[tuple[float, ...], ...] | None = None
+    calibration_bias: tuple[float, ...] | None = None
     class_prior: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -68,6 +75,9 @@ class Preprocessing:
             return f"view shift {self.view_shift} is outside 0..{self.image_size // 4}"
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             return f"temperature {self.temperature} must be positive"
+        calibration = _calibration_problem(self.calibration_matrix, self.calibration_bias)
+        if calibration:
+            return calibration
         prior = self.class_prior
         if prior is not None and not (all(math.isfinite(p) and p > 0 for p in prior) and abs(sum(prior) - 1) < 1e-3):
             return f"class prior {list(prior)} must be positive frequencies summing to 1"
@@ -76,6 +86,9 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["class_prior"] = list(self.class_prior) if self.class_prior is not None else None
+        matrix = self.calibration_matrix
+        values["calibration_matrix"] = [list(row) for row in matrix] if matrix is not None else None
+        values["calibration_bias"] = list(self.calibration_bias) if self.calibration_bias is not None else None
         return values
 
     @classmethod
@@ -88,11 +101,13 @@ class Preprocessing:
         checked: dict[str, Any] = {}
         for name, value in values.items():
             kind = known[name].type
-            if name == "class_prior":
+            if name in ("class_prior", "calibration_bias"):
+                value = None if value is None else _numbers(value, f"preprocessing {name}")
+            elif name == "calibration_matrix":
                 if value is not None:
-                    if not isinstance(value, list) or not all(_is_number(v) for v in value):
-                        raise ValueError(f"preprocessing class_prior must be a list of numbers, not {value!r}")
-                    value = tuple(float(v) for v in value)
+                    if not isinstance(value, list):
+                        raise ValueError(f"preprocessing calibration_matrix must be a list of rows, not {value!r}")
+                    value = tuple(_numbers(row, "a calibration_matrix row") for row in value)
             elif kind in ("int", int):
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ValueError(f"preprocessing {name} must be an integer, not {value!r}")
@@ -107,9 +122,39 @@ class Preprocessing:
         """The same preprocessing with another number of views (None: unchanged)."""
         return self if views is None else replace(self, views=views)
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether a calibration map (beyond the temperature) is applied."""
+        return self.calibration_matrix is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count the calibration map or prior implies, None if neither is set."""
+        sizes = [len(v) for v in (self.calibration_bias, self.class_prior) if v is not None]
+        return sizes[0] if sizes else None
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _numbers(value: object, what: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not all(_is_number(v) for v in value):
+        raise ValueError(f"{what} must be a list of numbers, not {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _calibration_problem(matrix: tuple[tuple[float, ...], ...] | None, bias: tuple[float, ...] | None) -> str | None:
+    if (matrix is None) != (bias is None):
+        return "a calibration map needs both calibration_matrix and calibration_bias"
+    if matrix is None or bias is None:
+        return None
+    size = len(bias)
+    if size < 2 or len(matrix) != size or any(len(row) != size for row in matrix):
+        return f"calibration map: a {size}x{size} matrix expected for {size} biases"
+    if not all(math.isfinite(v) for v in (*bias, *(v for row in matrix for v in row))):
+        return "calibration map values must be finite"
+    return None
 
 
 DEFAULT_PREPROCESSING = Preprocessing()
@@ -157,15 +202,25 @@ class InferenceModel(nn.Module):
     """A classifier with its preprocessing and views: uint8 crops (N, 1, S, S) -> float32 logits (N, classes).
 
     `channels_last` converts each view for oneDNN's fastest CPU convolutions (about 1.6x here); export
-    turns it off, as graph formats have no memory layouts.
+    turns it off, as graph formats have no memory layouts. `calibrate`: the logits come out divided by
+    the temperature and through the calibration map (what export builds into its graphs); otherwise raw,
+    as training and evaluation want them, and `adjusted_logits` applies both.
     """
 
+    calibration_matrix: torch.Tensor
+    calibration_bias: torch.Tensor
+
     def __init__(self, model: nn.Module, preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, calibrate: bool = False) -> None:
         super().__init__()
         self.model = model
         self.preprocessing = preprocessing
         self.channels_last = channels_last
+        self.calibrate = calibrate
+        if calibrate:
+            matrix, bias = calibration_map(preprocessing, _num_outputs(model))
+            self.register_buffer("calibration_matrix", torch.from_numpy(matrix).float(), persistent=False)
+            self.register_buffer("calibration_bias", torch.from_numpy(bias).float(), persistent=False)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         pre = self.preprocessing
@@ -174,7 +229,10 @@ class InferenceModel(nn.Module):
         views = make_views(x, pre.views, pre.view_shift, black)
         if self.channels_last:
             views = [view.contiguous(memory_format=torch.channels_last) for view in views]
-        return torch.stack([self.model(view).float() for view in views]).mean(0)
+        logits = torch.stack([self.model(view).float() for view in views]).mean(0)
+        if not self.calibrate:
+            return logits
+        return logits @ self.calibration_matrix.T + self.calibration_bias
 
 
 @torch.inference_mode()
@@ -212,8 +270,22 @@ def _num_outputs(model: nn.Module) -> int:
     return last[-1].out_features if last else NUM_CLASSES
 
 
+def calibration_map(preprocessing: Preprocessing, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole calibration as one affine map of raw logits, (W, b): z -> W z + b, temperature included.
+
+    Raw logits are divided by the temperature, then mapped: W = calibration_matrix / T.
+    """
+    if preprocessing.calibration_matrix is None or preprocessing.calibration_bias is None:
+        return np.eye(num_classes) / preprocessing.temperature, np.zeros(num_classes)
+    matrix = np.asarray(preprocessing.calibration_matrix, dtype=np.float64)
+    if matrix.shape != (num_classes, num_classes):
+        raise ValueError(f"calibration map of shape {matrix.shape} for {num_classes} classes")
+    return matrix / preprocessing.temperature, np.asarray(preprocessing.calibration_bias, dtype=np.float64)
+
+
 def adjusted_logits(logits: np.ndarray, preprocessing: Preprocessing, prior: str = "train") -> np.ndarray:
-    """Logits as ferkit reports them: divided by the temperature; with `prior="uniform"`, minus log prior.
+    """Logits as ferkit reports them: divided by the temperature, through the calibration map (if any);
+    with `prior="uniform"`, minus the log training prior.
 
     Logit adjustment (Menon et al., 2021): subtracting the log training prior turns p(class | face)
     under FER-2013's class mix into the probabilities under equally likely classes.
@@ -221,6 +293,8 @@ def adjusted_logits(logits: np.ndarray, preprocessing: Preprocessing, prior: str
     if prior not in PRIORS:
         raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
     scaled = np.asarray(logits, dtype=np.float64) / preprocessing.temperature
+    if preprocessing.calibrated:
+        scaled = scaled @ np.asarray(preprocessing.calibration_matrix).T + np.asarray(preprocessing.calibration_bias)
     if prior == "uniform":
         if preprocessing.class_prior is None:
             raise ValueError("these weights carry no class prior, so prior='uniform' cannot be applied")

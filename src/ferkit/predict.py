@@ -9,8 +9,9 @@ through the model. Two backends run the model:
 - onnxruntime, for an exported .onnx file: runs no torch code; the graph takes the uint8 crops and
   holds the same normalisation and views (`inference.InferenceModel`, exported).
 
-Probabilities are the softmax of the logits divided by the weights' temperature; `prior="uniform"`
-also divides out the training set's class prior (see `inference.adjusted_logits`).
+Probabilities are the softmax of the logits through the weights' calibration (temperature and map,
+fitted on PublicTest); `prior="uniform"`, the default, also divides out the training set's class
+prior, FER-2013's class mix (see `inference.adjusted_logits`); `prior="train"` keeps it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import numpy as np
 
 from .faces import (
     DEFAULT_DETECT_MAX_SIDE,
+    DEFAULT_DETECTOR,
     DEFAULT_MIN_FACE,
+    LANDMARKS,
     Box,
     Face,
     FaceDetector,
@@ -35,7 +38,7 @@ from .faces import (
     whole_image_face,
 )
 from .images import DEFAULT_MAX_PIXELS, ColorOrder, ImageInput, load_image
-from .inference import PRIORS, adjusted_logits, softmax
+from .inference import DEFAULT_PRIOR, PRIORS, adjusted_logits, softmax
 from .labels import IMAGE_SIZE
 from .weights import WeightsError, WeightsMeta
 
@@ -48,7 +51,9 @@ class FaceResult:
     (FER-2013 framing), clipped to the image; the whole image when detection is off. `score` is
     the detector's (see `ferkit.faces`), None when detection is off. In video and camera streams
     (`ferkit.tracking`), `track` is the face's track id, `probabilities` and `label` are smoothed
-    over time and `raw_probabilities` are this frame's own; both are None for photos.
+    over time and `raw_probabilities` are this frame's own; both are None for photos. `landmarks`:
+    {name: (x, y)} in the same pixels for the detector's landmarks (YuNet: eyes, nose tip, mouth
+    corners; see `ferkit.faces.LANDMARKS`), None where it gives none (Haar, no detection); not in `to_dict`.
     """
 
     box: Box
@@ -57,6 +62,7 @@ class FaceResult:
     score: float | None
     track: int | None = None
     raw_probabilities: dict[str, float] | None = None
+    landmarks: dict[str, tuple[float, float]] | None = None
 
     def to_dict(self, digits: int | None = None) -> dict[str, Any]:
         """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}, optionally rounded."""
@@ -204,14 +210,16 @@ class EmotionRecognizer:
     >>> for face in recognizer.predict("photo.jpg"):  # doctest: +SKIP
     ...     print(face.box, face.label, face.probabilities[face.label])
 
-    `weights`: None (the shipped default), a shipped model's name, a safetensors file, a run folder,
-    or an exported .onnx file (runs on onnxruntime). `detect=False` treats each image as one face
-    crop, like FER-2013's. `detector`: "haar", a Haar cascade .xml, a YuNet .onnx model, or an object
-    with `detect()` and `crop_scale` (see `ferkit.faces`). `min_face`: smallest face side in pixels;
+    `weights`: None (the shipped default, see `weights.choose_default`), a shipped model's name, a
+    safetensors file, a run folder, or an exported .onnx file (runs on onnxruntime). `detect=False`
+    treats each image as one face crop, like FER-2013's. `detector`: "yunet" (the default, shipped),
+    "haar", a YuNet .onnx model, a Haar cascade .xml, or an object with `detect()` and `crop_scale`
+    (see `ferkit.faces`). `min_face`: smallest face side in pixels;
     `detect_max_side`: larger images are downscaled to this for detection (crops come from the original).
-    `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "train"
-    (probabilities under FER-2013's class mix, as trained) or "uniform" (that prior divided out, for faces
-    whose emotions are not mixed like FER-2013's; it can change the label).
+    `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "uniform"
+    (FER-2013's class mix divided out, for faces whose emotions are not mixed like FER-2013's; it can
+    change the label) or "train" (probabilities under FER-2013's class mix, as trained); None (the
+    default): "uniform" where the weights carry their training class prior, else "train".
 
     Threads: one recognizer may be shared by any number of threads and gives each the results it
     gives alone. Face detection is serialised by a lock of the recognizer's (OpenCV's detectors keep
@@ -226,14 +234,14 @@ class EmotionRecognizer:
         *,
         device: str = "auto",
         detect: bool = True,
-        detector: str | os.PathLike[str] | FaceDetector = "haar",
+        detector: str | os.PathLike[str] | FaceDetector = DEFAULT_DETECTOR,
         min_face: int = DEFAULT_MIN_FACE,
         detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 512,
-        prior: str = "train",
+        prior: str | None = None,
     ) -> None:
-        if prior not in PRIORS:
+        if prior is not None and prior not in PRIORS:
             raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
         self.backend = open_backend(weights, device, batch_size)
         self.meta = self.backend.meta
@@ -242,10 +250,11 @@ class EmotionRecognizer:
         self.detector = make_detector(detector, min_face, detect_max_side) if detect else None
         self._detect_lock = threading.Lock()
         self.max_pixels = max_pixels
-        if prior == "uniform" and self.meta.preprocessing.class_prior is None:
+        has_prior = self.meta.preprocessing.class_prior is not None
+        if prior == "uniform" and not has_prior:
             raise WeightsError(f"{self.backend.path}: these weights carry no training class prior, so "
                                "prior='uniform' cannot be applied")
-        self.prior = prior
+        self.prior = prior or (DEFAULT_PRIOR if has_prior else "train")
 
     def __repr__(self) -> str:
         return (f"EmotionRecognizer(weights={str(self.backend.path)!r}, backend={self.backend.name!r}, "
@@ -279,11 +288,12 @@ class EmotionRecognizer:
         adjusted = adjusted_logits(self.logits(np.stack([face.crop for face in faces])), self.meta.preprocessing,
                                    self.prior)
         probabilities = softmax(adjusted)
-        # The label is the argmax of the logits, exactly as `ferkit evaluate` counts it (a temperature
-        # cannot change it; the uniform prior can, and is meant to).
+        # The label is the argmax of the calibrated logits, exactly as `ferkit evaluate` counts it (the
+        # calibration map's biases and the uniform prior can change it).
         labels = adjusted.argmax(1)
         return [
-            FaceResult(face.box, dict(zip(self.classes, map(float, p), strict=True)), self.classes[int(k)], face.score)
+            FaceResult(face.box, dict(zip(self.classes, map(float, p), strict=True)), self.classes[int(k)], face.score,
+                       landmarks=dict(zip(LANDMARKS, face.landmarks, strict=True)) if face.landmarks else None)
             for face, p, k in zip(faces, probabilities, labels, strict=True)
         ]
 

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_MIN_FACE, Face, make_detector, whole_image_face
+from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_DETECTOR, DEFAULT_MIN_FACE, Face, make_detector, whole_image_face
 from .images import ImageError, PixelLimitError, decode_image_bytes, read_image_header
 from .predict import EmotionRecognizer, FaceResult
 from .predict_files import PROBABILITY_DIGITS, InputItem, InputResult, json_record
@@ -89,7 +89,7 @@ class ServeConfig:
 
     weights: str | None = None
     device: str = "auto"
-    detector: str = "haar"
+    detector: str = DEFAULT_DETECTOR
     min_face: int = DEFAULT_MIN_FACE
     detect_max_side: int | None = DEFAULT_DETECT_MAX_SIDE
     host: str = "127.0.0.1"

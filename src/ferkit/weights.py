@@ -2,16 +2,18 @@
 
 A weights file carries everything needed to rebuild and use its model: the architecture, the
 classes, the preprocessing (`ferkit.inference.Preprocessing`: input size, normalisation, crop
-scale, views, temperature, class prior), where it was trained, with what recipe and how well it
+scale, views, temperature, calibration map, class prior), where it was trained, with what recipe and how well it
 did. The metadata is parsed and checked in one place, `meta_from_json`, for weights files and
 exported models alike. Loading never unpickles anything.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,8 +35,9 @@ EXPORT_KEY = "ferkit_export"
 """Exported models also carry, under this key, what the export did (format, views, source, opset)."""
 META_FORMAT = 2
 """Version of the metadata layout: 1 had `image_size`, `normalization` and `tta` at the top level."""
-DEFAULT_MODEL = "ferkit-resnet"
-"""The shipped model that `ferkit` uses when no weights are named."""
+DEFAULT_RULE_POINTS = 1.5
+"""The default model: among one-view shipped models, the highest PublicTest mean corruption accuracy among
+those within this many points of the best one-view PublicTest accuracy (see `choose_default`)."""
 MODEL_RENAMES = {"seed": "ferkit-refcnn", "best": "ferkit-resnet"}
 """Shipped models' names before 0.2, accepted with a warning until 0.3."""
 VIEWS_FROM_TTA = {"none": 1, "flip": 2, "crops": 10}
@@ -141,6 +144,8 @@ def _meta_from_dict(values: dict[str, Any]) -> WeightsMeta:
     preprocessing = Preprocessing.from_dict(pre)
     if preprocessing.class_prior is not None and len(preprocessing.class_prior) != len(classes):
         raise ValueError(f"class prior has {len(preprocessing.class_prior)} values for {len(classes)} classes")
+    if preprocessing.calibration_bias is not None and len(preprocessing.calibration_bias) != len(classes):
+        raise ValueError(f"calibration map has {len(preprocessing.calibration_bias)} biases for {len(classes)} classes")
     return WeightsMeta(**{**values, "classes": list(classes), "preprocessing": preprocessing})
 
 
@@ -170,10 +175,57 @@ def shipped_models() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".safetensors")}
 
 
+def choose_default(metas: Mapping[str, WeightsMeta], points: float = DEFAULT_RULE_POINTS) -> tuple[str, str]:
+    """The default model among `metas` (name -> metadata) by the stated rule, and why, from the metadata alone.
+
+    One view (the default must be fast); PublicTest figures only (`val_acc`, `val_mean_corruption_acc`,
+    recorded by `ferkit evaluate --split val --corruptions --record`): of the models within `points`
+    of the best PublicTest accuracy, the highest mean corruption accuracy (users' photos are not
+    FER-2013's); where none has that figure, the most accurate.
+    """
+    def figure(meta: WeightsMeta, key: str) -> float | None:
+        value = meta.metrics.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    accuracy = {name: acc for name, meta in metas.items()
+                if meta.views == 1 and (acc := figure(meta, "val_acc")) is not None}
+    if not accuracy:
+        raise WeightsError("no one-view model with a recorded PublicTest accuracy (val_acc) to choose a default from")
+    best = max(accuracy.values())
+    close = sorted(name for name, acc in accuracy.items() if acc >= best - points / 100 - 1e-12)
+    robust = {name: r for name in close if (r := figure(metas[name], "val_mean_corruption_acc")) is not None}
+    if robust:
+        name = max(sorted(robust), key=robust.__getitem__)
+        return name, (f"one view; PublicTest accuracy {100 * accuracy[name]:.2f}%, within {points:g} points of the "
+                      f"best one-view model's {100 * best:.2f}% (as are: {', '.join(close)}); the highest PublicTest "
+                      f"mean corruption accuracy among them, {100 * robust[name]:.2f}%")
+    name = max(close, key=accuracy.__getitem__)
+    return name, (f"one view; PublicTest accuracy {100 * best:.2f}%, the best (no model within {points:g} points "
+                  "has a PublicTest corruption figure)")
+
+
+@functools.cache
+def default_choice() -> tuple[str, str]:
+    """The shipped default model's name and why it is the default (`choose_default` over the shipped files)."""
+    return choose_default({name: read_meta(path) for name, path in sorted(shipped_models().items())})
+
+
+def default_model() -> str:
+    """The shipped model that `ferkit` uses when no weights are named."""
+    return default_choice()[0]
+
+
+def __getattr__(name: str) -> str:
+    # `DEFAULT_MODEL` is computed from the shipped files' metadata, when first asked for.
+    if name == "DEFAULT_MODEL":
+        return default_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
     """A path to a weights file, a run folder (its best.safetensors), or a shipped model's name."""
     if name_or_path is None or str(name_or_path) == "default":
-        name_or_path = DEFAULT_MODEL
+        name_or_path = default_model()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / "best.safetensors"
