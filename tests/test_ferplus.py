@@ -315,3 +315,48 @@ def test_cli_data_info_prints_the_vote_statistics(capsys: pytest.CaptureFixture[
     assert "contempt" in out and "FER+ votes" in out
     assert any(line.split()[:4] == ["test", "3573", "3152", line.split()[3]] for line in out.splitlines()
                if line.startswith("test"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped FER+ model: eight emotions through predict, the CLI and the service
+
+
+def test_the_shipped_ferplus_model_reads_eight_emotions_everywhere(ferplus, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from PIL import Image
+
+    from ferkit.cli import main
+    from ferkit.predict import EmotionRecognizer
+    from ferkit.weights import read_meta, resolve_weights
+
+    meta = read_meta(resolve_weights("ferkit-resnet-ferplus"))
+    assert meta.classes == list(FERPLUS_CLASSES) and meta.views == 1 and meta.preprocessing.calibrated
+    assert meta.recipe["labels"] == "ferplus-distribution"
+    faces = ferplus["test"].images[:40]
+    recognizer = EmotionRecognizer("ferkit-resnet-ferplus", device="cpu", detect=False, prior="train")
+    results = [faces_results[0] for faces_results in recognizer.predict_batch(list(faces))]
+    assert all(list(r.probabilities) == list(FERPLUS_CLASSES) for r in results)
+    # FER+'s majority says most of these 40 test faces' emotions; the model names most of them
+    majority = majority_labels(ferplus["test"].votes[:40])
+    named = [(FERPLUS_CLASSES[m], r.label) for m, r in zip(majority, results, strict=True) if m >= 0]
+    assert sum(truth == label for truth, label in named) >= 0.6 * len(named)
+
+    Image.fromarray(faces[0]).save(tmp_path / "face.png")
+    assert main(["predict", str(tmp_path / "face.png"), "--weights", "ferkit-resnet-ferplus", "--no-detect",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert list(record["faces"][0]["probabilities"]) == list(FERPLUS_CLASSES)
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ferkit.serve import ServeConfig, create_app
+
+    with TestClient(create_app(ServeConfig(), recognizer), base_url="http://localhost") as client:
+        response = client.post("/v1/predict?detect=false",
+                               files=[("files", ("face.png", (tmp_path / "face.png").read_bytes(), "image/png"))])
+    assert response.status_code == 200, response.text
+    face = response.json()[0]["faces"][0]
+    assert list(face["probabilities"]) == list(FERPLUS_CLASSES) and face["label"] in FERPLUS_CLASSES

@@ -21,6 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 
 from fer_photos import background, fer_faces, iou, paste, read_gray, write_video
 from ferkit import cli
@@ -88,11 +89,15 @@ def test_two_crossing_faces_keep_their_ids_and_the_one_that_leaves_gets_its_own_
     result = VideoRecognizer(video_recognizer).predict(clip)
 
     ids: dict[str, list[int]] = {"a": [], "b": []}
-    for frame in result.frames:  # each true face's best-overlapping detection, as MOT scoring pairs them
-        for name, box in truth[frame.frame].items():
-            overlap, track = max(((iou(face.box, box), face.track) for face in frame.faces), default=(0.0, None))
-            if overlap >= 0.3 and track is not None:
-                ids[name].append(track)
+    for frame in result.frames:  # true faces and detections paired one to one by IoU, as MOT scoring pairs them
+        names = list(truth[frame.frame])
+        overlaps = np.array([[iou(face.box, truth[frame.frame][name]) for face in frame.faces] for name in names])
+        if overlaps.size == 0:
+            continue
+        for row, col in zip(*linear_sum_assignment(-overlaps), strict=True):
+            track = frame.faces[col].track
+            if overlaps[row, col] >= 0.3 and track is not None:
+                ids[names[row]].append(track)
     assert len(ids["a"]) >= 30 and len(ids["b"]) >= 40  # the detector found most faces
     switches = changes([str(t) for t in ids["a"]]) + changes([str(t) for t in ids["b"]])
     assert switches <= 1, ids

@@ -19,6 +19,8 @@ from .models import count_macs, count_parameters
 from .weights import default_choice, load_model, shipped_models
 
 SPEED_BATCH = 256
+BENCHMARKS = {"fer2013": "FER-2013 PrivateTest"}
+"""Where each file's test figures come from, by the labels it was trained on (any FER+ scheme: FER+'s test)."""
 
 
 def crops_per_second(model: torch.nn.Module, preprocessing: Any, seconds: float, batch: int = SPEED_BATCH) -> float:
@@ -41,7 +43,8 @@ def describe_shipped_models(speed_seconds: float = 1.0) -> list[dict[str, Any]]:
         metrics = meta.metrics
         rows.append({
             "name": name, "default": name == default, "default_reason": reason if name == default else None,
-            "arch": meta.arch, "path": str(path),
+            "arch": meta.arch, "path": str(path), "classes": meta.classes,
+            "benchmark": BENCHMARKS.get(str(meta.recipe.get("labels", "fer2013")), "FER+ FER2013Test (majority)"),
             "parameters": count_parameters(model), "macs": count_macs(model) * meta.views, "views": meta.views,
             "temperature": meta.preprocessing.temperature,
             "val_accuracy": metrics.get("val_acc"),

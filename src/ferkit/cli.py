@@ -211,8 +211,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     width = max([len(r["name"]) + 2 for r in rows] + [16])
-    print(f"{'model':<{width}}{'arch':<8}{'params':>10}{'MACs':>9}{'views':>6}{'test acc':>10}{'bal. acc':>10}"
-          f"{'ECE':>7}{'corr. acc':>10}{'crops/s':>9}")
+    print(f"{'model':<{width}}{'arch':<8}{'params':>10}{'MACs':>9}{'views':>6}{'classes':>8}{'test acc':>10}"
+          f"{'bal. acc':>10}{'ECE':>7}{'corr. acc':>10}{'crops/s':>9}  test set")
     for r in rows:
         def pct(key: str, row: dict[str, Any] = r) -> str:
             return "-" if row.get(key) is None else f"{100 * row[key]:.2f}"
@@ -220,9 +220,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         crops = "-" if r.get("crops_per_s") is None else f"{r['crops_per_s']:.0f}"
         ece = "-" if r.get("test_ece") is None else f"{r['test_ece']:.3f}"
         print(f"{r['name'] + ('*' if r['default'] else ''):<{width}}{r['arch']:<8}{r['parameters']:>10,}"
-              f"{r['macs'] / 1e6:>8.1f}M{r['views']:>6}{pct('test_accuracy'):>10}{pct('test_balanced_accuracy'):>10}"
-              f"{ece:>7}{pct('mean_corruption_accuracy'):>10}{crops:>9}")
-    print("Accuracies on PrivateTest, from each file's metadata" + ("; crops/s measured now, on this machine "
+              f"{r['macs'] / 1e6:>8.1f}M{r['views']:>6}{len(r['classes']):>8}{pct('test_accuracy'):>10}"
+              f"{pct('test_balanced_accuracy'):>10}{ece:>7}{pct('mean_corruption_accuracy'):>10}{crops:>9}"
+              f"  {r['benchmark']}")
+    print("Accuracies on each model's test set, from each file's metadata" + ("; crops/s measured now, on this machine "
           "(PyTorch, batches of 256)." if args.speed_seconds else "."))
     default = next(r for r in rows if r["default"])
     print(f"* the default, {default['name']}: {default['default_reason']}")

@@ -178,7 +178,8 @@ def shipped_models() -> dict[str, Path]:
 def choose_default(metas: Mapping[str, WeightsMeta], points: float = DEFAULT_RULE_POINTS) -> tuple[str, str]:
     """The default model among `metas` (name -> metadata) by the stated rule, and why, from the metadata alone.
 
-    One view (the default must be fast); PublicTest figures only (`val_acc`, `val_mean_corruption_acc`,
+    FER-2013's seven classes (a FER+ model's figures are another benchmark's); one view (the default must be
+    fast); PublicTest figures only (`val_acc`, `val_mean_corruption_acc`,
     recorded by `ferkit evaluate --split val --corruptions --record`): of the models within `points`
     of the best PublicTest accuracy, the highest mean corruption accuracy (users' photos are not
     FER-2013's); where none has that figure, the most accurate.
@@ -188,7 +189,7 @@ def choose_default(metas: Mapping[str, WeightsMeta], points: float = DEFAULT_RUL
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     accuracy = {name: acc for name, meta in metas.items()
-                if meta.views == 1 and (acc := figure(meta, "val_acc")) is not None}
+                if meta.views == 1 and meta.classes == list(EMOTIONS) and (acc := figure(meta, "val_acc")) is not None}
     if not accuracy:
         raise WeightsError("no one-view model with a recorded PublicTest accuracy (val_acc) to choose a default from")
     best = max(accuracy.values())
