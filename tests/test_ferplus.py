@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -346,7 +347,7 @@ def test_the_shipped_ferplus_model_reads_eight_emotions_everywhere(ferplus, tmp_
     Image.fromarray(faces[0]).save(tmp_path / "face.png")
     assert main(["predict", str(tmp_path / "face.png"), "--weights", "ferkit-resnet-ferplus", "--no-detect",
                  "--json"]) == 0
-    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    (record,) = json.loads(capsys.readouterr().out)
     assert list(record["faces"][0]["probabilities"]) == list(FERPLUS_CLASSES)
 
     pytest.importorskip("fastapi")
@@ -355,6 +356,10 @@ def test_the_shipped_ferplus_model_reads_eight_emotions_everywhere(ferplus, tmp_
     from ferkit.serve import ServeConfig, create_app
 
     with TestClient(create_app(ServeConfig(), recognizer), base_url="http://localhost") as client:
+        for _ in range(600):  # the model warms up first (bounded: 30 s)
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
         response = client.post("/v1/predict?detect=false",
                                files=[("files", ("face.png", (tmp_path / "face.png").read_bytes(), "image/png"))])
     assert response.status_code == 200, response.text
