@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,40 +117,51 @@ def test_page_reads_an_uploaded_photo(url: str, tmp_path: Path) -> None:
             browser.close()
 
 
-def test_page_labels_the_webcam_live(url: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+@contextmanager
+def webcam_page(url: str, tmp_path: Path, request: pytest.FixtureRequest,
+                init_script: str | None = None) -> Iterator[tuple[Any, list[str]]]:
+    """The page at `url` in Chromium whose camera plays real faces (the astronaut alone without FER-2013),
+    and the list its JavaScript errors go to."""
     sync_playwright = _require_browser()
     try:
         data_root: Path | None = request.getfixturevalue("data_root")
-    except pytest.skip.Exception:  # no FER-2013 here: the astronaut alone
+    except pytest.skip.Exception:
         data_root = None
     video = write_y4m(tmp_path / "faces.y4m", webcam_frames(data_root))
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = _launch(playwright, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                           f"--use-file-for-fake-video-capture={video}")
         try:
             context = browser.new_context(viewport={"width": 1100, "height": 720})
             context.grant_permissions(["camera"], origin=url)
+            if init_script is not None:
+                context.add_init_script(init_script)
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda err: errors.append(str(err)))
             page.goto(url)
-            page.click("#tab-webcam")
-            page.click("#webcam-start")
-            page.wait_for_function("document.querySelectorAll('#overlay .live-box').length > 0", timeout=30_000)
-            # Live: later frames replace the boxes; wait for a few rounds and read the last.
-            page.wait_for_function("document.querySelector('#webcam-status').textContent.includes('ms a frame')")
-            page.wait_for_timeout(1500)
-            labels = page.locator("#overlay .live-box .box-label").all_inner_texts()
-            assert labels and all(text.startswith("#") and text.split()[1] in EMOTIONS for text in labels), labels
-            assert page.locator("#live-label").inner_text().split()[1] in EMOTIONS
-            assert page.locator("#live-bars .bar").count() == len(EMOTIONS)
-            assert page.locator("#video").evaluate("v => v.videoWidth") == 640
-            page.screenshot(path=str(ARTIFACTS / "serve-webcam.png"), full_page=True)
-            page.click("#webcam-stop")
-            assert not errors, errors
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_page_labels_the_webcam_live(url: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with webcam_page(url, tmp_path, request) as (page, errors):
+        page.click("#tab-webcam")
+        page.click("#webcam-start")
+        page.wait_for_function("document.querySelectorAll('#overlay .live-box').length > 0", timeout=30_000)
+        # Live: later frames replace the boxes; wait for a few rounds and read the last.
+        page.wait_for_function("document.querySelector('#webcam-status').textContent.includes('ms a frame')")
+        page.wait_for_timeout(1500)
+        labels = page.locator("#overlay .live-box .box-label").all_inner_texts()
+        assert labels and all(text.startswith("#") and text.split()[1] in EMOTIONS for text in labels), labels
+        assert page.locator("#live-label").inner_text().split()[1] in EMOTIONS
+        assert page.locator("#live-bars .bar").count() == len(EMOTIONS)
+        assert page.locator("#video").evaluate("v => v.videoWidth") == 640
+        page.screenshot(path=str(ARTIFACTS / "serve-webcam.png"), full_page=True)
+        page.click("#webcam-stop")
+        assert not errors, errors
 
 
 # Records each webcam frame's faces as the page receives them: [[track, box, label], ...] per frame.
@@ -170,38 +182,20 @@ window.fetch = async (...args) => {
 def test_webcam_faces_keep_their_track_over_consecutive_frames(url: str, tmp_path: Path,
                                                                 request: pytest.FixtureRequest) -> None:
     """The page sends its frames as one stream; the server's tracker gives each face one id throughout."""
-    sync_playwright = _require_browser()
-    try:
-        data_root: Path | None = request.getfixturevalue("data_root")
-    except pytest.skip.Exception:
-        data_root = None
-    video = write_y4m(tmp_path / "faces.y4m", webcam_frames(data_root))
-    with sync_playwright() as playwright:
-        browser = _launch(playwright, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                          f"--use-file-for-fake-video-capture={video}")
-        try:
-            context = browser.new_context(viewport={"width": 1100, "height": 720})
-            context.grant_permissions(["camera"], origin=url)
-            context.add_init_script(RECORD_STREAM)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda err: errors.append(str(err)))
-            page.goto(url)
-            page.click("#tab-webcam")
-            page.click("#webcam-start")
-            page.wait_for_function("window.streamFrames.length >= 8", timeout=60_000)
-            frames = page.evaluate("window.streamFrames")
-            largest = [faces[0][0] for faces in frames if faces]  # the astronaut, largest face in every frame
-            assert len(largest) >= 7 and len(set(largest)) == 1, frames
-            assert all(isinstance(track, int) for faces in frames for track, _, _ in faces)
-            assert len({track for faces in frames for track, _, _ in faces}) <= 3, frames
-            shown = page.locator("#overlay .live-box").evaluate_all("boxes => boxes.map(b => b.dataset.track)")
-            assert str(largest[0]) in shown
-            assert page.locator("#live-label").inner_text().startswith(f"#{largest[0]} ")
-            page.click("#webcam-stop")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with webcam_page(url, tmp_path, request, init_script=RECORD_STREAM) as (page, errors):
+        page.click("#tab-webcam")
+        page.click("#webcam-start")
+        page.wait_for_function("window.streamFrames.length >= 8", timeout=60_000)
+        frames = page.evaluate("window.streamFrames")
+        largest = [faces[0][0] for faces in frames if faces]  # the astronaut, largest face in every frame
+        assert len(largest) >= 7 and len(set(largest)) == 1, frames
+        assert all(isinstance(track, int) for faces in frames for track, _, _ in faces)
+        assert len({track for faces in frames for track, _, _ in faces}) <= 3, frames
+        shown = page.locator("#overlay .live-box").evaluate_all("boxes => boxes.map(b => b.dataset.track)")
+        assert str(largest[0]) in shown
+        assert page.locator("#live-label").inner_text().startswith(f"#{largest[0]} ")
+        page.click("#webcam-stop")
+        assert not errors, errors
 
 
 def test_docs_render_offline(url: str) -> None:
