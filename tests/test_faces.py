@@ -133,6 +133,22 @@ def test_yunet_finds_the_astronaut_and_her_landmarks(astronaut: np.ndarray, yune
     assert all(x <= px <= x + w and y <= py <= y + h for px, py in detection.landmarks)
 
 
+@pytest.mark.parametrize("size", [(640, 480), (500, 375), (333, 517)])
+def test_yunet_on_onnxruntime_gives_opencvs_detections(data_root: Path, yunet: YuNetDetector,
+                                                       size: tuple[int, int]) -> None:
+    # OpenCV's own YuNet runner is the reference for the decoding: same boxes, landmarks and scores, also
+    # on sizes that are not multiples of the network's stride.
+    faces = [read_gray(p) for p in fer_faces(data_root, "happy")[:2]]
+    image = cv2.cvtColor(photo(faces, [(10, 20, 150, 150), (size[0] - 200, size[1] - 190, 180, 180)],
+                               size[0], size[1], seed=3), cv2.COLOR_RGB2BGR)
+    reference = cv2.FaceDetectorYN.create(str(shipped_yunet()), "", size, 0.7, 0.3, 100)
+    _, expected = reference.detect(image)
+    ours = yunet._raw(image)
+    assert expected is not None and len(ours) == len(expected) == 2
+    order = np.argsort(-ours[:, 14]), np.argsort(-expected[:, 14])
+    np.testing.assert_allclose(ours[order[0]], expected[order[1]], atol=0.02)
+
+
 def test_yunet_finds_pasted_fer_faces_and_nothing_where_there_is_none(data_root: Path, yunet: YuNetDetector) -> None:
     # The same 48 PrivateTest faces as the Haar test above, two per photo; YuNet finds more of them than Haar
     # (benchmarks/detection.py: 400 PublicTest faces), so the bar is higher.
