@@ -261,3 +261,112 @@ def test_the_detector_is_yunet_unless_chosen(weights: Path, astronaut: np.ndarra
     assert points["nose_tip"][1] < min(points["right_mouth_corner"][1], points["left_mouth_corner"][1])
     (haar_face,) = EmotionRecognizer(weights, device="cpu", detector="haar").predict(astronaut)
     assert haar_face.landmarks is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Call-time options: prior, top_k and detector per call, nothing kept in the recognizer
+
+
+def _flat(batches: list[list[FaceResult]]) -> list[FaceResult]:
+    return [result for results in batches for result in results]
+
+
+def test_a_calls_prior_overrides_the_recognizers_own(weights: Path, data_root: Path) -> None:
+    crops = [read_gray(p) for cls in EMOTIONS for p in fer_faces(data_root, cls)[:2]]
+    made = {prior: EmotionRecognizer(weights, device="cpu", detect=False, prior=prior)
+            for prior in ("train", "uniform")}
+    for own, other in (("train", "uniform"), ("uniform", "train")):
+        recognizer = made[own]
+        # Exactly what a recognizer made with that prior gives, through predict_batch, predict and classify.
+        _same(_flat(recognizer.predict_batch(crops, prior=other)), _flat(made[other].predict_batch(crops)))
+        _same(recognizer.predict(crops[0], prior=other), made[other].predict(crops[0]))
+        faces = [recognizer.find_faces(crop)[0] for crop in crops]
+        _same(recognizer.classify(faces, prior=other), made[other].classify(faces))
+        # The call changed nothing: without a prior, the recognizer's own again.
+        assert recognizer.prior == own
+        _same(_flat(recognizer.predict_batch(crops)), _flat(made[own].predict_batch(crops)))
+    trained, uniform = made["train"].predict(crops[0])[0], made["train"].predict(crops[0], prior="uniform")[0]
+    assert trained.probabilities != uniform.probabilities  # the two priors differ on this face
+    with pytest.raises(ValueError, match="prior 'flat': choose one of train, uniform"):
+        made["train"].predict(crops[0], prior="flat")
+
+
+def test_a_uniform_prior_per_call_needs_the_weights_class_prior(tmp_path: Path, weights: Path) -> None:
+    model, meta = load_model(weights)
+    plain = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, class_prior=None))
+    save_weights(tmp_path / "no-prior.safetensors", model, plain)
+    recognizer = EmotionRecognizer(tmp_path / "no-prior.safetensors", device="cpu", detect=False)
+    assert recognizer.prior == "train"  # the default where the weights carry no class prior
+    crop = np.full((48, 48), 128, np.uint8)
+    with pytest.raises(WeightsError, match=r"prior 'uniform': no-prior\.safetensors carries no training class prior"):
+        recognizer.predict(crop, prior="uniform")
+    with pytest.raises(WeightsError, match="carries no training class prior"):
+        EmotionRecognizer(tmp_path / "no-prior.safetensors", device="cpu", prior="uniform")
+    assert len(recognizer.predict(crop, prior="train")) == 1
+
+
+def test_top_k_keeps_the_k_most_likely_most_likely_first(crops_reader: EmotionRecognizer, data_root: Path) -> None:
+    crops = [read_gray(p) for cls in EMOTIONS for p in fer_faces(data_root, cls)[:1]]
+    full = _flat(crops_reader.predict_batch(crops))
+    for k in (1, 3, len(EMOTIONS)):
+        for everything, top in zip(full, _flat(crops_reader.predict_batch(crops, top_k=k)), strict=True):
+            ranked = sorted(everything.probabilities, key=everything.probabilities.__getitem__, reverse=True)
+            assert list(top.probabilities) == ranked[:k]
+            assert top.probabilities == {name: everything.probabilities[name] for name in ranked[:k]}
+            assert top.label == everything.label == ranked[0] and top.box == everything.box
+    assert list(full[0].probabilities) == list(EMOTIONS)  # no top_k: every class, in the model's order
+    for bad in (0, len(EMOTIONS) + 1, 2.0, True):
+        with pytest.raises(ValueError, match="top_k"):
+            crops_reader.predict(crops[0], top_k=bad)  # type: ignore[arg-type]
+
+
+def test_a_calls_detector_is_used_instead_of_the_recognizers(weights: Path, astronaut: np.ndarray) -> None:
+    from ferkit.faces import make_detector
+
+    yunet = EmotionRecognizer(weights, device="cpu")
+    haar = EmotionRecognizer(weights, device="cpu", detector="haar")
+    own_haar = make_detector("haar")
+    _same(yunet.predict(astronaut, detector=own_haar), haar.predict(astronaut))
+    _same(yunet.predict_batch([astronaut], detector=own_haar)[0], haar.predict(astronaut))
+    assert yunet.predict(astronaut)[0].box != haar.predict(astronaut)[0].box  # so the detector made the difference
+    # A recognizer without detection detects when a call brings a detector.
+    crops_only = EmotionRecognizer(weights, device="cpu", detect=False)
+    assert crops_only.predict(astronaut)[0].box == (0, 0, 512, 512)
+    _same(crops_only.predict(astronaut, detector=own_haar), haar.predict(astronaut))
+
+
+def test_threads_with_other_priors_at_once_each_get_their_own(crops_reader: EmotionRecognizer, weights: Path,
+                                                             data_root: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    crops = [read_gray(p) for cls in EMOTIONS for p in fer_faces(data_root, cls)[:2]]
+    expected = {prior: EmotionRecognizer(weights, device="cpu", detect=False, prior=prior).predict_batch(crops)
+                for prior in ("train", "uniform")}
+    priors = ["train", "uniform"] * 8
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda prior: crops_reader.predict_batch(crops, prior=prior), priors))
+    for prior, answer in zip(priors, answers, strict=True):
+        _same(_flat(answer), _flat(expected[prior]), atol=1e-6)
+    assert crops_reader.prior == "train"
+
+
+def test_a_call_runs_the_model_on_the_thread_count_the_process_set(crops_reader: EmotionRecognizer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count is process-wide: a call that changed it would change it under every other thread's torch calls."""
+    import ferkit.inference
+
+    seen: list[int] = []
+    real = ferkit.inference.predict_logits
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ferkit.inference, "predict_logits", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        crops_reader.predict(np.full((48, 48), 100, np.uint8))  # one face: once run on a thread of its own
+        assert seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -37,7 +38,6 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from fer_photos import background, fer_faces, photo, read_gray  # noqa: E402
 from ferkit import cli  # noqa: E402
-from ferkit.faces import Face, whole_image_face  # noqa: E402
 from ferkit.images import PixelLimitError  # noqa: E402
 from ferkit.labels import EMOTIONS, FERPLUS_CLASSES  # noqa: E402
 from ferkit.predict import EmotionRecognizer  # noqa: E402
@@ -50,7 +50,7 @@ from ferkit.serve import (  # noqa: E402
     decode_image,
     resolve_api_key,
 )
-from ferkit.weights import DEFAULT_MODEL, shipped_models  # noqa: E402
+from ferkit.weights import DEFAULT_MODEL, load_model, read_meta, save_weights, shipped_models  # noqa: E402
 from serve_live import live_server  # noqa: E402
 
 TWO_FACES = [(40, 60, 150, 150), (360, 150, 180, 180)]
@@ -172,20 +172,33 @@ def test_digits_round_the_probabilities(api: TestClient, astronaut: bytes, recog
         assert face["probabilities"] == {k: round(v, digits) for k, v in full.items()}
 
 
-@pytest.mark.skipif(not PRIORS, reason="this ferkit's EmotionRecognizer has no prior option")
-def test_prior_matches_a_recognizer_with_that_prior(api: TestClient, astronaut: bytes, weights: Path) -> None:
+def test_prior_matches_a_recognizer_with_that_prior(api: TestClient, astronaut: bytes, weights: Path,
+                                                    recognizer: EmotionRecognizer) -> None:
+    """The service keeps one recognizer and passes ?prior= into its calls: the same as a recognizer made with it."""
+    assert PRIORS == ("train", "uniform")
+    assert read_meta(weights).preprocessing.class_prior is not None  # so both priors apply
     for prior in PRIORS:
-        meta_prior = getattr(getattr(EmotionRecognizer(weights, device="cpu").meta, "preprocessing", None),
-                             "class_prior", None)
         response = api.post(f"/v1/predict?prior={prior}", files=_files(("a.png", astronaut)))
-        if prior == "uniform" and meta_prior is None:
-            assert_error(response, 422, "prior")
-            continue
         expected = EmotionRecognizer(weights, device="cpu", prior=prior).predict(skimage_data.astronaut())
         face = response.json()[0]["faces"][0]
         assert face["label"] == expected[0].label
         assert face["probabilities"] == pytest.approx(expected[0].probabilities, abs=2e-6)
-    assert_error(api.post("/v1/predict?prior=sideways", files=_files(("a.png", astronaut))), 422, "prior")
+    default = api.post("/v1/predict", files=_files(("a.png", astronaut))).json()[0]["faces"][0]
+    ours = api.post(f"/v1/predict?prior={recognizer.prior}", files=_files(("a.png", astronaut))).json()[0]["faces"][0]
+    assert default == ours  # no ?prior=: the server's recognizer's own
+    assert_error(api.post("/v1/predict?prior=sideways", files=_files(("a.png", astronaut))), 422, "prior",
+                 "'sideways'", "train, uniform")
+
+
+def test_uniform_prior_is_refused_for_weights_without_a_class_prior(tmp_path: Path, weights: Path,
+                                                                   astronaut: bytes) -> None:
+    model, meta = load_model(weights)
+    plain = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, class_prior=None))
+    save_weights(tmp_path / "no-prior.safetensors", model, plain)
+    with client(EmotionRecognizer(tmp_path / "no-prior.safetensors", device="cpu")) as c:
+        assert_error(c.post("/v1/predict?prior=uniform", files=_files(("a.png", astronaut))), 422,
+                     "prior 'uniform'", "no-prior.safetensors carries no training class prior")
+        assert c.post("/v1/predict?prior=train", files=_files(("a.png", astronaut))).status_code == 200
 
 
 def test_image_checked_by_decoding_not_by_name_or_type(api: TestClient, astronaut: bytes) -> None:
@@ -396,9 +409,14 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
-def _eight_at_once(recognizer: EmotionRecognizer, uploads: list[tuple[str, bytes]], window_ms: float
-                   ) -> tuple[int, list[httpx.Response], dict[str, Any]]:
-    """Send 8 requests at once while the model is held; (model calls they took, responses, records alone)."""
+Send = tuple[str, bytes, str]
+"""One predict request: the image's name, its bytes, its query string ("" for none)."""
+
+
+def _eight_at_once(recognizer: EmotionRecognizer, sends: list[Send], window_ms: float
+                   ) -> tuple[int, list[httpx.Response], dict[Send, Any]]:
+    """Send 8 requests at once while the model is held; (model calls they took, responses, each request's
+    records when sent alone)."""
     app = create_app(ServeConfig(batch_window_ms=window_ms, workers=2), recognizer)
     service = app.state.service
     submit, submitted = service.batcher.submit, []
@@ -410,57 +428,85 @@ def _eight_at_once(recognizer: EmotionRecognizer, uploads: list[tuple[str, bytes
     service.batcher.submit = counted_submit
 
     def model_calls() -> float:
-        return next(s.value for s in service.batch_faces.collect()[0].samples if s.name.endswith("_count"))
+        return next(s.value for s in service.metrics.batch_faces.collect()[0].samples if s.name.endswith("_count"))
+
+    def post(name: str, data: bytes, query: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/predict{query}", files=_files((name, data)), timeout=60)
 
     with live_server(app) as url:
-        alone = {name: httpx.post(f"{url}/v1/predict", files=_files((name, data)), timeout=60).json()
-                 for name, data in uploads[:2]}
+        alone = {send: post(*send).json() for send in dict.fromkeys(sends)}
         before, submitted[:] = model_calls(), []
         gate = threading.Event()
         service.model_thread.submit(gate.wait, 30)  # hold the model while all 8 requests arrive
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(httpx.post, f"{url}/v1/predict", files=_files(u), timeout=60) for u in uploads]
-            _wait_for(lambda: len(submitted) == len(uploads))
+            futures = [pool.submit(post, *send) for send in sends]
+            _wait_for(lambda: len(submitted) == len(sends))
             gate.set()
             responses = [f.result() for f in futures]
         return int(model_calls() - before), responses, alone
 
 
+def _same_faces(record: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert len(record["faces"]) == len(expected["faces"]) > 0
+    assert [f["label"] for f in record["faces"]] == [f["label"] for f in expected["faces"]]
+    assert [f["box"] for f in record["faces"]] == [f["box"] for f in expected["faces"]]
+    for face, single in zip(record["faces"], expected["faces"], strict=True):
+        assert face["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+
+
 def test_concurrent_requests_share_one_model_call(recognizer: EmotionRecognizer, two_faces: bytes,
                                                   astronaut: bytes) -> None:
-    uploads = [("two.png", two_faces), ("astronaut.png", astronaut)] * 4  # 12 faces in 8 requests
+    sends = [("two.png", two_faces, ""), ("astronaut.png", astronaut, "")] * 4  # 12 faces in 8 requests
     # With a window, the requests that arrive while the model is held share one call; the first
     # batch may have closed on its own before the rest came, so 1 or 2 calls. Without one, 8.
     for window_ms, calls in ((20.0, {1, 2}), (0.0, {8})):
-        count, responses, alone = _eight_at_once(recognizer, uploads, window_ms)
+        count, responses, alone = _eight_at_once(recognizer, sends, window_ms)
         assert count in calls, f"window {window_ms} ms: {count} model calls for 8 requests"
-        for (name, _), response in zip(uploads, responses, strict=True):
+        for send, response in zip(sends, responses, strict=True):
             assert response.status_code == 200, response.text
-            record, expected = response.json()[0], alone[name][0]
-            assert len(record["faces"]) == len(expected["faces"]) > 0
-            assert [f["label"] for f in record["faces"]] == [f["label"] for f in expected["faces"]]
-            assert [f["box"] for f in record["faces"]] == [f["box"] for f in expected["faces"]]
-            for face, single in zip(record["faces"], expected["faces"], strict=True):
-                assert face["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
+            _same_faces(response.json()[0], alone[send][0])
+
+
+def test_concurrent_requests_with_other_priors_share_a_call_and_keep_their_own(
+        recognizer: EmotionRecognizer, two_faces: bytes, astronaut: bytes, weights: Path) -> None:
+    """Requests with different priors join one model call; each gets its own prior's probabilities, as a
+    recognizer made with that prior gives them, and nothing of one request's prior reaches another."""
+    sends = [(name, data, f"?prior={prior}") for name, data in (("two.png", two_faces), ("astronaut.png", astronaut))
+             for prior in ("train", "uniform")] * 2  # interleaved: train, uniform, train, uniform, ...
+    count, responses, alone = _eight_at_once(recognizer, sends, 20.0)
+    assert count in {1, 2}, f"{count} model calls for 8 requests"
+    by_prior = {prior: EmotionRecognizer(weights, device="cpu", prior=prior) for prior in ("train", "uniform")}
+    for send, response in zip(sends, responses, strict=True):
+        assert response.status_code == 200, response.text
+        record = response.json()[0]
+        _same_faces(record, alone[send][0])
+        prior = send[2].removeprefix("?prior=")
+        expected = by_prior[prior].predict(decode_image(send[1], send[0], 10**8))
+        assert [f["label"] for f in record["faces"]] == [r.label for r in expected]
+        for face, result in zip(record["faces"], expected, strict=True):
+            assert face["probabilities"] == pytest.approx(result.probabilities, abs=2e-6)
+    # The two priors really differ on these faces, so a leak would have shown.
+    train, uniform = (responses[i].json()[0]["faces"][0]["probabilities"] for i in (0, 1))
+    assert max(abs(train[k] - uniform[k]) for k in train) > 0.01
+    assert recognizer.prior == "uniform"  # the shared recognizer's own setting is as it was
 
 
 def test_model_call_seconds_time_the_call_not_its_wait_for_the_thread() -> None:
     """Without batching, calls queue for the model's thread; ferkit_model_call_seconds must not count the queue."""
 
-    class Slow:
-        def classify(self, faces: list[Face]) -> list[None]:
-            time.sleep(0.05)
-            return [None] * len(faces)
+    def slow_model(crops: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)
+        return np.zeros((len(crops), 7), np.float32)
 
     seconds: list[float] = []
 
     async def four_calls_behind_a_held_model() -> None:
         with ThreadPoolExecutor(1) as model_thread:
-            batcher = MicroBatcher(model_thread, 0.0, 64, lambda faces, took: seconds.append(took))
+            batcher = MicroBatcher(slow_model, model_thread, 0.0, 64, lambda faces, took: seconds.append(took))
             gate = threading.Event()
             model_thread.submit(gate.wait, 30)
-            face = whole_image_face(np.zeros((48, 48), np.uint8))
-            calls = [asyncio.ensure_future(batcher.submit(Slow(), [face])) for _ in range(4)]
+            crops = np.zeros((1, 48, 48), np.uint8)
+            calls = [asyncio.ensure_future(batcher.submit(crops)) for _ in range(4)]
             await asyncio.sleep(1.0)
             gate.set()
             await asyncio.gather(*calls)
@@ -468,6 +514,31 @@ def test_model_call_seconds_time_the_call_not_its_wait_for_the_thread() -> None:
     asyncio.run(four_calls_behind_a_held_model())
     # Counting the wait for the thread would put at least 1 s on the first call.
     assert len(seconds) == 4 and all(0.04 < took < 0.8 for took in seconds), seconds
+
+
+def test_the_batcher_gives_each_request_its_own_rows_of_one_call() -> None:
+    """Three requests' crops in one window: one model call, and each request gets back exactly its rows."""
+    calls: list[int] = []
+
+    def model(crops: np.ndarray) -> np.ndarray:  # row i's logits: the crop's first pixel, seven times
+        calls.append(len(crops))
+        return np.repeat(crops[:, :1, 0].astype(np.float32), 7, axis=1)
+
+    async def three_requests() -> list[np.ndarray]:
+        with ThreadPoolExecutor(1) as model_thread:
+            batcher = MicroBatcher(model, model_thread, 0.2, 64)
+            batcher.start()
+            try:
+                requests = [np.full((n, 48, 48), first + np.arange(n)[:, None, None], np.uint8)
+                            for n, first in ((2, 10), (1, 20), (3, 30))]
+                return list(await asyncio.gather(*(batcher.submit(crops) for crops in requests)))
+            finally:
+                await batcher.stop()
+
+    answers = asyncio.run(three_requests())
+    assert calls == [6]
+    assert [a[:, 0].tolist() for a in answers] == [[10, 11], [20], [30, 31, 32]]
+    assert all(a.shape[1] == 7 for a in answers)
 
 
 def test_full_queue_answers_503_with_retry_after(recognizer: EmotionRecognizer, astronaut: bytes) -> None:

@@ -12,6 +12,11 @@ through the model. Two backends run the model:
 Probabilities are the softmax of the logits through the weights' calibration (temperature and map,
 fitted on PublicTest); `prior="uniform"`, the default, also divides out the training set's class
 prior, FER-2013's class mix (see `inference.adjusted_logits`); `prior="train"` keeps it.
+
+What may differ from one call to the next is an argument of the call, as in Hugging Face pipelines:
+`predict`, `predict_batch` and `classify` take `prior=` and `top_k=` (and `predict`/`find_faces` a
+`detector=`), defaulting to the recognizer's own settings, so one recognizer serves every caller
+(the service keeps one for all its requests) and no call changes what another sees.
 """
 
 from __future__ import annotations
@@ -48,12 +53,14 @@ class FaceResult:
     """One face: where it is, how likely each emotion is, the most likely one, and the detector's score.
 
     `box` is (x, y, w, h) in the upright original image's pixels: the square region the model read
-    (FER-2013 framing), clipped to the image; the whole image when detection is off. `score` is
-    the detector's (see `ferkit.faces`), None when detection is off. In video and camera streams
-    (`ferkit.tracking`), `track` is the face's track id, `probabilities` and `label` are smoothed
-    over time and `raw_probabilities` are this frame's own; both are None for photos. `landmarks`:
-    {name: (x, y)} in the same pixels for the detector's landmarks (YuNet: eyes, nose tip, mouth
-    corners; see `ferkit.faces.LANDMARKS`), None where it gives none (Haar, no detection); not in `to_dict`.
+    (FER-2013 framing), clipped to the image; the whole image when detection is off. `probabilities`
+    holds every class in the model's order, or, with a call's `top_k`, the k most likely, most likely
+    first. `score` is the detector's (see `ferkit.faces`), None when detection is off. In video and
+    camera streams (`ferkit.tracking`), `track` is the face's track id, `probabilities` and `label`
+    are smoothed over time and `raw_probabilities` are this frame's own; both are None for photos.
+    `landmarks`: {name: (x, y)} in the same pixels for the detector's landmarks (YuNet: eyes, nose
+    tip, mouth corners; see `ferkit.faces.LANDMARKS`), None where it gives none (Haar, no detection);
+    not in `to_dict`.
     """
 
     box: Box
@@ -88,12 +95,6 @@ class Backend(Protocol):
     def logits(self, crops: np.ndarray) -> np.ndarray: ...
 
 
-SMALL_BATCH = 16
-"""Batches up to this many crops run on one CPU thread."""
-_THREAD_COUNT_LOCK = threading.Lock()
-"""PyTorch's thread count is process-wide: two small batches at once must not restore each other's count."""
-
-
 class TorchBackend:
     """Safetensors weights on PyTorch, through `inference.predict_logits` with the weights' preprocessing."""
 
@@ -109,23 +110,17 @@ class TorchBackend:
         self.batch_size = batch_size
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
-        import torch
-
+        """Raw logits; runs on the intra-op threads the process has (`torch.set_num_threads`, OMP_NUM_THREADS)."""
         from .inference import predict_logits
 
-        pre = self.meta.preprocessing
-        if self.device.type != "cpu" or len(crops) > SMALL_BATCH:
-            return predict_logits(self.model, crops, self.device, self.batch_size, pre).numpy()
-        # The few faces of one photo gain nothing from intra-op threads, and on a busy machine the
-        # OpenMP barriers between them can cost 100 ms; logits move by ~1e-6 with the thread
-        # count either way (as evaluate's own do), never enough to change a label in our checks.
-        with _THREAD_COUNT_LOCK:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return predict_logits(self.model, crops, self.device, self.batch_size, pre).numpy()
-            finally:
-                torch.set_num_threads(threads)
+        # The thread count is left alone, here and at start-up. It is process-wide: ferkit once set it to
+        # 1 around batches of up to 16 crops (on a busy machine OpenMP's barriers cost the few faces of a
+        # photo up to 100 ms), which also changed it under every other thread's torch calls, the
+        # caller's included. One count set at start-up cannot suit both the few faces of a photo and
+        # `ferkit predict`'s batches of hundreds, so the process keeps torch's default (one thread a
+        # core, what `ferkit evaluate` runs on), and a program or deployment that wants otherwise sets it
+        # once itself (OMP_NUM_THREADS=1, or torch.set_num_threads).
+        return predict_logits(self.model, crops, self.device, self.batch_size, self.meta.preprocessing).numpy()
 
 
 class OnnxBackend:
@@ -209,6 +204,7 @@ class EmotionRecognizer:
     >>> recognizer = EmotionRecognizer()              # the shipped default model, best device
     >>> for face in recognizer.predict("photo.jpg"):  # doctest: +SKIP
     ...     print(face.box, face.label, face.probabilities[face.label])
+    >>> recognizer.predict("photo.jpg", prior="train", top_k=3)  # doctest: +SKIP
 
     `weights`: None (the shipped default, see `weights.choose_default`), a shipped model's name, a
     safetensors file, a run folder, or an exported .onnx file (runs on onnxruntime). `detect=False`
@@ -216,16 +212,24 @@ class EmotionRecognizer:
     "haar", a YuNet .onnx model, a Haar cascade .xml, or an object with `detect()` and `crop_scale`
     (see `ferkit.faces`). `min_face`: smallest face side in pixels;
     `detect_max_side`: larger images are downscaled to this for detection (crops come from the original).
-    `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: "uniform"
-    (FER-2013's class mix divided out, for faces whose emotions are not mixed like FER-2013's; it can
-    change the label) or "train" (probabilities under FER-2013's class mix, as trained); None (the
-    default): "uniform" where the weights carry their training class prior, else "train".
+    `max_pixels`: image files over this many pixels are refused (decompression bombs). `prior`: the
+    default of every call's `prior`: "uniform" (FER-2013's class mix divided out, for faces whose
+    emotions are not mixed like FER-2013's; it can change the label) or "train" (probabilities under
+    FER-2013's class mix, as trained); None: "uniform" where the weights carry their training class
+    prior, else "train".
+
+    Call-time options (`predict`, `predict_batch`, `classify`): `prior` (None: the recognizer's),
+    `top_k` (None: every class's probability in class order; k: the k most likely, most likely first)
+    and, for `predict`, `predict_batch` and `find_faces`, `detector` (a face detector object of the
+    caller's, used for that call instead of the recognizer's own). They change nothing in the
+    recognizer: concurrent calls with different options each get their own.
 
     Threads: one recognizer may be shared by any number of threads and gives each the results it
-    gives alone. Face detection is serialised by a lock of the recognizer's (OpenCV's detectors keep
-    state between calls and return wrong boxes when two threads share one); the model call is not
-    (PyTorch in eval mode and onnxruntime's `InferenceSession.run` are both safe to call at once).
-    For detection in parallel, give each thread its own recognizer.
+    gives alone. Face detection with the recognizer's own detector is serialised by a lock of the
+    recognizer's (OpenCV's detectors keep state between calls and return wrong boxes when two threads
+    share one); the model call is not (PyTorch in eval mode and onnxruntime's `InferenceSession.run`
+    are both safe to call at once). For detection in parallel, pass each thread's own detector
+    (`ferkit.faces.make_detector`) as `detector=`: a detector passed in is not locked.
     """
 
     def __init__(
@@ -251,21 +255,46 @@ class EmotionRecognizer:
         self._detect_lock = threading.Lock()
         self.max_pixels = max_pixels
         has_prior = self.meta.preprocessing.class_prior is not None
-        if prior == "uniform" and not has_prior:
-            raise WeightsError(f"{self.backend.path}: these weights carry no training class prior, so "
-                               "prior='uniform' cannot be applied")
-        self.prior = prior or (DEFAULT_PRIOR if has_prior else "train")
+        self.prior = self.resolve_prior(prior) if prior is not None else DEFAULT_PRIOR if has_prior else "train"
 
     def __repr__(self) -> str:
         return (f"EmotionRecognizer(weights={str(self.backend.path)!r}, backend={self.backend.name!r}, "
                 f"detect={self.detect})")
 
+    def resolve_prior(self, prior: str | None = None) -> str:
+        """The prior a call uses: `prior`, or the recognizer's own for None.
+
+        ValueError for a name that is not a prior; WeightsError (a ValueError) for "uniform" when the
+        weights carry no training class prior to divide out.
+        """
+        if prior is None:
+            return self.prior
+        if prior not in PRIORS:
+            raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
+        if prior == "uniform" and self.meta.preprocessing.class_prior is None:
+            raise WeightsError(f"prior 'uniform': {self.backend.path.name} carries no training class prior to "
+                               "divide out; choose prior 'train'")
+        return prior
+
+    def check_top_k(self, top_k: int | None) -> int | None:
+        """`top_k` if it is None or a class count of this model (1..classes); ValueError otherwise."""
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= len(self.classes)):
+            raise ValueError(f"top_k {top_k!r}: choose a whole number from 1 to {len(self.classes)}, or None")
+        return top_k
+
     def load(self, image: ImageInput, color_order: ColorOrder = "rgb") -> np.ndarray:
         """The upright gray or RGB uint8 array of an input (see `ferkit.images.load_image`)."""
         return load_image(image, color_order, self.max_pixels)
 
-    def find_faces(self, image: np.ndarray) -> list[Face]:
-        """Faces (box, score, 48x48 crop) in a loaded image; the whole image when detection is off."""
+    def find_faces(self, image: np.ndarray, *, detector: FaceDetector | None = None) -> list[Face]:
+        """Faces (box, score, 48x48 crop) in a loaded image; the whole image when detection is off.
+
+        `detector`: the caller's own detector for this call (not locked: one thread's at a time),
+        used even on a recognizer made with `detect=False`; None: the recognizer's, under its lock.
+        """
+        if detector is not None:
+            return find_faces(image, detector)
         if self.detector is None:
             return [whole_image_face(image)]
         with self._detect_lock:
@@ -281,34 +310,55 @@ class EmotionRecognizer:
             return np.zeros((0, len(self.classes)), np.float32)
         return np.asarray(self.backend.logits(crops), dtype=np.float32)
 
-    def classify(self, faces: Sequence[Face]) -> list[FaceResult]:
-        """Run the model on found faces, all in one batch."""
+    def classify(self, faces: Sequence[Face], *, prior: str | None = None, top_k: int | None = None
+                 ) -> list[FaceResult]:
+        """Run the model on found faces, all in one batch; `prior` and `top_k` as in the class docstring."""
+        prior, top_k = self.resolve_prior(prior), self.check_top_k(top_k)  # refused before the model runs
         if not faces:
             return []
-        adjusted = adjusted_logits(self.logits(np.stack([face.crop for face in faces])), self.meta.preprocessing,
-                                   self.prior)
+        return self.results(faces, self.logits(np.stack([face.crop for face in faces])), prior=prior, top_k=top_k)
+
+    def results(self, faces: Sequence[Face], logits: np.ndarray, *, prior: str | None = None,
+                top_k: int | None = None) -> list[FaceResult]:
+        """The results of `faces` from their raw logits (one row a face, as `logits` gives them).
+
+        `classify` is `results(faces, logits(crops))`; apart, one model call can serve callers with
+        different options (the service runs the faces of concurrent requests through one).
+        """
+        prior, top_k = self.resolve_prior(prior), self.check_top_k(top_k)
+        if not faces:
+            return []
+        adjusted = adjusted_logits(logits, self.meta.preprocessing, prior)
         probabilities = softmax(adjusted)
         # The label is the argmax of the calibrated logits, exactly as `ferkit evaluate` counts it (the
-        # calibration map's biases and the uniform prior can change it).
-        labels = adjusted.argmax(1)
+        # calibration map's biases and the uniform prior can change it); top_k orders by them too, so
+        # the first of the k is the label.
+        order = [range(len(self.classes)) if top_k is None else np.argsort(-row, kind="stable")[:top_k]
+                 for row in adjusted]
         return [
-            FaceResult(face.box, dict(zip(self.classes, map(float, p), strict=True)), self.classes[int(k)], face.score,
+            FaceResult(face.box, {self.classes[int(i)]: float(p[i]) for i in keys}, self.classes[int(np.argmax(z))],
+                       face.score,
                        landmarks=dict(zip(LANDMARKS, face.landmarks, strict=True)) if face.landmarks else None)
-            for face, p, k in zip(faces, probabilities, labels, strict=True)
+            for face, p, z, keys in zip(faces, probabilities, adjusted, order, strict=True)
         ]
 
-    def predict(self, image: ImageInput, *, color_order: ColorOrder = "rgb") -> list[FaceResult]:
+    def predict(self, image: ImageInput, *, color_order: ColorOrder = "rgb", prior: str | None = None,
+                top_k: int | None = None, detector: FaceDetector | None = None) -> list[FaceResult]:
         """One result per face found in `image` (a path, PIL image or numpy array), largest face first.
 
         No face is not an error: the list is empty. Unreadable input raises `ferkit.images.ImageError`.
-        `color_order="bgr"` for 3- or 4-channel numpy arrays from OpenCV.
+        `color_order="bgr"` for 3- or 4-channel numpy arrays from OpenCV. `prior`, `top_k`, `detector`:
+        this call's options (see the class docstring).
         """
-        return self.classify(self.find_faces(self.load(image, color_order)))
+        return self.classify(self.find_faces(self.load(image, color_order), detector=detector), prior=prior,
+                             top_k=top_k)
 
     def predict_batch(
-        self, images: Iterable[ImageInput], *, color_order: ColorOrder = "rgb"
+        self, images: Iterable[ImageInput], *, color_order: ColorOrder = "rgb", prior: str | None = None,
+        top_k: int | None = None, detector: FaceDetector | None = None,
     ) -> list[list[FaceResult]]:
         """`predict` for many images, with one batched model call for all their faces."""
-        per_image = [self.find_faces(self.load(image, color_order)) for image in images]
-        results = iter(self.classify([face for faces in per_image for face in faces]))
+        prior, top_k = self.resolve_prior(prior), self.check_top_k(top_k)  # refused before any image is read
+        per_image = [self.find_faces(self.load(image, color_order), detector=detector) for image in images]
+        results = iter(self.classify([face for faces in per_image for face in faces], prior=prior, top_k=top_k))
         return [[next(results) for _ in faces] for faces in per_image]

@@ -1,0 +1,155 @@
+"""`create_app`: the service assembled from its parts (routes, error handlers, middleware, the page, the
+`Service`); `serve`: run it on uvicorn with a timeout on request headers.
+
+The serve extra (FastAPI, uvicorn, ...) is optional: this module imports it only when an app is made,
+after saying which of its packages are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ..predict import EmotionRecognizer
+from .config import ServeConfig, make_recognizer
+from .middleware import HeadAsGet, HostAllowList, allowed_hosts
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+SERVE_EXTRA = (("fastapi", ("fastapi",)), ("uvicorn", ("uvicorn",)), ("fastapi-offline", ("fastapi_offline",)),
+               ("prometheus-client", ("prometheus_client",)), ("python-multipart", ("python_multipart", "multipart")))
+"""The serve extra's packages and the modules each may be imported as."""
+
+
+def require_serve_extra() -> None:
+    """ValueError naming the serve extra's missing packages (python-multipart too, which starlette imports
+    only at the first upload)."""
+    missing = [name for name, modules in SERVE_EXTRA if not any(importlib.util.find_spec(m) for m in modules)]
+    if missing:
+        raise ValueError(f"ferkit serve needs the serve extra ({', '.join(missing)} missing): "
+                         "pip install 'ferkit[serve]'")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The app's life: the model warms up in the background (/readyz says when), the threads stop at the end."""
+    service = app.state.service
+    warm = asyncio.create_task(service.start())
+    try:
+        yield
+    finally:
+        warm.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warm
+        await service.stop()
+
+
+def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer | None = None) -> FastAPI:
+    """The FastAPI app: the API under /v1, health, metrics, docs and the page at /.
+
+    `recognizer` defaults to one built from `config`; pass one to share a loaded model. The app keeps
+    that one recognizer for every request and passes each request's options to its calls; each
+    detection thread passes it a detector of its own, made from `config.detector`, `min_face` and
+    `detect_max_side`.
+    """
+    require_serve_extra()
+    from fastapi import Depends
+    from fastapi.staticfiles import StaticFiles
+    from fastapi_offline import FastAPIOffline  # FastAPI with /docs and /redoc from its package, not a CDN
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.routing import Mount
+
+    from .. import __version__
+    from .routes import ERROR_HANDLERS, add_routes, error_response, known_query, static_folder
+    from .service import Service
+
+    config = config or ServeConfig()
+    problem = config.problem()
+    if problem:
+        raise ValueError(problem)
+    service = Service(recognizer if recognizer is not None else make_recognizer(config), config)
+    app = FastAPIOffline(title="ferkit", version=__version__, lifespan=lifespan, dependencies=[Depends(known_query)],
+                         exception_handlers=ERROR_HANDLERS,
+                         description="Facial expression recognition: the emotions of the faces in images. "
+                                     "Records are those of `ferkit predict --json`.")
+    app.state.service = service
+    add_routes(app, config)
+    app.mount("/static", StaticFiles(directory=static_folder()), name="static")
+    # Middleware added last runs first: metrics see every answer, the Host guard's 400s included.
+    app.add_middleware(HeadAsGet)
+    if config.api_key is None and "*" not in config.allowed_hosts:
+        app.add_middleware(HostAllowList, hosts=allowed_hosts(config), error=error_response)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=service.metrics.measure)
+    service.metrics.known_paths.update(getattr(route, "path", "other") for route in app.routes
+                                       if not isinstance(route, Mount))
+    return app
+
+
+def serve(config: ServeConfig, recognizer: EmotionRecognizer | None = None, log_level: str = "info") -> None:
+    """Run the service with uvicorn until interrupted."""
+    app = create_app(config, recognizer)
+    import uvicorn
+
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5,
+                **uvicorn_options(config))
+
+
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    """uvicorn's settings for `ferkit serve`: its h11 protocol with a timeout on the request headers."""
+    return {"http": header_timeout_protocol(config.header_timeout_s), "timeout_keep_alive": 5}
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, answering 408 and closing a connection whose request headers take longer than
+    `seconds` (uvicorn times out idle connections only, and each byte that trickles in restarts that timer)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"error": f"the request headers did not arrive within {seconds:g} s (--header-timeout)",
+                       "status": 408}).encode()
+    timeout_response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class HeaderTimeoutH11(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # for the next request's headers on this connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self.conn.our_state is h11.IDLE:  # between requests: nothing of ours is half sent
+                    self.transport.write(timeout_response)
+                self.transport.close()
+
+    return HeaderTimeoutH11

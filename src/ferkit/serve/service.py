@@ -1,0 +1,172 @@
+"""The state behind the app: one recognizer, the detection pool, the model's thread and its batcher, the
+decode budget, admission count, readiness, metrics and the webcam streams; and `Service.predict`, a
+request's uploads -> `ferkit predict --json` records."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..faces import Face, FaceDetector, make_detector, whole_image_face
+from ..images import ImageError, PixelLimitError
+from ..predict import EmotionRecognizer, FaceResult
+from ..predict_files import PROBABILITY_DIGITS, InputItem, InputResult, json_record
+from ..tracking import Streams
+from .batching import MicroBatcher
+from .config import ServeConfig
+from .limits import DecodeBudget, RequestError, decode_image, decode_shares
+from .metrics import Metrics
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """One predict request's choices, from its query: passed through to the recognizer's calls.
+
+    `prior`: None for the recognizer's own. `stream`: the id of a live stream whose next frame the
+    one image is (its faces get track ids and smoothed labels); `frame_time`: that frame's time.
+    """
+
+    detect: bool = True
+    digits: int = PROBABILITY_DIGITS
+    prior: str | None = None
+    stream: str | None = None
+    frame_time: float | None = None
+
+
+class Service:
+    """One recognizer for every request, and what serving it takes.
+
+    The recognizer is shared as it is: each request's options go into its calls (`prior=`), and each
+    detection thread passes a detector of its own (`detector=`; OpenCV's detectors are not
+    thread-safe, and two threads in one CascadeClassifier find faces that are not there).
+    """
+
+    def __init__(self, recognizer: EmotionRecognizer, config: ServeConfig) -> None:
+        self.recognizer, self.config = recognizer, config
+        self.local = threading.local()
+        self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="ferkit-detect")
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="ferkit-model")
+        self.pending = 0
+        self.budget = DecodeBudget(config.max_decode_bytes)
+        self.ready = False
+        self.warmup_error: str | None = None
+        self.metrics = Metrics(lambda: self.pending)
+        self.batcher = MicroBatcher(recognizer.logits, self.model_thread, config.batch_window_ms / 1000,
+                                    config.max_batch, self.metrics.observe_batch)
+        self.streams = Streams(recognizer.classes)  # the webcam pages' tracks and smoothing, by stream id
+
+    def warm_up(self) -> None:
+        """One detection and one model call, so the first request pays for no lazy set-up."""
+        blank = np.full((96, 96), 128, np.uint8)
+        self.recognizer.find_faces(blank)
+        self.recognizer.classify([whole_image_face(blank)])
+
+    async def start(self) -> None:
+        self.batcher.start()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.model_thread, self.warm_up)
+            self.ready = True
+        except Exception as err:  # reported by /readyz; the process stays up to say so
+            self.warmup_error = f"{type(err).__name__}: {err}"
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
+
+    def check_prior(self, prior: str | None) -> None:
+        """422 for a prior the recognizer cannot apply (not one, or 'uniform' on weights without a class prior)."""
+        try:
+            self.recognizer.resolve_prior(prior)
+        except ValueError as err:
+            raise RequestError(422, str(err)) from None
+
+    def thread_detector(self) -> FaceDetector:
+        """This pool thread's own face detector, made from the config on the thread's first image."""
+        detector: FaceDetector | None = getattr(self.local, "detector", None)
+        if detector is None:
+            detector = make_detector(self.config.detector, self.config.min_face, self.config.detect_max_side)
+            self.local.detector = detector
+        return detector
+
+    def faces_of(self, data: bytes, name: str, detect: bool) -> tuple[tuple[int, int], list[Face]]:
+        """Decode one upload and find its faces (on a pool thread): its (width, height) and faces.
+
+        The decoded image is dropped here, not kept until the request's answer: faces are small.
+        """
+        image = decode_image(data, name, self.config.max_pixels)
+        if detect and self.recognizer.detect:
+            faces = self.recognizer.find_faces(image, detector=self.thread_detector())
+        else:
+            faces = [whole_image_face(image)]
+        return (image.shape[1], image.shape[0]), faces
+
+    async def faces_within_budget(self, name: str, data: bytes, detect: bool,
+                                  share: int) -> tuple[tuple[int, int], list[Face]]:
+        """`faces_of` on a pool thread once `share` bytes of the decode budget are free; they are given back
+        when the thread is done with the image (not when a timed-out request stops waiting for it)."""
+        await self.budget.acquire(share)
+        loop = asyncio.get_running_loop()
+
+        def give_back(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed first: the server is stopping
+                loop.call_soon_threadsafe(self.budget.release, share)
+
+        try:
+            job = self.pool.submit(self.faces_of, data, name, detect)
+        except BaseException:
+            self.budget.release(share)
+            raise
+        job.add_done_callback(give_back)
+        return await asyncio.wrap_future(job)
+
+    async def find_all(self, uploads: Sequence[tuple[str, bytes]], detect: bool
+                       ) -> list[tuple[tuple[int, int], list[Face]]]:
+        """Each upload's (width, height) and faces, in order; a bad image refuses the whole request (413, 422)."""
+        try:
+            shares = decode_shares(uploads, self.config)
+            jobs = [self.faces_within_budget(name, data, detect, share)
+                    for (name, data), share in zip(uploads, shares, strict=True)]
+            found = await asyncio.gather(*jobs, return_exceptions=True)
+            for outcome in found:  # the first failure in upload order; anything but an ImageError is a bug
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        except PixelLimitError as err:
+            raise RequestError(413, str(err)) from None
+        except ImageError as err:
+            raise RequestError(422, str(err)) from None
+        return [outcome for outcome in found if not isinstance(outcome, BaseException)]
+
+    async def classify(self, faces: list[Face], prior: str | None) -> list[FaceResult]:
+        """`recognizer.classify(faces, prior=prior)`, its model call shared with other requests' faces."""
+        if not faces:
+            return []
+        logits = await self.batcher.submit(np.stack([face.crop for face in faces]))
+        return self.recognizer.results(faces, logits, prior=prior)
+
+    async def predict(self, uploads: Sequence[tuple[str, bytes]], options: PredictOptions) -> list[dict[str, Any]]:
+        """`predict --json` records for named image bytes; a bad image refuses the whole request.
+
+        With `options.stream`, the one image is the next frame of that stream: its faces get track ids
+        and smoothed labels (`ferkit.tracking`, as `ferkit predict` gives a video's).
+        """
+        decoded = await self.find_all(uploads, options.detect)
+        results = await self.classify([face for _, faces in decoded for face in faces], options.prior)
+        if options.stream is not None:
+            results = self.streams.update(options.stream, results, options.frame_time)
+        self.metrics.images.inc(len(uploads))
+        records, start = [], 0
+        for (name, _), (size, faces) in zip(uploads, decoded, strict=True):
+            # The same record `ferkit predict --json` writes for an image file of this name.
+            result = InputResult(InputItem(name, Path(name), "image"), results[start : start + len(faces)], size=size)
+            start += len(faces)
+            records.append(json_record(result, options.digits))
+        return records
