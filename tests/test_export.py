@@ -24,7 +24,15 @@ from ferkit.export import (
 from ferkit.inference import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.predict import EmotionRecognizer
-from ferkit.weights import WeightsError, WeightsMeta, load_model, read_meta
+from ferkit.weights import (
+    WeightsError,
+    WeightsMeta,
+    default_model,
+    load_model,
+    read_meta,
+    shipped_models,
+    shipped_onnx_twin,
+)
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -184,3 +192,25 @@ def test_onnx_without_ferkit_metadata_is_refused(onnx_file: Path, tmp_path: Path
     onnx.save(proto, str(tmp_path / "bare.onnx"))
     with pytest.raises(WeightsError, match="no ferkit metadata"):
         EmotionRecognizer(tmp_path / "bare.onnx")
+
+
+def test_the_default_models_onnx_twin_gives_its_probabilities(faces: np.ndarray) -> None:
+    # The default model also ships exported (`shipped_onnx_twin`), and the CPU default path runs it on
+    # onnxruntime: a face's forward pass takes well under half of PyTorch's time for one face. It must be the
+    # same model, calibration map included, under either prior.
+    name = default_model()
+    twin = shipped_onnx_twin(name)
+    assert twin is not None and twin.suffix == ".onnx"
+    _, export_info = read_export_info(twin)
+    assert export_info["source"] == f"{name}.safetensors" and export_info["calibrated"] is True
+    default = EmotionRecognizer(detect=False, device="cpu")
+    assert default.backend.name == "onnxruntime" and Path(default.backend.path) == twin
+    on_torch = EmotionRecognizer(weights=shipped_models()[name], detect=False, device="cpu")
+    assert on_torch.backend.name == "torch"
+    assert default.backend.meta.classes == on_torch.backend.meta.classes
+    assert default.backend.meta.preprocessing.class_prior == on_torch.backend.meta.preprocessing.class_prior
+    for prior in ("uniform", "train"):
+        ours, theirs = ([[face.probabilities[c] for c in EMOTIONS]
+                         for (face,) in r.predict_batch(list(faces), prior=prior)] for r in (default, on_torch))
+        np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-4)
+    assert EmotionRecognizer(weights=name, detect=False, device="cpu").backend.name == "onnxruntime"

@@ -267,6 +267,8 @@ def _yunet_session(model: Path) -> Any:
         output.type.tensor_type.ClearField("shape")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Spinning idle threads would steal the cores the emotion model runs on next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's errors derive from Exception only

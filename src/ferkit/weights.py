@@ -175,6 +175,13 @@ def shipped_models() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".safetensors")}
 
 
+def shipped_onnx_twin(name: str) -> Path | None:
+    """The shipped model `name` exported to ONNX inside the package (`ferkit export`, calibration map in the
+    graph), where it ships one: the default model does, so that the CPU default path runs on onnxruntime."""
+    twin = resources.files("ferkit") / "weights" / f"{name}.onnx"
+    return Path(str(twin)) if twin.is_file() else None
+
+
 def choose_default(metas: Mapping[str, WeightsMeta], points: float = DEFAULT_RULE_POINTS) -> tuple[str, str]:
     """The default model among `metas` (name -> metadata) by the stated rule, and why, from the metadata alone.
 
