@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataError
-from .deprecations import RENAMES, VIEWS_FROM_TTA, OldNameWarning, resolve
+from .deprecations import RENAMES, OldNameWarning, resolve, views_from_tta
 from .errors import EXIT_USAGE, FerkitError, RunError, UsageError
 from .labels import SPLITS
 
@@ -44,26 +44,25 @@ Subcommands = argparse._SubParsersAction  # what `add_subparsers` returns, to wh
 
 
 class OldOption(argparse.Action):
-    """An option's old name (`ferkit.deprecations`): sets the new option's value and warns once; not in --help."""
+    """An option's old name (`ferkit.deprecations`): sets the new option's value and warns once; not in --help.
 
-    def __init__(self, option_strings: Sequence[str], dest: str, kind: str = "", **kwargs: Any) -> None:
-        self.kind = kind
+    Where both names are given the new one wins, as everywhere: a new option given later overwrites the value,
+    and one given earlier is kept (given means its value is not its default object, which argparse puts in
+    the namespace first).
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, kind: str = "", new_default: Any = None,
+                 **kwargs: Any) -> None:
+        self.kind, self.new_default = kind, new_default
         kwargs["default"] = argparse.SUPPRESS  # the new option's default (or a preset's value) stays in force
         super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         resolve(self.kind, option_string or self.option_strings[0])
-        setattr(namespace, self.dest, values)
-
-
-def views_from_tta(value: str) -> int | None:
-    """An old `--tta` value as a view count (auto: None, the weights' own)."""
-    if value == "auto":
-        return None
-    if value not in VIEWS_FROM_TTA:
-        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from auto, {', '.join(VIEWS_FROM_TTA)})")
-    return VIEWS_FROM_TTA[value]
+        current = getattr(namespace, self.dest, argparse.SUPPRESS)
+        if current is argparse.SUPPRESS or current is self.new_default:
+            setattr(namespace, self.dest, values)
 
 
 OLD_OPTION_TYPES: dict[str, Callable[[str], Any]] = {"--views": views_from_tta, "--detect-max-side": int}
@@ -74,7 +73,8 @@ def add_old_options(parser: argparse.ArgumentParser, command: str) -> None:
     """The old names of `ferkit COMMAND`'s options, from the one table of old names."""
     kind = f"ferkit {command} option"
     for old, new in RENAMES[kind].items():
-        parser.add_argument(old, dest=new.removeprefix("--").replace("-", "_"), action=OldOption, kind=kind,
+        dest = new.removeprefix("--").replace("-", "_")
+        parser.add_argument(old, dest=dest, action=OldOption, kind=kind, new_default=parser.get_default(dest),
                             type=OLD_OPTION_TYPES.get(new, str))
 
 

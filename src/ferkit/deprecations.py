@@ -13,6 +13,7 @@ Precedence, everywhere: the new name wins.
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,15 @@ RENAMES: dict[str, dict[str, str]] = {
 }
 VIEWS_FROM_TTA = {"none": 1, "flip": 2, "crops": 10}
 """The values of the old `tta` (option, training option, metadata field) as the view counts of `views`."""
+
+
+def views_from_tta(value: str) -> int | None:
+    """A value of the old `--tta` option as a view count (auto: None, the weights' own); an argparse type."""
+    if value == "auto":
+        return None
+    if value not in VIEWS_FROM_TTA:
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from auto, {', '.join(VIEWS_FROM_TTA)})")
+    return VIEWS_FROM_TTA[value]
 
 
 class OldNameWarning(FutureWarning):

@@ -246,7 +246,7 @@ def _field_problem(f: Field[Any], value: Any) -> str | None:
 def upgrade_config(values: dict[str, Any], warn: bool = False) -> dict[str, Any]:
     """TrainConfig fields under old names and values (`ferkit.deprecations`) -> today's; today's win."""
     values = rename_keys(values, "training option", warn=warn)
-    if isinstance(values.get("views"), str):  # `tta` took names
+    if isinstance(values.get("views"), str):  # the old name took names of view counts
         values["views"] = VIEWS_FROM_TTA.get(values["views"], values["views"])
     if isinstance(values.get("preset"), str) and values["preset"] not in PRESETS:
         values["preset"] = resolve("preset", values["preset"], warn=warn)

@@ -36,7 +36,8 @@ METADATA_KEY = "ferkit"
 EXPORT_KEY = "ferkit_export"
 """Exported models also carry, under this key, what the export did (format, views, source, opset)."""
 META_FORMAT = 2
-"""Version of the metadata layout: 1 had `image_size`, `normalization` and `tta` at the top level."""
+"""Version of the metadata layout: 1 had `image_size`, `normalization` and the views (by an old name, as a
+name: see `ferkit.deprecations`) at the top level."""
 DEFAULT_RULE_POINTS = 1.5
 """The default model: among one-view shipped models, the highest PublicTest mean corruption accuracy among
 those within this many points of the best one-view PublicTest accuracy (see `choose_default`)."""
@@ -110,7 +111,7 @@ def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
         raise ValueError(f"normalization must be {{'mean': m, 'std': s}}, not {norm!r}")
     pre.update(norm)
-    views = values.pop("views", "none")  # format 1's `tta`, a name
+    views = values.pop("views", "none")  # format 1 named the view count
     if isinstance(views, str):
         if views not in VIEWS_FROM_TTA:
             raise ValueError(f"tta {views!r} is not one of {', '.join(VIEWS_FROM_TTA)}")
