@@ -79,10 +79,9 @@ def add_old_options(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def add_views_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--views", type=int, choices=VIEW_CHOICES, help=help_text)
+    from .inference import VIEW_COUNTS
 
-
-VIEW_CHOICES = (1, 2, 10)
+    parser.add_argument("--views", type=int, choices=VIEW_COUNTS, help=help_text)
 
 
 def given_options(config_type: type, args: argparse.Namespace) -> dict[str, Any]:
