@@ -212,8 +212,10 @@ def test_resolve_a_missing_path_lists_the_shipped_models(tmp_path: Path) -> None
     assert str(err.value) == (f"{tmp_path / 'nothing.safetensors'}: no such weights file, run folder or "
                               f"shipped model (shipped: {names})")
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(WeightsError, match="no such weights file, run folder or shipped model"):
-        resolve_weights(tmp_path / "empty-run")  # a folder without best.safetensors
+    with pytest.raises(WeightsError) as err:
+        resolve_weights(tmp_path / "empty-run")  # a folder is a run folder, never a name: it says what it lacks
+    assert str(err.value) == (f"{tmp_path / 'empty-run'}: a folder without best.safetensors (a run folder has one "
+                              "once an epoch has ended)")
 
 
 def test_the_default_model_is_the_one_view_model_the_rule_picks() -> None:
