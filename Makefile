@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 DATA ?= ../shared/data/fer2013
 
-.PHONY: setup test lint train-seed bench
+.PHONY: setup test lint train-reference bench
 
 setup:
 	python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
@@ -14,8 +14,8 @@ test:
 lint:
 	.venv/bin/ruff check . && .venv/bin/mypy
 
-train-seed:
-	$(PY) -m ferkit train --data $(DATA) --preset seed --out runs/seed
+train-reference:
+	$(PY) -m ferkit train --data $(DATA) --preset reference --run-dir runs/reference
 
 bench:
 	$(PY) benchmarks/bench_train_throughput.py --data $(DATA)

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import ferkit
 from ferkit import cli
+from ferkit.data import DataError
+from ferkit.errors import InputError, RunError, UsageError
 from ferkit.labels import EMOTIONS
 from ferkit.weights import read_meta
 
@@ -96,10 +99,9 @@ def test_train_then_evaluate(small_root: Path, tmp_path: Path, capsys: pytest.Ca
     assert f"wrote {run / 'confusion_matrix_val.png'}" in out
 
     # A second plain run into the same folder is refused.
-    code, _, err = run_cli(capsys, "train", "--data", str(small_root), "--out", str(run), "--limit-train", "64",
+    code, _, err = run_cli(capsys, "train", "--data", str(small_root), "--run-dir", str(run), "--limit-train", "64",
                            "--epochs", "1", "--no-progress")
     assert code == 2 and "already holds a run: pass --resume" in err
-    assert "--out is now --run-dir" in err  # the old name still works, with a warning
 
 
 @pytest.mark.parametrize("command", [
@@ -215,11 +217,11 @@ def bad_weights(tmp_path: Path, metadata: str, name: str = "odd.safetensors") ->
 
 
 BAD_METADATA = {
-    "classes null": json.dumps({"arch": "seed", "classes": None}),  # case 7
-    "bad tta": json.dumps({"arch": "seed", "tta": "bogus"}),  # case 7
+    "classes null": json.dumps({"arch": "refcnn", "classes": None}),  # case 7
+    "bad tta": json.dumps({"arch": "refcnn", "tta": "bogus"}),  # case 7; `tta`: an old name (metadata format 1)
     "epoch as text": json.dumps({"arch": "refcnn", "format": 2, "epoch": "7"}),  # case 7
-    "escape code": json.dumps({"arch": "seed", "classes": ["\x1b[2J\x1b[31mred", *EMOTIONS[1:]]}),  # case 9
-    "line break": json.dumps({"arch": "seed", "classes": ["happy\nFAKE LINE", *EMOTIONS[1:]]}),  # case 9
+    "escape code": json.dumps({"arch": "refcnn", "classes": ["\x1b[2J\x1b[31mred", *EMOTIONS[1:]]}),  # case 9
+    "line break": json.dumps({"arch": "refcnn", "classes": ["happy\nFAKE LINE", *EMOTIONS[1:]]}),  # case 9
 }
 
 
@@ -273,7 +275,10 @@ def test_a_bug_says_so_and_shows_the_traceback_only_when_asked(
     (PermissionError(13, "Permission denied", "/srv/x.csv"), 2, "ferkit: error: /srv/x.csv: Permission denied"),
     (IsADirectoryError(21, "Is a directory", "/srv"), 2, "ferkit: error: /srv: Is a directory"),
     (OSError(28, "No space left on device"), 2, "ferkit: error: [Errno 28] No space left on device"),
-    (ValueError("a\x1b[31m value\x07"), 2, "ferkit: error: a\\x1b[31m value\\x07"),
+    (UsageError("a\x1b[31m value\x07"), 2, "ferkit: error: a\\x1b[31m value\\x07"),
+    (InputError("x.csv: row 2: expected 2304 pixels"), 2, "ferkit: error: x.csv: row 2: expected 2304 pixels"),
+    (DataError("x.csv: empty"), 2, "ferkit: error: x.csv: empty"),  # the older classes are ferkit errors too
+    (RunError("m.onnx: differs from PyTorch"), 1, "ferkit: error: m.onnx: differs from PyTorch"),
     (KeyboardInterrupt(), 130, "ferkit: interrupted"),
 ])
 def test_expected_failures_are_one_line(
@@ -285,6 +290,43 @@ def test_expected_failures_are_one_line(
 
     monkeypatch.setattr(cli, "cmd_data_info", fail)
     assert run_cli(capsys, "data", "info") == (code, "", message + "\n")
+
+
+def reshape_in_numpy(args: object) -> int:
+    np.arange(2).reshape(3)  # numpy raises a ValueError: no fault of the user's
+    return 0
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_value_error_from_inside_numpy_is_a_bug_not_bad_usage(
+    debug: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "cmd_data_info", reshape_in_numpy)
+    code, out, err = run_cli(capsys, *(["--debug"] if debug else []), "data", "info")
+    assert (code, out) == (70, "")
+    assert err.splitlines()[-1] == ("ferkit: internal error (a bug: please report it): ValueError: cannot reshape "
+                                    "array of size 2 into shape (3,)" + ("" if debug else "; run with --debug or "
+                                                                         "FERKIT_DEBUG=1 for the traceback"))
+    assert ("Traceback (most recent call last):" in err and "reshape(3)" in err) == debug
+    assert err.count("\n") == 1 or debug
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failed_run_is_exit_status_1(debug: bool, made_weights: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An export whose outputs differ from PyTorch's: the inputs were fine, the work failed its own check."""
+    import ferkit.export
+
+    monkeypatch.setattr(ferkit.export, "check_parity", lambda *args: 0.5)
+    monkeypatch.chdir(tmp_path)  # no data here: the check runs on made images
+    out_file = tmp_path / "model.pt"
+    code, out, err = run_cli(capsys, *(["--debug"] if debug else []), "export", "--weights", str(made_weights),
+                             "--output", str(out_file), "--check-images", "4")
+    assert code == 1
+    assert out.splitlines()[-1].endswith("max |logit difference| 5.00e-01 (tolerance 1e-04): MISMATCH")
+    assert err.splitlines()[-1] == (f"ferkit: error: {out_file}: its logits differ from PyTorch's by up to 5.00e-01, "
+                                    "over the tolerance 1e-04")
+    assert ("Traceback (most recent call last):" in err) == debug
 
 
 def test_debug_shows_the_traceback_of_expected_failures_too(

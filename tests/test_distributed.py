@@ -1,6 +1,6 @@
 """Distributed training: `torchrun --nproc_per_node=2 -m ferkit train` on the CPU (gloo) against one process.
 
-The runs train the seed CNN on 700 real faces (--limit-train 700 of 110 of every class) and score 210
+The runs train the reference CNN on 700 real faces (--limit-train 700 of 110 of every class) and score 210
 validation and 210 test faces (30 of every class). Both take the same global batches, 32 images a step:
 16 on each of two ranks against 32 in one process (see `test_ranks_split_every_batch_of_one_process`),
 so they should learn about equally. Runs are deterministic on one machine; across seeds, best validation /

@@ -154,16 +154,6 @@ def test_cli_export_onnx_with_views_checks_parity(weights: Path, faces: np.ndarr
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
 
 
-def test_old_export_options_still_work_with_a_warning(weights: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "old.onnx"
-    assert cli.main(["export", "--weights", str(weights), "--out", str(out), "--tta", "crops",
-                     "--check-images", "0"]) == 0
-    err = capsys.readouterr().err
-    assert "--out is now --output" in err and "--tta is now --views" in err
-    assert read_export_info(out)[1]["views"] == 10
-
-
 def test_export_usage_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["export", "--weights", str(weights), "--output", str(tmp_path / "model.bin")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The package's shape: no import circles between its modules, and the README's layout names every module."""
+"""The package's shape: no import circles between its modules, the README's layout names every module, and
+every function is short enough to read in one screen."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_module_imports_one_that_imports_it_back() -> None:
     graph = {name: _imports(path) - {name} for name, path in _modules().items()}
-    assert graph["inference"] <= {"labels"}, "the inference core must stay free of the rest of ferkit"
+    assert graph["inference"] <= {"labels", "errors"}, "the inference core must stay free of the rest of ferkit"
     assert "train" not in graph["evaluate"] and "evaluate" not in graph["models"]
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph) or [])
 
@@ -79,3 +80,43 @@ def test_the_readme_layout_matches_the_tree() -> None:
 @pytest.mark.parametrize("name", sorted(_modules()))
 def test_every_module_says_what_it_owns(name: str) -> None:
     assert ast.get_docstring(ast.parse(_modules()[name].read_text())), f"{name}.py has no docstring"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def _length(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the `def` (decorators not counted) to the function's last line, docstring and comments included."""
+    return (node.end_lineno or node.lineno) - node.lineno + 1
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    too_long = [f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({_length(node)} lines)"
+                for path in sorted(PACKAGE.rglob("*.py")) for node in _functions(ast.parse(path.read_text()))
+                if _length(node) > MAX_FUNCTION_LINES]
+    assert not too_long, "\n".join(too_long)
+
+
+def test_the_length_measure_counts_what_it_should() -> None:
+    source = '@decorator\ndef f(x):\n    """Doc."""\n\n    # a comment\n    return x\n'
+    (node,) = _functions(ast.parse(source))
+    assert _length(node) == 5
+    nested = _functions(ast.parse("def outer():\n    def inner():\n        pass\n    return inner\n"))
+    assert sorted((n.name, _length(n)) for n in nested) == [("inner", 2), ("outer", 4)]
+
+
+def _vars_calls(tree: ast.AST) -> list[int]:
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "vars"]
+
+
+def test_nothing_patches_objects_through_vars() -> None:
+    """Per-call options are arguments of the call, not attributes patched on copies through `vars(obj)[...]`."""
+    found = [f"{path.relative_to(PACKAGE)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
+             for line in _vars_calls(ast.parse(path.read_text()))]
+    assert not found, found
+    assert _vars_calls(ast.parse("vars(view)['prior'] = p\nenvvars(x)\n")) == [1]

@@ -60,7 +60,7 @@ def test_count_macs_leaves_no_hooks_and_keeps_the_mode() -> None:
     assert not model.training
 
 
-def test_seed_model_has_the_reference_size_and_shapes(batch: torch.Tensor) -> None:
+def test_refcnn_has_the_reference_size_and_shapes(batch: torch.Tensor) -> None:
     model = create_model("refcnn").eval()
     assert count_parameters(model) == 980_679
     assert count_macs(model) == 33_105_664  # 663,552 + 3 x 10,616,832 (convs) + 591,616 (linear)
@@ -94,7 +94,7 @@ def test_unknown_architecture_lists_the_choices() -> None:
     message = str(err.value)
     assert "'alexnet'" in message
     assert message.endswith(", ".join(list_models()))
-    assert "refcnn" in list_models() and "seed" not in list_models()
+    assert "refcnn" in list_models()
 
 
 def test_a_name_cannot_be_registered_twice() -> None:

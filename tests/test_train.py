@@ -385,7 +385,7 @@ def test_resume_refuses_other_data(run_copy: Path, tiny_root: Path, capsys: pyte
 
 
 @pytest.mark.parametrize("argv", [
-    ["--tta", "bogus"], ["--views", "3"], ["--optimizer", "rmsprop"], ["--schedule", "step"],
+    ["--labels", "bogus"], ["--views", "3"], ["--optimizer", "rmsprop"], ["--schedule", "step"],
 ])
 def test_bad_choices_are_refused_by_the_parser(argv: list[str], tmp_path: Path, small_root: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:

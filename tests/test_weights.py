@@ -42,7 +42,7 @@ def faces(small_data: FerData) -> torch.Tensor:
 
 
 def _trained_looking_model(faces: torch.Tensor) -> torch.nn.Module:
-    """A seed model with non-default weights and BatchNorm running statistics."""
+    """A refcnn model with non-default weights and BatchNorm running statistics."""
     torch.manual_seed(3)
     model = create_model("refcnn")
     model.train()
@@ -167,17 +167,17 @@ def test_safetensors_without_ferkit_metadata(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("metadata", "message"), [
     ("{not json", "malformed ferkit metadata"),
     ("[1, 2]", "malformed ferkit metadata"),
-    (json.dumps({"arch": "seed", "colour": "blue"}), "unknown field.s. colour"),
+    (json.dumps({"arch": "refcnn", "colour": "blue"}), "unknown field.s. colour"),
     (json.dumps({"classes": ["a"]}), "no architecture"),
     (json.dumps({"arch": "alexnet"}), "unknown architecture 'alexnet'"),
     # Values of the wrong type, in the format-1 layout of ferkit 0.1 and in today's.
-    (json.dumps({"arch": "seed", "classes": None}), "classes must be a list of names, not None"),
-    (json.dumps({"arch": "seed", "classes": "angry"}), "classes must be a list of names"),
-    (json.dumps({"arch": "seed", "classes": ["a", "a"]}), "not two or more distinct names"),
-    (json.dumps({"arch": "seed", "tta": "bogus"}), "tta 'bogus' is not one of none, flip, crops"),
-    (json.dumps({"arch": "seed", "image_size": "48"}), "image_size must be an integer"),
-    (json.dumps({"arch": "seed", "normalization": None}), "normalization must be"),
-    (json.dumps({"arch": "seed", "epoch": "7"}), "epoch must be int"),
+    (json.dumps({"arch": "refcnn", "classes": None}), "classes must be a list of names, not None"),
+    (json.dumps({"arch": "refcnn", "classes": "angry"}), "classes must be a list of names"),
+    (json.dumps({"arch": "refcnn", "classes": ["a", "a"]}), "not two or more distinct names"),
+    (json.dumps({"arch": "refcnn", "tta": "bogus"}), "tta 'bogus' is not one of none, flip, crops"),  # format 1's name
+    (json.dumps({"arch": "refcnn", "image_size": "48"}), "image_size must be an integer"),
+    (json.dumps({"arch": "refcnn", "normalization": None}), "normalization must be"),
+    (json.dumps({"arch": "refcnn", "epoch": "7"}), "epoch must be int"),
     (json.dumps({"arch": 7}), "arch must be str"),
     (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": {"views": 3}}), "views 3: choose one of 1, 2, 10"),
     (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": {"std": 0}}), "std must be positive"),
@@ -187,8 +187,8 @@ def test_safetensors_without_ferkit_metadata(tmp_path: Path) -> None:
     (json.dumps({"arch": "refcnn", "format": 2, "preprocessing": []}), "preprocessing must be an object"),
     (json.dumps({"arch": "refcnn", "format": 3}), "metadata format 3"),
     # Names that would reach a terminal: escape codes, line breaks.
-    (json.dumps({"arch": "seed", "classes": ["\x1b[31mred", *EMOTIONS[1:]]}), "is not a printable name"),
-    (json.dumps({"arch": "seed", "classes": ["line\nbreak", *EMOTIONS[1:]]}), "is not a printable name"),
+    (json.dumps({"arch": "refcnn", "classes": ["\x1b[31mred", *EMOTIONS[1:]]}), "is not a printable name"),
+    (json.dumps({"arch": "refcnn", "classes": ["line\nbreak", *EMOTIONS[1:]]}), "is not a printable name"),
 ])
 def test_bad_ferkit_metadata(tmp_path: Path, metadata: str, message: str) -> None:
     path = tmp_path / "odd.safetensors"
@@ -212,8 +212,10 @@ def test_resolve_a_missing_path_lists_the_shipped_models(tmp_path: Path) -> None
     assert str(err.value) == (f"{tmp_path / 'nothing.safetensors'}: no such weights file, run folder or "
                               f"shipped model (shipped: {names})")
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(WeightsError, match="no such weights file, run folder or shipped model"):
-        resolve_weights(tmp_path / "empty-run")  # a folder without best.safetensors
+    with pytest.raises(WeightsError) as err:
+        resolve_weights(tmp_path / "empty-run")  # a folder is a run folder, never a name: it says what it lacks
+    assert str(err.value) == (f"{tmp_path / 'empty-run'}: a folder without best.safetensors (a run folder has one "
+                              "once an epoch has ended)")
 
 
 def test_the_default_model_is_the_one_view_model_the_rule_picks() -> None:
@@ -264,19 +266,10 @@ def test_the_default_rule_prefers_robustness_within_one_and_a_half_points() -> N
     assert choose_default({**metas, "ferplus": ferplus})[0] == "robust"
 
 
-def test_old_names_keep_working_for_one_release_with_a_warning() -> None:
-    shipped = shipped_models()
-    for old, new in (("seed", "ferkit-refcnn"), ("best", "ferkit-resnet")):
-        with pytest.warns(FutureWarning, match=f"the shipped model '{old}' is now called '{new}'"):
-            assert resolve_weights(old) == shipped[new]
-    with pytest.warns(FutureWarning, match="the architecture 'seed' is now called 'refcnn'"):
-        assert sum(p.numel() for p in create_model("seed").parameters()) == 980_679
-
-
 def test_format_1_weights_files_still_load(tmp_path: Path, faces: torch.Tensor) -> None:
     """A file written by ferkit 0.1: preprocessing at the top level, `tta` by name, the old architecture name."""
     model = _trained_looking_model(faces)
-    old = {"arch": "seed", "classes": list(EMOTIONS), "image_size": 48, "normalization": {"mean": 0.5, "std": 0.5},
+    old = {"arch": "refcnn", "classes": list(EMOTIONS), "image_size": 48, "normalization": {"mean": 0.5, "std": 0.5},
            "data_source": "fer2013.csv", "epoch": 4, "metrics": {"val_acc": 0.5}, "tta": "flip",
            "ferkit_version": "0.1.0"}
     path = tmp_path / "old.safetensors"

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError, UsageError
+
 ECE_BINS = 15
 FAMILIES = ("temperature", "vector", "matrix")
 CANDIDATES: tuple[tuple[str, float], ...] = (
@@ -70,7 +72,7 @@ def uniform_mix_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
 def fit_affine(logits: np.ndarray, targets: np.ndarray, family: str, strength: float) -> tuple[np.ndarray, np.ndarray]:
     """W and b minimising mean NLL of softmax(W z + b) + strength x (|W - I|^2 + |b|^2); identity for `temperature`."""
     if family not in FAMILIES:
-        raise ValueError(f"calibration map {family!r}: choose one of {', '.join(FAMILIES)}")
+        raise UsageError(f"calibration map {family!r}: choose one of {', '.join(FAMILIES)}")
     k = logits.shape[1]
     if family == "temperature":
         return np.eye(k), np.zeros(k)
@@ -103,7 +105,7 @@ def fit_temperature(logits: torch.Tensor | np.ndarray, targets: np.ndarray | tor
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     if len(y) == 0:
-        raise ValueError("cannot fit a temperature on no images")
+        raise InputError("cannot fit a temperature on no images")
 
     def nll(inverse_t: float) -> float:
         return float(F.cross_entropy(z * inverse_t, y))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .data import DataError
+from .deprecations import RENAMES, OldNameWarning, resolve, views_from_tta
+from .errors import EXIT_USAGE, FerkitError, RunError, UsageError
 from .labels import SPLITS
 
 
@@ -36,41 +40,48 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
                                 choices=f.metadata.get("choices"))
 
 
-class DeprecatedOption(argparse.Action):
-    """An option's name before 0.2: sets the new option's value (converted) and warns once."""
+Subcommands = argparse._SubParsersAction  # what `add_subparsers` returns, to which each command adds its parser
 
-    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", convert: Any = None,
+
+class OldOption(argparse.Action):
+    """An option's old name (`ferkit.deprecations`): sets the new option's value and warns once; not in --help.
+
+    Where both names are given the new one wins, as everywhere: a new option given later overwrites the value,
+    and one given earlier is kept (given means its value is not its default object, which argparse puts in
+    the namespace first).
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, kind: str = "", new_default: Any = None,
                  **kwargs: Any) -> None:
-        self.new, self.convert = new, convert
+        self.kind, self.new_default = kind, new_default
         kwargs["default"] = argparse.SUPPRESS  # the new option's default (or a preset's value) stays in force
         super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        print(f"ferkit: warning: {option_string} is now {self.new}; the old name goes in 0.3", file=sys.stderr)
-        try:
-            setattr(namespace, self.dest, self.convert(values) if self.convert else values)
-        except argparse.ArgumentTypeError as err:  # as argparse reports a bad value: one line, exit status 2
-            parser.error(f"argument {option_string}: {err}")
+        resolve(self.kind, option_string or self.option_strings[0])
+        current = getattr(namespace, self.dest, argparse.SUPPRESS)
+        if current is argparse.SUPPRESS or current is self.new_default:
+            setattr(namespace, self.dest, values)
 
 
-def views_from_tta(value: str) -> int | None:
-    """An old `--tta` value as a view count (auto: None, the weights' own)."""
-    from .weights import VIEWS_FROM_TTA
+OLD_OPTION_TYPES: dict[str, Callable[[str], Any]] = {"--views": views_from_tta, "--detect-max-side": int}
+"""How an old option's value becomes its new option's, by the new option's name (default: as given)."""
 
-    if value == "auto":
-        return None
-    if value not in VIEWS_FROM_TTA:
-        raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from auto, none, flip, crops)")
-    return VIEWS_FROM_TTA[value]
+
+def add_old_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The old names of `ferkit COMMAND`'s options, from the one table of old names."""
+    kind = f"ferkit {command} option"
+    for old, new in RENAMES[kind].items():
+        dest = new.removeprefix("--").replace("-", "_")
+        parser.add_argument(old, dest=dest, action=OldOption, kind=kind, new_default=parser.get_default(dest),
+                            type=OLD_OPTION_TYPES.get(new, str))
 
 
 def add_views_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--views", type=int, choices=VIEW_CHOICES, help=help_text)
-    parser.add_argument("--tta", dest="views", action=DeprecatedOption, new="--views", convert=views_from_tta)
+    from .inference import VIEW_COUNTS
 
-
-VIEW_CHOICES = (1, 2, 10)
+    parser.add_argument("--views", type=int, choices=VIEW_COUNTS, help=help_text)
 
 
 def given_options(config_type: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -144,7 +155,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_weights
 
     if args.output and not args.record:
-        raise ValueError("evaluate --output FILE is where --record writes the weights: add --record, or drop --output")
+        raise UsageError("evaluate --output FILE is where --record writes the weights: add --record, or drop --output")
     report = evaluate_weights(args.weights, args.data, args.split, figures_dir=args.figures_dir, device=args.device,
                               views=args.views, prior=args.prior, corruptions=args.corruptions,
                               severities=tuple(args.severities) if args.severities else None, record=args.record,
@@ -235,7 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict_files import predict_command
 
     if (args.camera is None) == (not args.paths):
-        raise ValueError("give image or video PATHs, or --camera INDEX (not both)")
+        raise UsageError("give image or video PATHs, or --camera INDEX (not both)")
     recognizer = EmotionRecognizer(args.weights, device=args.device, detect=not args.no_detect, detector=args.detector,
                                    min_face=args.min_face, detect_max_side=args.detect_max_side or None,
                                    max_pixels=args.max_pixels or None, batch_size=args.batch_size, prior=args.prior)
@@ -272,7 +283,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import PARITY_TOLERANCE, check_parity, check_writable, export_model, format_for, read_export_info
 
     if not args.output:
-        raise ValueError("ferkit export needs --output FILE (.onnx or .pt)")
+        raise UsageError("ferkit export needs --output FILE (.onnx or .pt)")
     format_for(args.output, args.format)
     check_writable(Path(args.output))
     # The check's images before the export, so that bad --data stops the command before anything is written.
@@ -287,7 +298,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     verdict = "ok" if diff <= PARITY_TOLERANCE else "MISMATCH"
     print(f"parity with PyTorch on {len(images)} {what}: max |logit difference| {diff:.2e} "
           f"(tolerance {PARITY_TOLERANCE:.0e}): {verdict}")
-    return 0 if diff <= PARITY_TOLERANCE else 1
+    if diff > PARITY_TOLERANCE:
+        raise RunError(f"{out}: its logits differ from PyTorch's by up to {diff:.2e}, over the tolerance "
+                       f"{PARITY_TOLERANCE:.0e}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -304,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()))
     problem = config.problem()
     if problem:
-        raise ValueError(problem)
+        raise UsageError(problem)
     # Loaded before the server starts, so that bad weights stop here with exit status 2.
     recognizer = make_recognizer(config)
     print(f"ferkit: serving {recognizer.backend.path.name} on http://{config.host}:{config.port}/ "
@@ -321,17 +335,19 @@ EXIT_STATUS = ("exit status: 0 success; 1 some input failed (predict) or a parit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_DETECTOR, DEFAULT_MIN_FACE
-    from .images import DEFAULT_MAX_PIXELS
-    from .inference import DEFAULT_PRIOR, PRIORS
-    from .tracking import DEFAULT_SMOOTH
-    from .train import TrainConfig
-
+    """`ferkit`'s arguments: one subparser per command, each built by its own function below."""
     parser = argparse.ArgumentParser(prog="ferkit", description=__doc__, epilog=EXIT_STATUS)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of any error (also: {DEBUG_ENV}=1); put it before the command")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (add_data_parser, add_train_parser, add_evaluate_parser, add_calibrate_parser, add_models_parser,
+                add_predict_parser, add_export_parser, add_serve_parser):
+        add(commands)
+    return parser
 
+
+def add_data_parser(commands: Subcommands) -> None:
+    """`ferkit data info`."""
     data_parser = commands.add_parser("data", help="inspect a FER-2013 source")
     data = data_parser.add_subparsers(dest="data_command", required=True)
     info = data.add_parser("info", help="per-split, per-class counts and duplicates")
@@ -341,11 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-cache", action="store_true", help="decode the source again, ignoring the cache")
     info.set_defaults(func=cmd_data_info)
 
+
+def add_train_parser(commands: Subcommands) -> None:
+    """`ferkit train`: one option per `TrainConfig` field."""
+    from .train import TrainConfig
+
     train = commands.add_parser("train", help="train a model")
     add_dataclass_arguments(train, TrainConfig)
-    train.add_argument("--out", dest="run_dir", action=DeprecatedOption, new="--run-dir")
-    train.add_argument("--tta", dest="views", action=DeprecatedOption, new="--views", convert=views_from_tta)
+    add_old_options(train, "train")
     train.set_defaults(func=cmd_train)
+
+
+def add_evaluate_parser(commands: Subcommands) -> None:
+    """`ferkit evaluate`."""
+    from .inference import PRIORS
 
     evaluate = commands.add_parser("evaluate", help="score weights on a split")
     evaluate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
@@ -354,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=SPLITS, default="test")
     evaluate.add_argument("--figures-dir", metavar="DIR",
                           help="folder for the figures (default: the run folder, else ./ferkit-eval)")
-    evaluate.add_argument("--out", dest="figures_dir", action=DeprecatedOption, new="--figures-dir")
     evaluate.add_argument("--device", default="auto")
     add_views_argument(evaluate, "test-time views per face: 1, 2 or 10 (default: the weights' own)")
     evaluate.add_argument("--prior", choices=PRIORS, default="train",
@@ -371,8 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FILE", help="with --record: write the weights with the figures here "
                                                           "(default: in place; never into the installed package)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    add_old_options(evaluate, "evaluate")
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def add_calibrate_parser(commands: Subcommands) -> None:
+    """`ferkit calibrate`."""
     calibrate = commands.add_parser("calibrate", help="fit a calibration map on the validation split into the weights")
     calibrate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     calibrate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
@@ -388,11 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--json", action="store_true", help="print JSON")
     calibrate.set_defaults(func=cmd_calibrate)
 
+
+def add_models_parser(commands: Subcommands) -> None:
+    """`ferkit models`."""
     models = commands.add_parser("models", help="the shipped models: size, speed, accuracy, calibration, robustness")
     models.add_argument("--speed-seconds", type=float, default=1.0, metavar="S",
                         help="time spent measuring each model's crops/s here (default: 1; 0: skip)")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
+
+
+def add_predict_parser(commands: Subcommands) -> None:
+    """`ferkit predict`."""
+    from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_DETECTOR, DEFAULT_MIN_FACE
+    from .images import DEFAULT_MAX_PIXELS
+    from .inference import DEFAULT_PRIOR, PRIORS
+    from .tracking import DEFAULT_SMOOTH
 
     predict = commands.add_parser("predict", help="emotions of the faces in photos, folders, videos or a camera",
                                   description="Exit status: 0 all inputs read, 1 some input failed, 2 usage error.")
@@ -419,8 +458,6 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--detect-max-side", type=int, default=DEFAULT_DETECT_MAX_SIDE, metavar="PX",
                          help=f"detect on images shrunk to this longer side (default: {DEFAULT_DETECT_MAX_SIDE}; "
                               "0: never)")
-    predict.add_argument("--detect-size", dest="detect_max_side", type=int, action=DeprecatedOption,
-                         new="--detect-max-side")
     predict.add_argument("--prior", choices=PRIORS,
                          help=f"uniform: FER-2013's class mix divided out, for faces whose emotions are not mixed like "
                               f"FER-2013's; train: probabilities under that mix, as trained (default: {DEFAULT_PRIOR}, "
@@ -430,20 +467,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--batch-size", type=int, default=512)
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_old_options(predict, "predict")
     predict.set_defaults(func=cmd_predict)
 
+
+def add_export_parser(commands: Subcommands) -> None:
+    """`ferkit export`."""
     export = commands.add_parser("export", help="export weights to ONNX or TorchScript")
     export.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
-    export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --out suffix)")
+    export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --output suffix)")
     export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
-    export.add_argument("--out", dest="output", action=DeprecatedOption, new="--output")
     add_views_argument(export, "test-time views built into the graph: 1, 2 or 10 (default: the weights' own)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
     export.add_argument("--check-images", type=int, default=256, metavar="N",
                         help="compare with PyTorch on N test images (default: 256; 0: skip)")
+    add_old_options(export, "export")
     export.set_defaults(func=cmd_export)
 
+
+def add_serve_parser(commands: Subcommands) -> None:
+    """`ferkit serve`: its defaults are `ServeConfig`'s."""
     from .serve import API_KEY_ENV, ServeConfig
 
     defaults = ServeConfig()
@@ -500,14 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "('*': any)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
-    return parser
 
 
 DEBUG_ENV = "FERKIT_DEBUG"
-EXIT_USAGE = 2
-"""Bad usage, bad input or an environment problem (a file it cannot read or write): one line says which."""
 EXIT_BUG = 70
-"""An exception ferkit did not expect (EX_SOFTWARE): a bug to report, with the traceback --debug shows."""
+"""An exception that is not ferkit's own (EX_SOFTWARE): a bug to report, with the traceback --debug shows."""
 EXIT_INTERRUPTED = 130
 
 
@@ -523,36 +564,65 @@ def error_message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. Expected failures (ferkit's own errors, which are ValueErrors; OSErrors; Ctrl-C) print
-    one line and exit 2 (130); anything else is a bug: one line that says so and exit 70. `--debug` or
-    FERKIT_DEBUG=1 adds the traceback to either."""
-    args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        if debug:
-            traceback.print_exc()
-        print("ferkit: interrupted", file=sys.stderr)
+def exit_status(err: BaseException) -> int:
+    """A ferkit error's own status; an OSError (a file that cannot be read or written) is bad input: 2; Ctrl-C:
+    130; anything else is a bug: 70, a ValueError from inside torch or numpy included."""
+    if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader of our output went away (`ferkit predict ... | head`): nothing to say, and no one to say it to.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (ValueError, OSError) as err:
-        if debug:
-            traceback.print_exc()
-        print(f"ferkit: error: {_printable(error_message(err))}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as err:
-        if debug:
-            traceback.print_exc()
+    if isinstance(err, FerkitError):
+        return err.exit_code
+    return EXIT_USAGE if isinstance(err, OSError) else EXIT_BUG
+
+
+def report(err: BaseException, debug: bool) -> int:
+    """Say what failed on one line of stderr (after the traceback, with `debug`) and return the exit status."""
+    status = exit_status(err)
+    if debug:
+        traceback.print_exception(err)
+    if status == EXIT_INTERRUPTED:
+        print("ferkit: interrupted", file=sys.stderr)
+    elif status == EXIT_BUG:
         first_line = _printable(str(err)).partition("\n")[0]
         how = "" if debug else f"; run with --debug or {DEBUG_ENV}=1 for the traceback"
         print(f"ferkit: internal error (a bug: please report it): {type(err).__name__}: {first_line}{how}",
               file=sys.stderr)
-        return EXIT_BUG
+    else:
+        print(f"ferkit: error: {_printable(error_message(err))}", file=sys.stderr)
+    return status
+
+
+@contextlib.contextmanager
+def old_names_as_lines() -> Iterator[None]:
+    """Show the warnings about old names as `ferkit: warning: ...` lines; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+            if issubclass(category, OldNameWarning):
+                print(f"ferkit: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. ferkit's own errors (`ferkit.errors`) and OSErrors print one line and exit with their
+    status (1 or 2), Ctrl-C with 130; anything else is a bug: one line that says so and exit 70. `--debug` or
+    FERKIT_DEBUG=1 adds the traceback to either."""
+    with old_names_as_lines():
+        args = build_parser().parse_args(argv)
+        debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+        try:
+            return int(args.func(args))
+        except BrokenPipeError:
+            # The reader of our output went away (`ferkit predict ... | head`): nothing to say, and no one to say it to.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except (Exception, KeyboardInterrupt) as err:
+            return report(err, debug)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from .errors import UsageError
+
 SEVERITIES = (1, 2, 3, 4, 5)
 BENCHMARK_SEED = 2013
 
@@ -116,11 +118,11 @@ CORRUPTIONS: dict[str, Corruption] = {
 def corrupt(images: np.ndarray, name: str, severity: int) -> np.ndarray:
     """`images` (uint8, N x 48 x 48) under corruption `name` at `severity`, the same on every call."""
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+        raise UsageError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     if severity not in SEVERITIES:
-        raise ValueError(f"severity {severity}: choose from {', '.join(map(str, SEVERITIES))}")
+        raise UsageError(f"severity {severity}: choose from {', '.join(map(str, SEVERITIES))}")
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"expected uint8 crops (N, H, W), got {images.dtype} {images.shape}")
+        raise UsageError(f"expected uint8 crops (N, H, W), got {images.dtype} {images.shape}")
     seed = zlib.crc32(f"{BENCHMARK_SEED}/{name}/{severity}".encode())
     return CORRUPTIONS[name](images, severity, np.random.default_rng(seed))

@@ -38,6 +38,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .errors import InputError
 from .faces import crop_face
 from .images import ImageError, NotRegularFileError, decode_image_bytes, open_regular_file, os_error_reason, to_gray
 from .labels import (
@@ -51,6 +52,7 @@ from .labels import (
     SPLITS,
     USAGE_TO_SPLIT,
 )
+from .outputs import OutputPathError, atomic_write
 from .votes import plurality_labels
 
 CACHE_VERSION = 2  # 2: images decoded by ferkit.images and cropped by faces.crop_face (16-bit, RGB, EXIF)
@@ -67,7 +69,7 @@ FERPLUS_SPLIT_FOLDERS = {"train": "FER2013Train", "val": "FER2013Valid", "test":
 _FOLDER_ENTRY = re.compile(r"^(?P<prefix>(?:.*/)?)(?P<part>train|test)/(?P<cls>[^/]+)/(?P<name>[^/]+)$")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data source that cannot be loaded as FER-2013; the message names what and where."""
 
 
@@ -632,12 +634,9 @@ def _write_cache(cache_file: Path, data: FerData) -> None:
             "classes": list(data.classes), "labels": data.labels}
     arrays["meta"] = np.array(json.dumps(meta))
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_write(cache_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, cache_file)
-    except OSError as err:
+    except (OSError, OutputPathError) as err:
         print(f"ferkit: could not write the data cache {cache_file}: {err}", file=sys.stderr)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UsageError
+
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 
 
-class DeviceError(ValueError):
+class DeviceError(UsageError):
     """A device name that is no device ferkit runs on, or a device this machine does not have."""
 
 

@@ -17,7 +17,6 @@ matches the teacher's function on the very images it sees. It costs one teacher 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -25,7 +24,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import InputError
 from .inference import DEFAULT_PREPROCESSING, predict_logits
+from .outputs import atomic_write
 from .weights import load_model, resolve_weights
 
 CACHE_NAME = "teacher_logits.safetensors"
@@ -64,10 +65,8 @@ def teacher_logits(
         outputs.append(predict_logits(model, images, device, batch_size, meta.preprocessing))
     logits = torch.stack(outputs).float()
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-        save_file({"logits": logits.contiguous()}, str(tmp), metadata={"fingerprint": key})
-        os.replace(tmp, cache)
+        with atomic_write(cache) as tmp:
+            save_file({"logits": logits.contiguous()}, str(tmp), metadata={"fingerprint": key})
     return logits
 
 
@@ -84,7 +83,7 @@ def load_teachers(teachers: list[str], device: torch.device) -> list[torch.nn.Mo
         p = meta.preprocessing
         if (p.image_size, p.mean, p.std) != (DEFAULT_PREPROCESSING.image_size, DEFAULT_PREPROCESSING.mean,
                                              DEFAULT_PREPROCESSING.std):
-            raise ValueError(f"{path}: online teaching needs a teacher with ferkit's input normalisation (mean "
+            raise InputError(f"{path}: online teaching needs a teacher with ferkit's input normalisation (mean "
                              f"{DEFAULT_PREPROCESSING.mean}, std {DEFAULT_PREPROCESSING.std}), not {p.mean}, {p.std}")
         models.append(model.eval().requires_grad_(False))
     return models

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import fit_temperature  # noqa: F401  (its home before ferkit.calibration; still imported from here)
+from .errors import UsageError
 from .labels import EMOTIONS, FERPLUS_CLASSES
 from .outputs import check_output_file
 from .votes import majority_labels, plurality_labels, vote_distributions
@@ -188,7 +189,7 @@ def evaluate_weights(
                   figures=[str(f) for f in figures])
     if corruptions:
         if classes != list(meta.classes):
-            raise ValueError("--corruptions scores a model on labels of its own classes")
+            raise UsageError("--corruptions scores a model on labels of its own classes")
         report["corruptions"] = corruption_report(model, part.images, labels, pre, torch_device, batch_size,
                                                   prior, severities)
     if record:
@@ -198,7 +199,7 @@ def evaluate_weights(
 
 def _check_record(split: str, views: int, own_views: int) -> None:
     if split not in ("test", "val") or views != own_views:
-        raise ValueError("--record stores the figures of the weights as they are used: --split test or val and "
+        raise UsageError("--record stores the figures of the weights as they are used: --split test or val and "
                          "the weights' own views")
 
 
@@ -209,7 +210,7 @@ def _check_whole_split(split: str, labels: np.ndarray, classes: tuple[str, ...],
     from .ferplus import FERPLUS_TEST_MAJORITY_COUNTS
 
     if list(classes) != list(model_classes):
-        raise ValueError(f"--record stores figures on the model's own classes ({', '.join(model_classes)}), not "
+        raise UsageError(f"--record stores figures on the model's own classes ({', '.join(model_classes)}), not "
                          f"on data labelled {', '.join(classes)}")
     if split != "test":
         return
@@ -221,7 +222,7 @@ def _check_whole_split(split: str, labels: np.ndarray, classes: tuple[str, ...],
     if counts != expected:
         differ = ", ".join(f"{name} {n} of {e}" for name, n, e in zip(classes, counts, expected, strict=True)
                            if n != e)
-        raise ValueError(f"--record stores figures of the whole {split_name} split ({sum(expected):,} images), but "
+        raise UsageError(f"--record stores figures of the whole {split_name} split ({sum(expected):,} images), but "
                          f"this data's test split has {len(labels):,} images ({differ}); score the full data set")
 
 

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from . import __version__
+from .errors import UsageError
 from .inference import VIEW_COUNTS, InferenceModel, adjusted_logits, predict_logits, to_tensor
 from .labels import IMAGE_SIZE
-from .outputs import OutputPathError, check_output_file
+from .outputs import OutputPathError, atomic_write, check_output_file
 from .weights import (
     EXPORT_KEY,
     METADATA_KEY,
@@ -49,22 +50,22 @@ OUTPUT_NAME = "logits"
 PARITY_TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
-    """An export that failed, or whose outputs do not match PyTorch's."""
+class ExportError(UsageError):
+    """An export that cannot be written where asked, or that this install cannot make."""
 
 
 def format_for(path: str | os.PathLike[str], fmt: str | None = None) -> str:
     """`fmt` if given, else the format the output file's suffix names (.onnx, .pt / .ts / .torchscript)."""
     if fmt:
         if fmt not in EXPORT_FORMATS:
-            raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+            raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
         return fmt
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
         return "onnx"
     if suffix in (".pt", ".ts", ".torchscript"):
         return "torchscript"
-    raise ValueError(f"{path}: cannot tell the format from the suffix; pass --format onnx or torchscript")
+    raise UsageError(f"{path}: cannot tell the format from the suffix; pass --format onnx or torchscript")
 
 
 def export_model(
@@ -78,7 +79,7 @@ def export_model(
     """
     fmt = format_for(output, fmt)
     if views is not None and views not in VIEW_COUNTS:
-        raise ValueError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
+        raise UsageError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
     out = Path(output)
     check_writable(out)  # before the export, which takes seconds to minutes, not after it
     source = resolve_weights(weights)
@@ -90,16 +91,11 @@ def export_model(
         pre, temperature=1.0, calibration_matrix=None, calibration_bias=None))
     info = {"format": fmt, "views": meta.views, "source": source.name, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "calibrated": True, "ferkit_version": __version__}
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(out) as tmp:  # which checks `out` again before its rename: the export took a while
         if fmt == "onnx":
             _write_onnx(wrapped, meta, info, tmp, opset)
         else:
             _write_torchscript(wrapped, meta, info, tmp)
-        check_output_file(out)  # again: the export took a while, and the rename replaces whatever is there
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

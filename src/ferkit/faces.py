@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from .errors import UsageError
 from .images import to_bgr, to_gray
 from .labels import IMAGE_SIZE
 
@@ -49,7 +50,7 @@ YUNET_MODEL = "face_detection_yunet_2023mar.onnx"
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 
 
-class DetectorError(ValueError):
+class DetectorError(UsageError):
     """A face detector that cannot be built (missing cascade or model file)."""
 
 

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .errors import InputError, UsageError
 from .outputs import file_kind
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 (a runtime alias, py3.10)
@@ -46,7 +47,7 @@ IMAGE_EXTENSIONS = frozenset(
 """Files that folder expansion treats as images (a named file is tried whatever its extension)."""
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An input that cannot be read as an image; the message names it and says why."""
 
 
@@ -89,7 +90,7 @@ def load_image(
 ) -> np.ndarray:
     """A path, PIL image or numpy array -> upright (H, W) gray or (H, W, 3) RGB uint8 array."""
     if color_order not in ("rgb", "bgr"):
-        raise ValueError(f"color_order must be 'rgb' or 'bgr', not {color_order!r}")
+        raise UsageError(f"color_order must be 'rgb' or 'bgr', not {color_order!r}")
     if isinstance(source, np.ndarray):
         return from_array(source, color_order)
     if isinstance(source, Image.Image):

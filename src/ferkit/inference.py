@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError, UsageError
 from .labels import IMAGE_SIZE, NUM_CLASSES
 
 VIEW_COUNTS = (1, 2, 10)
@@ -249,9 +250,9 @@ def predict_logits(
     `views` overrides `preprocessing.views` (1, 2 or 10; see `make_views`).
     """
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        raise UsageError(f"batch size must be at least 1, not {batch_size}")
     if views is not None and views not in VIEW_COUNTS:
-        raise ValueError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
+        raise UsageError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
     wrapped = InferenceModel(model, preprocessing.with_views(views))
     was_training = model.training
     if was_training:  # switching modes walks every module: a few ms a call, as much as a face's forward pass
@@ -291,13 +292,13 @@ def adjusted_logits(logits: np.ndarray, preprocessing: Preprocessing, prior: str
     under FER-2013's class mix into the probabilities under equally likely classes.
     """
     if prior not in PRIORS:
-        raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
+        raise UsageError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
     scaled = np.asarray(logits, dtype=np.float64) / preprocessing.temperature
     if preprocessing.calibrated:
         scaled = scaled @ np.asarray(preprocessing.calibration_matrix).T + np.asarray(preprocessing.calibration_bias)
     if prior == "uniform":
         if preprocessing.class_prior is None:
-            raise ValueError("these weights carry no class prior, so prior='uniform' cannot be applied")
+            raise InputError("these weights carry no class prior, so prior='uniform' cannot be applied")
         scaled = scaled - np.log(np.asarray(preprocessing.class_prior, dtype=np.float64))
     return scaled
 

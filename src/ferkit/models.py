@@ -6,12 +6,13 @@ to (N, num_classes) logits.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .deprecations import resolve
+from .errors import UsageError
 from .labels import NUM_CLASSES
 
 ModelFactory = Callable[..., nn.Module]
@@ -31,18 +32,12 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-ARCH_RENAMES = {"seed": "refcnn"}
-"""Architectures' names before 0.2, accepted with a warning until 0.3."""
-
-
 def create_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
-    """Build the architecture registered as `name`."""
-    if name in ARCH_RENAMES:
-        warnings.warn(f"the architecture {name!r} is now called {ARCH_RENAMES[name]!r}; the old name goes in 0.3",
-                      FutureWarning, stacklevel=2)
-        name = ARCH_RENAMES[name]
+    """Build the architecture registered as `name` (an old name: see `ferkit.deprecations`)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(list_models())}")
+        name = resolve("architecture", name)
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(list_models())}")
     return _REGISTRY[name](num_classes=num_classes)
 
 

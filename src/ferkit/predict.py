@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .errors import UsageError
 from .faces import (
     DEFAULT_DETECT_MAX_SIDE,
     DEFAULT_DETECTOR,
@@ -268,7 +269,7 @@ class EmotionRecognizer:
         prior: str | None = None,
     ) -> None:
         if prior is not None and prior not in PRIORS:
-            raise ValueError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
+            raise UsageError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
         self.backend = open_backend(weights, device, batch_size)
         self.meta = self.backend.meta
         self.classes = list(self.meta.classes)
@@ -326,7 +327,7 @@ class EmotionRecognizer:
         """float32 logits (N, classes) for uint8 face crops (N, 48, 48)."""
         crops = np.asarray(crops)
         if crops.dtype != np.uint8 or crops.ndim != 3 or crops.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"expected uint8 crops of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), got {crops.dtype} "
+            raise UsageError(f"expected uint8 crops of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), got {crops.dtype} "
                              f"{crops.shape}")
         if len(crops) == 0:
             return np.zeros((0, len(self.classes)), np.float32)

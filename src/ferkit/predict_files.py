@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .annotate import annotated_image_path, write_annotated_image
+from .errors import UsageError
 from .faces import Face
 from .images import IMAGE_EXTENSIONS, ImageError
 from .outputs import file_kind
@@ -140,7 +141,7 @@ class _Annotations:
             n += 1
             out = base.with_name(f"{base.stem}-{n}{base.suffix}")
         if out.resolve() == item.path.resolve():
-            raise ValueError(f"{item.display}: its annotated copy would overwrite it; choose another --annotate folder")
+            raise UsageError(f"{item.display}: its annotated copy would overwrite it; choose another --annotate folder")
         self.used.add(out)
         return out
 
@@ -416,9 +417,9 @@ def predict_command(
     (a video read only in part) always do.
     """
     if every < 1:
-        raise ValueError(f"--every must be at least 1, not {every}")
+        raise UsageError(f"--every must be at least 1, not {every}")
     if smooth < 0:
-        raise ValueError(f"--smooth must be 0 (off) or more seconds, not {smooth}")
+        raise UsageError(f"--smooth must be 0 (off) or more seconds, not {smooth}")
     out = out or sys.stdout
     items = expand_inputs(arguments)
     show_progress = sys.stderr.isatty() if progress is None else progress

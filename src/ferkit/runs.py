@@ -19,17 +19,19 @@ import hashlib
 import json
 import os
 import platform
-import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from . import __version__
-from .data import FerData
-from .outputs import check_output_file
+from .errors import UsageError
+from .outputs import TEMP_FILE, write_bytes_atomic, write_csv_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from .data import FerData
 
 CONFIG_JSON = "config.json"
 METRICS_CSV = "metrics.csv"
@@ -41,11 +43,9 @@ OLD_CHECKPOINT = "checkpoint.pt"
 """ferkit 0.1's pickled checkpoint: recognised, never loaded."""
 CHECKPOINT_KEY = "ferkit_checkpoint"
 CHECKPOINT_FORMAT = 1
-TEMP_FILE = re.compile(r"^\..+\.tmp(\d+)$")
-"""`.NAME.tmpPID`: what every atomic write here (and in `ferkit.weights`) writes before its rename."""
 
 
-class RunDirError(ValueError):
+class RunDirError(UsageError):
     """A run folder that cannot be written, or whose checkpoint cannot be used."""
 
 
@@ -79,45 +79,9 @@ def write_config_json(run_dir: Path, config: dict[str, Any], data: FerData,
     return write_text_atomic(run_dir / CONFIG_JSON, json.dumps(record, indent=2) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write-then-rename, so that a kill leaves either the old file or the new one."""
-    check_output_file(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_bytes_atomic(path: Path, blob: bytes) -> Path:
-    """Write-then-rename with the bytes on disk before the rename: a kill or a crash leaves the old file or the new."""
-    check_output_file(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     """metrics.csv from the history of epochs, atomically."""
-    check_output_file(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_csv_atomic(path, history)
 
 
 def read_metrics_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
@@ -179,9 +143,7 @@ def write_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Pat
     tensors: dict[str, torch.Tensor] = {}
     structure = _split(state, tensors, "")
     header = json.dumps({"format": CHECKPOINT_FORMAT, "state": structure})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_bytes_atomic(path, save_safetensors(tensors, metadata={CHECKPOINT_KEY: header}))
+    return write_bytes_atomic(Path(path), save_safetensors(tensors, metadata={CHECKPOINT_KEY: header}))
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
 from .faces import Box
 from .predict import FaceResult
 
@@ -146,7 +147,7 @@ class Smoother:
 
     def __init__(self, seconds: float = DEFAULT_SMOOTH) -> None:
         if seconds < 0:
-            raise ValueError(f"smoothing must be 0 (off) or more seconds, not {seconds}")
+            raise UsageError(f"smoothing must be 0 (off) or more seconds, not {seconds}")
         self.seconds = seconds
         self.history: dict[int, deque[tuple[float, np.ndarray]]] = {}
         self.sums: dict[int, np.ndarray] = {}  # of each track's history: a mean costs the same for any window

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import time
-import warnings
 from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,15 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, mix_batch, train_transform
 from .data import FerData, load_fer2013
+from .deprecations import VIEWS_FROM_TTA, rename_keys, resolve
 from .devices import DeviceError, autocast_dtype, pick_device
 from .distill import distillation_loss, load_teachers, online_soft_targets, soft_targets, teacher_logits
+from .errors import UsageError
 from .evaluate import compute_metrics, ferplus_report
 from .ferplus import LABEL_SCHEMES, with_label_scheme
 from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
 from .labels import IMAGE_SIZE, NUM_CLASSES
-from .models import ARCH_RENAMES, create_model, list_models
+from .models import create_model, list_models
 from .plots import plot_confusion, plot_curves
 from .runs import (
     BEST_WEIGHTS,
@@ -67,7 +68,7 @@ from .weights import WeightsError, WeightsMeta, load_model, read_meta, resolve_w
 
 @dataclass
 class TrainConfig:
-    """One training run. The defaults are the reference recipe: seed CNN, Adam 1e-3, 50 epochs."""
+    """One training run. The defaults are the reference recipe: reference CNN, Adam 1e-3, 50 epochs."""
 
     data: str | None = field(default=None, metadata={"help": "FER-2013 or FER+ source (default: $FERKIT_DATA)"})
     votes: str | None = field(default=None, metadata={
@@ -133,19 +134,17 @@ class TrainConfig:
     @classmethod
     def from_preset(cls, preset: str = "reference", **overrides: Any) -> TrainConfig:
         """The named recipe, with `overrides` on top (old option names accepted with a warning)."""
-        if preset in PRESET_RENAMES:
-            _renamed("preset", preset, PRESET_RENAMES[preset])
-            preset = PRESET_RENAMES[preset]
+        preset = preset if preset in PRESETS else resolve("preset", preset)
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[preset], **upgrade_config(overrides, warn=True), "preset": preset})
 
     def validate(self) -> None:
         """Refuse impossible values now, in one line naming each option, not after (or during) training."""
         problems = [p for f in fields(self) if (p := _field_problem(f, getattr(self, f.name)))]
-        if not problems and self.preset not in PRESETS and self.preset not in PRESET_RENAMES:
+        if not problems and resolve("preset", self.preset, warn=False) not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        if not problems and self.arch not in list_models() and self.arch not in ARCH_RENAMES:
+        if not problems and resolve("architecture", self.arch, warn=False) not in list_models():
             problems.append(f"unknown architecture {self.arch!r}; choose one of: {', '.join(list_models())}")
         if not problems:
             try:
@@ -155,7 +154,7 @@ class TrainConfig:
         if not problems and self.init is not None:
             problems.extend(_init_problem(self.init, self.arch))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UsageError("; ".join(problems))
 
 
 _LIMITS: dict[str, tuple[Any, str]] = {
@@ -198,7 +197,7 @@ def _init_problem(init: str, arch: str) -> list[str]:
         meta = read_meta(resolve_weights(init))
     except WeightsError as err:
         return [f"--init {err}"]
-    if ARCH_RENAMES.get(meta.arch, meta.arch) != ARCH_RENAMES.get(arch, arch):
+    if resolve("architecture", meta.arch, warn=False) != resolve("architecture", arch, warn=False):
         return [f"--init {init} holds a {meta.arch!r} model, not the {arch!r} this run trains"]
     return []
 
@@ -244,28 +243,15 @@ def _field_problem(f: Field[Any], value: Any) -> str | None:
     return None
 
 
-def _renamed(kind: str, old: str, new: str) -> None:
-    warnings.warn(f"the {kind} {old!r} is now called {new!r}; the old name goes in 0.3", FutureWarning, stacklevel=3)
-
-
 def upgrade_config(values: dict[str, Any], warn: bool = False) -> dict[str, Any]:
-    """TrainConfig fields as ferkit 0.1 named them (`out`, `tta`, old preset and arch names) -> today's."""
-    values = dict(values)
-    if "out" in values:
-        if warn:
-            _renamed("option", "out", "run_dir")
-        values["run_dir"] = values.pop("out")
-    if "tta" in values:
-        if warn:
-            _renamed("option", "tta", "views")
-        tta = values.pop("tta")
-        values["views"] = {"none": 1, "flip": 2, "crops": 10}.get(tta, tta)
-    if values.get("preset") in PRESET_RENAMES:
-        values["preset"] = PRESET_RENAMES[values["preset"]]
-    if values.get("arch") in ARCH_RENAMES:
-        if warn:
-            _renamed("architecture", values["arch"], ARCH_RENAMES[values["arch"]])
-        values["arch"] = ARCH_RENAMES[values["arch"]]
+    """TrainConfig fields under old names and values (`ferkit.deprecations`) -> today's; today's win."""
+    values = rename_keys(values, "training option", warn=warn)
+    if isinstance(values.get("views"), str):  # the old name took names of view counts
+        values["views"] = VIEWS_FROM_TTA.get(values["views"], values["views"])
+    if isinstance(values.get("preset"), str) and values["preset"] not in PRESETS:
+        values["preset"] = resolve("preset", values["preset"], warn=warn)
+    if isinstance(values.get("arch"), str) and values["arch"] not in list_models():
+        values["arch"] = resolve("architecture", values["arch"], warn=warn)
     return values
 
 
@@ -317,8 +303,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "blur": 0.15, "noise": 0.15, "jpeg": 0.15, "downsample": 0.15,
     },
 }
-PRESET_RENAMES = {"seed": "reference", "best": "accurate"}
-"""Presets' names before 0.2, accepted with a warning until 0.3."""
 
 
 def augment_config(config: TrainConfig) -> AugmentConfig:

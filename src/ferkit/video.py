@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from .annotate import draw_results
+from .errors import InputError, UsageError
 from .images import ColorOrder, ImageInput
 from .outputs import check_output_file
 from .predict import EmotionRecognizer, FaceResult
@@ -42,7 +43,7 @@ __all__ = ["FaceStream", "FrameResult", "VideoError", "VideoReader", "VideoRecog
            "predict_video"]
 
 
-class VideoError(ValueError):
+class VideoError(InputError):
     """A video or camera that cannot be read, or an annotated video that cannot be written."""
 
 
@@ -164,7 +165,7 @@ def predict_video(
     (by default a `VideoWarning`) after its last frame.
     """
     if every < 1:
-        raise ValueError(f"every must be at least 1, not {every}")
+        raise UsageError(f"every must be at least 1, not {every}")
     reader = VideoReader(path, 1 if annotate is not None else every)
     tracking = Tracking(recognizer.classes, smooth, keep)
     writer = None
@@ -241,7 +242,7 @@ class VideoRecognizer:
     def __init__(self, recognizer: EmotionRecognizer | None = None, *, smooth: float = DEFAULT_SMOOTH,
                  keep: float = DEFAULT_KEEP, **recognizer_options: Any) -> None:
         if smooth < 0:
-            raise ValueError(f"smooth must be 0 (off) or more seconds, not {smooth}")
+            raise UsageError(f"smooth must be 0 (off) or more seconds, not {smooth}")
         self.recognizer = recognizer if recognizer is not None else EmotionRecognizer(**recognizer_options)
         self.classes = self.recognizer.classes
         self.smooth, self.keep = smooth, keep

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UsageError
 from .labels import FERPLUS_CLASSES
 
 NUM_EMOTION_VOTES = len(FERPLUS_CLASSES)
@@ -57,4 +58,4 @@ def scheme_labels(votes: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarra
     if scheme == "ferplus-distribution":
         targets, keep = vote_distributions(votes)
         return np.where(keep, targets.argmax(1), -1), targets
-    raise ValueError(f"unknown FER+ label scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+    raise UsageError(f"unknown FER+ label scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")

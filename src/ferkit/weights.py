@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,27 +24,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .deprecations import VIEWS_FROM_TTA, rename_keys, resolve
+from .errors import InputError
 from .inference import DEFAULT_PREPROCESSING, Preprocessing
 from .labels import EMOTIONS
-from .models import ARCH_RENAMES, create_model
-from .outputs import check_output_file
+from .models import create_model
+from .outputs import atomic_write
+from .runs import BEST_WEIGHTS
 
 METADATA_KEY = "ferkit"
 EXPORT_KEY = "ferkit_export"
 """Exported models also carry, under this key, what the export did (format, views, source, opset)."""
 META_FORMAT = 2
-"""Version of the metadata layout: 1 had `image_size`, `normalization` and `tta` at the top level."""
+"""Version of the metadata layout: 1 had `image_size`, `normalization` and the views (by an old name, as a
+name: see `ferkit.deprecations`) at the top level."""
 DEFAULT_RULE_POINTS = 1.5
 """The default model: among one-view shipped models, the highest PublicTest mean corruption accuracy among
 those within this many points of the best one-view PublicTest accuracy (see `choose_default`)."""
-MODEL_RENAMES = {"seed": "ferkit-refcnn", "best": "ferkit-resnet"}
-"""Shipped models' names before 0.2, accepted with a warning until 0.3."""
-VIEWS_FROM_TTA = {"none": 1, "flip": 2, "crops": 10}
-"""Format-1 `tta` values (and the old `--tta` choices) as view counts."""
 MAX_CLASS_NAME = 40
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file that is missing, unreadable, or does not fit its architecture."""
 
 
@@ -101,10 +100,10 @@ def _shorten(err: BaseException, limit: int = 300) -> str:
 
 
 def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
-    """Format-1 metadata (ferkit 0.1) -> format 2: preprocessing gathered, tta as views, old arch names."""
+    """Format-1 metadata (ferkit 0.1) -> format 2: preprocessing gathered, old names as today's."""
     if values.get("format", 1) != 1:
         return values
-    values = dict(values)
+    values = rename_keys(values, "weights metadata field")
     pre: dict[str, Any] = {}
     if "image_size" in values:
         pre["image_size"] = values.pop("image_size")
@@ -112,13 +111,15 @@ def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
         raise ValueError(f"normalization must be {{'mean': m, 'std': s}}, not {norm!r}")
     pre.update(norm)
-    tta = values.pop("tta", "none")
-    if tta not in VIEWS_FROM_TTA:
-        raise ValueError(f"tta {tta!r} is not one of {', '.join(VIEWS_FROM_TTA)}")
-    pre["views"] = VIEWS_FROM_TTA[tta]
+    views = values.pop("views", "none")  # format 1 named the view count
+    if isinstance(views, str):
+        if views not in VIEWS_FROM_TTA:
+            raise ValueError(f"tta {views!r} is not one of {', '.join(VIEWS_FROM_TTA)}")
+        views = VIEWS_FROM_TTA[views]
+    pre["views"] = views
     values["preprocessing"] = pre
     if isinstance(values.get("arch"), str):
-        values["arch"] = ARCH_RENAMES.get(values["arch"], values["arch"])
+        values["arch"] = resolve("architecture", values["arch"])
     values["format"] = META_FORMAT
     return values
 
@@ -231,20 +232,23 @@ def __getattr__(name: str) -> str:
 
 
 def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
-    """A path to a weights file, a run folder (its best.safetensors), or a shipped model's name."""
+    """A path to a weights file, a run folder (its best.safetensors), or a shipped model's name.
+
+    A file or folder on disk wins over a name; a shipped model's name over an old name (`ferkit.deprecations`).
+    """
     if name_or_path is None or str(name_or_path) == "default":
         name_or_path = default_model()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        path = path / "best.safetensors"
+        if (path / BEST_WEIGHTS).is_file():
+            return path / BEST_WEIGHTS
+        raise WeightsError(f"{path}: a folder without {BEST_WEIGHTS} (a run folder has one once an epoch has ended)")
     if path.is_file():
         return path
     shipped = shipped_models()
     name = str(name_or_path)
-    if name in MODEL_RENAMES and not path.exists():
-        warnings.warn(f"the shipped model {name!r} is now called {MODEL_RENAMES[name]!r}; the old name goes in 0.3",
-                      FutureWarning, stacklevel=2)
-        name = MODEL_RENAMES[name]
+    if name not in shipped and not path.exists():
+        name = resolve("shipped model", name)
     if name in shipped:
         return shipped[name]
     names = ", ".join(sorted(shipped)) or "none"
@@ -253,18 +257,9 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None) -> Path:
 
 def save_weights(path: str | os.PathLike[str], model: nn.Module, meta: WeightsMeta) -> None:
     """Write `model`'s state as safetensors with `meta` in the header, atomically (never over a non-file)."""
-    path = check_output_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         save_file(state, str(tmp), metadata={METADATA_KEY: meta.to_json()})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); weights are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_meta(path: str | os.PathLike[str]) -> WeightsMeta:
