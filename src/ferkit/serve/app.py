@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
 from ..predict import EmotionRecognizer
 from .config import ServeConfig, make_recognizer
 from .middleware import HeadAsGet, HostAllowList, allowed_hosts
@@ -31,7 +32,7 @@ def require_serve_extra() -> None:
     only at the first upload)."""
     missing = [name for name, modules in SERVE_EXTRA if not any(importlib.util.find_spec(m) for m in modules)]
     if missing:
-        raise ValueError(f"ferkit serve needs the serve extra ({', '.join(missing)} missing): "
+        raise UsageError(f"ferkit serve needs the serve extra ({', '.join(missing)} missing): "
                          "pip install 'ferkit[serve]'")
 
 
@@ -71,7 +72,7 @@ def create_app(config: ServeConfig | None = None, recognizer: EmotionRecognizer 
     config = config or ServeConfig()
     problem = config.problem()
     if problem:
-        raise ValueError(problem)
+        raise UsageError(problem)
     service = Service(recognizer if recognizer is not None else make_recognizer(config), config)
     app = FastAPIOffline(title="ferkit", version=__version__, lifespan=lifespan, dependencies=[Depends(known_query)],
                          exception_handlers=ERROR_HANDLERS,
