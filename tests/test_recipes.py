@@ -526,7 +526,7 @@ def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, smal
     test = compute_metrics(predict_logits(best, data["test"].images, views=10), data["test"].labels)
     assert report["views"] == 10 and report["loss"] == pytest.approx(test.loss, abs=1e-6)
     assert report["loss"] != pytest.approx(compute_metrics(predict_logits(best, data["test"].images),
-                                                           data["test"].labels)["loss"], abs=1e-6)
+                                                           data["test"].labels).loss, abs=1e-6)
     if best_meta.epoch == 2:
         assert all(torch.equal(t, ema[f"module.{n}"]) for n, t in load_file(unbroken / "best.safetensors").items())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -468,6 +469,11 @@ def test_augmentation_flags_keep_their_names_and_fill_the_nested_config() -> Non
     assert config.lr == 0.01 and config.preset == "fast"
     with pytest.raises(TypeError, match="unexpected keyword argument 'blurr'"):
         TrainConfig.from_preset("fast", blurr=0.2)
+    # From Python the nested form works too, flat names on top of it; dataclasses.asdict's nesting loads back.
+    nested = TrainConfig.from_preset("fast", augment=AugmentConfig(blur=0.5, noise=0.1), noise=0.2)
+    # A whole AugmentConfig replaces the preset's augmentation (its shift_pixels 3 too); flat names win over it.
+    assert (nested.augment.blur, nested.augment.noise, nested.augment.shift_pixels) == (0.5, 0.2, 0)
+    assert TrainConfig.from_dict(dataclasses.asdict(config)) == config
 
 
 def test_a_file_as_run_dir_is_refused_before_training(tmp_path: Path, small_root: Path,

@@ -129,15 +129,17 @@ class TrainConfig:
             preset = PRESET_RENAMES[preset]
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[preset], **upgrade_config(overrides, warn=True), "preset": preset})
+        return cls.from_dict({**PRESETS[preset], **_spread_augment(upgrade_config(overrides, warn=True)),
+                              "preset": preset})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """A config from one value per option, named as the flags are (presets, `to_dict`, the CLI); the
-        augmentation's options go into `augment`. Unknown names are a TypeError, as for the constructor."""
-        rest = dict(values)
-        augment = {f.name: rest.pop(f.name) for f in fields(AugmentConfig) if f.name in rest}
-        return cls(**rest, augment=AugmentConfig(**augment))
+        augmentation's options go into `augment` (an `augment` given as an AugmentConfig or a dict, as
+        `dataclasses.asdict` nests it, is spread first). Unknown names are a TypeError."""
+        rest = _spread_augment(values)
+        augment = AugmentConfig(**{f.name: rest.pop(f.name) for f in fields(AugmentConfig) if f.name in rest})
+        return cls(**rest, augment=augment)
 
     def to_dict(self) -> dict[str, Any]:
         """One value per option, the augmentation's among them: what config.json, checkpoints and the weights'
@@ -170,6 +172,14 @@ class TrainConfig:
             problems.extend(_init_problem(self.init, self.arch))
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def _spread_augment(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with an `augment` entry (an AugmentConfig, or a dict) spread into its options' names; the
+    other values win, so that `from_preset(..., augment=AugmentConfig(...), noise=0.2)` means what it says."""
+    rest = dict(values)
+    augment = rest.pop("augment", {})
+    return {**(asdict(augment) if isinstance(augment, AugmentConfig) else augment), **rest}
 
 
 _LIMITS: dict[str, tuple[Any, str]] = {
