@@ -26,8 +26,10 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ferkit.augment import AugmentConfig, normalize, to_tensor
+from ferkit.augment import AugmentConfig
 from ferkit.data import load_fer2013
+from ferkit.inference import normalize, to_tensor
+from ferkit.losses import Criterion
 from ferkit.models import create_model
 from ferkit.train import StepContext, autocast_dtype, train_one_epoch
 
@@ -59,10 +61,10 @@ def measure_ferkit(images: np.ndarray, labels: np.ndarray, epochs: int) -> float
     ctx = StepContext(device, AugmentConfig(), autocast_dtype(device, True), channels_last=True)
     x, y = to_tensor(images), torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(0)
-    train_one_epoch(model, optimizer, x[: 10 * BATCH], y[: 10 * BATCH], ctx, BATCH, generator)  # warm-up
+    train_one_epoch(model, Criterion(), optimizer, x[: 10 * BATCH], y[: 10 * BATCH], ctx, BATCH, generator)  # warm-up
     start = time.perf_counter()
     for _ in range(epochs):
-        train_one_epoch(model, optimizer, x, y, ctx, BATCH, generator)
+        train_one_epoch(model, Criterion(), optimizer, x, y, ctx, BATCH, generator)
     return epochs * len(labels) / (time.perf_counter() - start)
 
 

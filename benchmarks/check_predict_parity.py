@@ -85,7 +85,7 @@ def check_model(weights: str, root: Path, files: list[Path], workdir: Path) -> d
         "onnx_accuracy": float(np.mean([exported[n] == truth[n] for n in names])),
     }
     if len(files) == len(test):
-        report["evaluate_accuracy"] = evaluate_weights(weights, str(root), "test", figures_dir=str(workdir))["accuracy"]
+        report["evaluate_accuracy"] = evaluate_weights(weights, str(root), "test").accuracy
     report["seconds"] = round(time.perf_counter() - started, 1)
     mismatches = sum(report[k] for k in report if k.endswith("_mismatches"))
     report["ok"] = bool(status == 0 and export_status == 0 and mismatches == 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,13 @@ def cpu_flags() -> str:
 
 def score(model: str, data: str | None, record: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as figures:
-        report = evaluate_weights(model, data, "test", figures_dir=figures, corruptions=True, record=record is not None,
-                                  output=str(record / f"{model}.safetensors") if record is not None else None)
-    bench = report["corruptions"]
-    return {"model": model, "views": report["views"], "clean_accuracy": bench["clean_accuracy"],
-            "mean_corruption_accuracy": bench["mean_corruption_accuracy"], "per_corruption": bench["per_corruption"],
-            "per_severity": bench["per_severity"], "seconds": time.perf_counter() - started}
+    report = evaluate_weights(model, data, "test", corruptions=True, record=record is not None,
+                              output=str(record / f"{model}.safetensors") if record is not None else None)
+    bench = report.corruptions
+    assert bench is not None
+    return {"model": model, "views": report.views, "clean_accuracy": bench.clean_accuracy,
+            "mean_corruption_accuracy": bench.mean_corruption_accuracy, "per_corruption": bench.per_corruption,
+            "per_severity": bench.per_severity, "seconds": time.perf_counter() - started}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

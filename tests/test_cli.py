@@ -96,7 +96,11 @@ def test_train_then_evaluate(small_root: Path, tmp_path: Path, capsys: pytest.Ca
     code, out, _ = run_cli(capsys, "evaluate", "--weights", str(run), "--data", str(small_root), "--split", "val")
     assert code == 0
     assert out.startswith(f"{run / 'best.safetensors'} on val (42 images, 1 view(s), prior train): accuracy ")
-    assert f"wrote {run / 'confusion_matrix_val.png'}" in out
+    assert "wrote" not in out and not (run / "confusion_matrix_val.png").exists()  # figures only where asked
+    figures = tmp_path / "figures"
+    code, out, _ = run_cli(capsys, "evaluate", "--weights", str(run), "--data", str(small_root), "--split", "val",
+                           "--figures-dir", str(figures))
+    assert code == 0 and f"wrote {figures / 'confusion_matrix_val.png'}" in out
 
     # A second plain run into the same folder is refused.
     code, _, err = run_cli(capsys, "train", "--data", str(small_root), "--run-dir", str(run), "--limit-train", "64",

@@ -71,10 +71,10 @@ def test_the_benchmark_gives_the_same_figures_every_run(tiny_run: Path, small_da
     second = corruption_report(model, test.images, test.labels, meta.preprocessing, torch.device("cpu"),
                                severities=(1, 5))
     assert first == second
-    assert set(first["per_corruption"]) == set(CORRUPTIONS) and first["severities"] == [1, 5]
-    assert first["mean_corruption_accuracy"] == pytest.approx(np.mean(list(first["per_corruption"].values())))
-    for name, by_severity in first["per_severity"].items():
-        assert first["per_corruption"][name] == pytest.approx(np.mean(list(by_severity.values())))
+    assert set(first.per_corruption) == set(CORRUPTIONS) and first.severities == [1, 5]
+    assert first.mean_corruption_accuracy == pytest.approx(np.mean(list(first.per_corruption.values())))
+    for name, by_severity in first.per_severity.items():
+        assert first.per_corruption[name] == pytest.approx(np.mean(list(by_severity.values())))
         assert all(v * len(test) == pytest.approx(round(v * len(test))) for v in by_severity.values())
     assert DEFAULT_PREPROCESSING.views == meta.views
 

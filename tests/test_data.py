@@ -211,7 +211,7 @@ def test_unprefixed_test_images_get_a_stratified_seeded_split(tmp_path: Path, ti
     note = first.notes[0]
     assert "27 test images" in note and "PublicTest_/PrivateTest_" in note and "50/50" in note
     assert "stratified" in note
-    assert summarize(first)["notes"] == first.notes
+    assert summarize(first).notes == first.notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +488,7 @@ def test_rgb_96px_png_is_converted_and_counted(tiny_copy: Path, tiny_data: FerDa
     source.unlink()
     data = load_fer2013(tiny_copy)
     assert data.converted == 1
-    assert summarize(data)["converted"] == 1
+    assert summarize(data).converted == 1
     index = list(data["train"].names).index(f"train/surprise/{target.name}")
     image = data["train"].images[index]
     assert image.shape == (48, 48) and image.dtype == np.uint8

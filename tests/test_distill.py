@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 
 import ferkit.distill as distill_module
 from ferkit import cli
-from ferkit.augment import AugmentConfig
+from ferkit.augment import AugmentConfig, mix_batch
 from ferkit.data import FerData
 from ferkit.distill import distillation_loss, load_teachers, soft_targets, teacher_logits
 from ferkit.inference import Preprocessing, predict_logits, to_tensor
+from ferkit.losses import Criterion, Distillation
 from ferkit.models import create_model
-from ferkit.train import StepContext, TrainConfig, _mixed_targets, fit, train_one_epoch
+from ferkit.train import StepContext, TrainConfig, fit, train_one_epoch
 from ferkit.weights import WeightsMeta, load_model, read_meta, save_weights
 
 TEACHER = "ferkit-refcnn"
@@ -46,10 +47,12 @@ def test_distillation_moves_a_student_toward_its_teacher(small_data: FerData) ->
         student = create_model("refcnn")
         start = [_kl(teacher_p[id(f)], student, f) for f in (train.images, held_out)]
         optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-        ctx = StepContext(torch.device("cpu"), AugmentConfig(hflip=False, rotate_degrees=0.0), None, False,
-                          soft_targets=targets, teachers=teachers, distill_weight=1.0, distill_temperature=1.0)
+        ctx = StepContext(torch.device("cpu"), AugmentConfig(hflip=False, rotate_degrees=0.0), None, False)
+        criterion = Criterion(distillation=Distillation(1.0, 1.0, cached=targets, teachers=teachers)
+                              if targets is not None or teachers else None)
         for epoch in range(6):
-            train_one_epoch(student, optimizer, images, labels, ctx, 28, torch.Generator().manual_seed(epoch))
+            train_one_epoch(student, criterion, optimizer, images, labels, ctx, 28,
+                            torch.Generator().manual_seed(epoch))
         drops[name] = [s - _kl(teacher_p[id(f)], student, f) for s, f in zip(start, (train.images, held_out),
                                                                              strict=True)]
     for scheme in ("teacher", "online"):
@@ -59,7 +62,8 @@ def test_distillation_moves_a_student_toward_its_teacher(small_data: FerData) ->
 
 def test_a_run_with_a_teacher_caches_its_soft_targets(tmp_path: Path, small_data: FerData) -> None:
     run = fit(TrainConfig(run_dir=str(tmp_path / "run"), teacher=[TEACHER], epochs=1, limit_train=64, batch_size=32,
-                          eval_batch_size=64, device="cpu", progress=False, mixup=0.2), small_data)
+                          eval_batch_size=64, device="cpu", progress=False, augment=AugmentConfig(mixup=0.2)),
+              small_data)
     cached = load_file(run / "teacher_logits.safetensors")["logits"]
     assert cached.shape == (1, 64, 7)
     assert read_meta(run / "best.safetensors").recipe["teacher"] == [TEACHER]
@@ -68,7 +72,7 @@ def test_a_run_with_a_teacher_caches_its_soft_targets(tmp_path: Path, small_data
 def test_online_teaching_caches_nothing_and_records_its_mode(tmp_path: Path, small_data: FerData) -> None:
     run = fit(TrainConfig(run_dir=str(tmp_path / "run"), teacher=[TEACHER], teacher_mode="online", epochs=1,
                           limit_train=64, batch_size=32, eval_batch_size=64, device="cpu", progress=False,
-                          mixup=0.2), small_data)
+                          augment=AugmentConfig(mixup=0.2)), small_data)
     assert not (run / "teacher_logits.safetensors").exists()
     assert read_meta(run / "best.safetensors").recipe["teacher_mode"] == "online"
 
@@ -79,12 +83,15 @@ def test_online_teachers_score_the_students_own_mixed_batch() -> None:
     teachers = load_teachers([TEACHER, TEACHER], torch.device("cpu"))
     torch.manual_seed(0)
     x, y = torch.randn(8, 1, 48, 48), torch.arange(8) % 7
-    ctx = StepContext(torch.device("cpu"), AugmentConfig(), None, False, mixup=1.0, teachers=tuple(teachers),
-                      distill_temperature=2.0)
-    mixed_x, _, soft = _mixed_targets(x, y, torch.arange(8), ctx, torch.Generator().manual_seed(1))
-    assert soft is not None and not torch.equal(mixed_x, x)
+    criterion = Criterion(distillation=Distillation(1.0, 2.0, teachers=tuple(teachers)))
+    mixed_x, targets = mix_batch(x, criterion.targets(y, torch.arange(8)), 1.0, 0.0, torch.Generator().manual_seed(1))
+    assert not torch.equal(mixed_x, x)
+    student = torch.randn(8, 7)
     with torch.no_grad():
-        torch.testing.assert_close(soft, torch.softmax(teachers[0](mixed_x) / 2.0, 1))
+        soft = torch.softmax(teachers[0](mixed_x) / 2.0, 1)
+    # KL(soft || softmax(student / T)) T^2, the mean over the batch, written out.
+    expected = (soft * (soft.log() - torch.log_softmax(student / 2.0, 1))).sum(1).mean() * 4
+    torch.testing.assert_close(criterion(student, targets, mixed_x), expected)
 
 
 def test_online_teaching_refuses_a_teacher_normalised_otherwise(tmp_path: Path) -> None:
@@ -129,16 +136,19 @@ def test_mixup_mixes_the_soft_targets_with_the_labels_partner_and_weight() -> No
     x = torch.randn(8, 1, 48, 48)
     y = torch.arange(8) % 7
     soft = torch.softmax(torch.randn(8, 7), 1)
-    ctx = StepContext(torch.device("cpu"), AugmentConfig(), None, False, mixup=1.0, soft_targets=soft)
-    mixed_x, hard, mixed_soft = _mixed_targets(x, y, torch.arange(8), ctx, torch.Generator().manual_seed(1))
-    assert mixed_soft is not None
+    criterion = Criterion(distillation=Distillation(0.5, 1.0, cached=soft))
+    mixed_x, mixed = mix_batch(x, criterion.targets(y, torch.arange(8)), 1.0, 0.0, torch.Generator().manual_seed(1))
+    hard, mixed_soft = mixed[:, :7], mixed[:, 7:]
     one_hot = F.one_hot(y, 7).float()
     # Whatever lambda and partners mixup drew, the same ones mixed the images, the labels and the soft targets.
+    matched = 0
     for i in range(8):
         for j in range(8):
-            for lam in (hard[i] @ one_hot[i],):
-                if torch.allclose(mixed_x[i], lam * x[i] + (1 - lam) * x[j], atol=1e-5):
-                    torch.testing.assert_close(mixed_soft[i], lam * soft[i] + (1 - lam) * soft[j])
+            lam = hard[i] @ one_hot[i]
+            if i != j and torch.allclose(mixed_x[i], lam * x[i] + (1 - lam) * x[j], atol=1e-5):
+                torch.testing.assert_close(mixed_soft[i], lam * soft[i] + (1 - lam) * soft[j])
+                matched += 1
+    assert matched >= 4
 
 
 def test_cli_teacher_is_repeatable(capsys: pytest.CaptureFixture[str]) -> None:

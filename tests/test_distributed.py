@@ -191,10 +191,10 @@ def test_torchrun_weights_load_and_score_what_training_reported(runs: dict[str, 
         report = json.loads((runs[run] / "test_metrics.json").read_text())
         assert report["best_epoch"] == meta.epoch and report["num_images"] == 210
         test = compute_metrics(predict_logits(model, data["test"].images), data["test"].labels)
-        assert test["accuracy"] == report["accuracy"]
+        assert test.accuracy == report["accuracy"]
         last, _ = load_model(runs[run] / "last.safetensors")
         val = compute_metrics(predict_logits(last, data["val"].images), data["val"].labels)
-        assert val["accuracy"] == read_metrics_csv(runs[run] / "metrics.csv")[-1]["val_acc"]
+        assert val.accuracy == read_metrics_csv(runs[run] / "metrics.csv")[-1]["val_acc"]
 
 
 @pytest.mark.slow

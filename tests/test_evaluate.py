@@ -33,27 +33,27 @@ CLASSES = ("a", "b", "c")
 
 def test_compute_metrics_by_hand() -> None:
     metrics = compute_metrics(torch.tensor(LOGITS), np.array(TARGETS), CLASSES)
-    assert metrics["num_images"] == 6
-    assert metrics["accuracy"] == pytest.approx(3 / 6)
+    assert metrics.num_images == 6
+    assert metrics.accuracy == pytest.approx(3 / 6)
     # Mean of -log softmax(logits)[target], written out.
     nll = [-(row[t] - math.log(sum(math.exp(v) for v in row))) for row, t in zip(LOGITS, TARGETS, strict=True)]
-    assert metrics["loss"] == pytest.approx(sum(nll) / 6, rel=1e-6)
-    assert metrics["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [1, 0, 0]]
+    assert metrics.loss == pytest.approx(sum(nll) / 6, rel=1e-6)
+    assert metrics.confusion_matrix == [[2, 1, 0], [1, 1, 0], [1, 0, 0]]
     expected = {
         # precision = TP / predicted, recall = TP / actual, F1 = 2PR / (P + R)
         "a": (2 / 4, 2 / 3, 4 / 7, 3),
         "b": (1 / 2, 1 / 2, 1 / 2, 2),
         "c": (0.0, 0.0, 0.0, 1),  # never predicted: precision 0, not NaN
     }
-    assert list(metrics["per_class"]) == list(CLASSES)
+    assert list(metrics.per_class) == list(CLASSES)
     for name, (precision, recall, f1, support) in expected.items():
-        got = metrics["per_class"][name]
+        got = metrics.per_class[name]
         assert got["precision"] == pytest.approx(precision)
         assert got["recall"] == pytest.approx(recall)
         assert got["f1"] == pytest.approx(f1)
         assert got["support"] == support
-    assert metrics["macro_f1"] == pytest.approx((4 / 7 + 1 / 2 + 0) / 3)
-    json.dumps(metrics, allow_nan=False)  # plain JSON types, no NaN anywhere
+    assert metrics.macro_f1 == pytest.approx((4 / 7 + 1 / 2 + 0) / 3)
+    json.dumps(metrics.to_dict(), allow_nan=False)  # plain JSON types, no NaN anywhere
 
 
 def test_classes_absent_from_a_split_score_zero_not_nan() -> None:
@@ -61,14 +61,14 @@ def test_classes_absent_from_a_split_score_zero_not_nan() -> None:
     logits = torch.full((2, 7), -1.0)
     logits[:, EMOTIONS.index("happy")] = 4.0
     metrics = compute_metrics(logits, np.array([3, 3]))
-    assert metrics["accuracy"] == 1.0
-    assert metrics["loss"] == pytest.approx(-math.log(math.exp(4) / (math.exp(4) + 6 * math.exp(-1))))
-    assert metrics["per_class"]["happy"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    assert metrics.accuracy == 1.0
+    assert metrics.loss == pytest.approx(-math.log(math.exp(4) / (math.exp(4) + 6 * math.exp(-1))))
+    assert metrics.per_class["happy"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
     for name in EMOTIONS:
         if name != "happy":
-            assert metrics["per_class"][name] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert metrics["macro_f1"] == pytest.approx(1 / 7)
-    json.dumps(metrics, allow_nan=False)
+            assert metrics.per_class[name] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics.macro_f1 == pytest.approx(1 / 7)
+    json.dumps(metrics.to_dict(), allow_nan=False)
 
 
 def test_confusion_matrix_is_true_by_predicted() -> None:
@@ -107,38 +107,54 @@ def test_predict_logits_edge_cases(model_and_faces: tuple[torch.nn.Module, np.nd
 def test_evaluate_weights_on_a_run_folder(run_copy: Path, small_root: Path, small_data: FerData) -> None:
     for figure in ("curves.png", "confusion_matrix_test.png"):
         (run_copy / figure).unlink()
+    before = sorted(p.name for p in run_copy.iterdir())
     report = evaluate_weights(str(run_copy), str(small_root), split="test", views=1)
-    assert {"accuracy", "loss", "per_class", "confusion_matrix", "num_images", "macro_f1"} <= report.keys()
-    assert report["weights"] == str(run_copy / "best.safetensors")
-    assert report["arch"] == "refcnn" and report["split"] == "test" and report["views"] == 1
-    assert report["num_images"] == 42
-    assert 0.0 <= report["accuracy"] <= 1.0
-    assert report["accuracy"] * 42 == pytest.approx(round(report["accuracy"] * 42))
-    assert list(report["per_class"]) == list(EMOTIONS)
-    assert [report["per_class"][c]["support"] for c in EMOTIONS] == [6] * 7
-    assert np.trace(report["confusion_matrix"]) == round(report["accuracy"] * 42)
+    assert {"accuracy", "loss", "per_class", "confusion_matrix", "num_images", "macro_f1"} <= report.to_dict().keys()
+    assert report.weights == str(run_copy / "best.safetensors")
+    assert report.arch == "refcnn" and report.split == "test" and report.views == 1
+    assert report.num_images == 42
+    assert 0.0 <= report.accuracy <= 1.0
+    assert report.accuracy * 42 == pytest.approx(round(report.accuracy * 42))
+    assert list(report.per_class) == list(EMOTIONS)
+    assert [report.per_class[c]["support"] for c in EMOTIONS] == [6] * 7
+    assert np.trace(report.confusion_matrix) == round(report.accuracy * 42)
     # The same numbers as training's one look at the test split, and as scoring the weights by hand.
     trained = json.loads((run_copy / "test_metrics.json").read_text())
-    assert report["accuracy"] == trained["accuracy"]
-    assert report["loss"] == pytest.approx(trained["loss"], abs=1e-6)
+    assert report.accuracy == trained["accuracy"]
+    assert report.loss == pytest.approx(trained["loss"], abs=1e-6)
     model, _ = load_model(run_copy / "best.safetensors")
     by_hand = compute_metrics(predict_logits(model, small_data["test"].images), small_data["test"].labels)
-    assert report["confusion_matrix"] == by_hand["confusion_matrix"]
-    # Figures go to the run folder, next to its metrics.csv.
-    assert sorted(report["figures"]) == sorted([str(run_copy / "confusion_matrix_test.png"),
-                                               str(run_copy / "reliability_test.png"), str(run_copy / "curves.png")])
-    for figure in report["figures"]:
+    assert report.confusion_matrix == by_hand.confusion_matrix
+    # Figures only where asked: none without a folder, not even beside the run's metrics.csv.
+    assert report.figures == [] and report.to_dict()["figures"] == []
+    assert sorted(p.name for p in run_copy.iterdir()) == before
+    asked = evaluate_weights(str(run_copy), str(small_root), split="test", views=1, figures_dir=str(run_copy))
+    assert sorted(asked.figures) == sorted([str(run_copy / "confusion_matrix_test.png"),
+                                            str(run_copy / "reliability_test.png"), str(run_copy / "curves.png")])
+    for figure in asked.figures:
         assert Path(figure).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    json.dumps(report, allow_nan=False)
+    json.dumps(asked.to_dict(), allow_nan=False)
+
+
+def test_the_report_as_json_keeps_its_keys_in_order(run_copy: Path, small_root: Path) -> None:
+    """`ferkit evaluate --json` (and the docs/results files made with it): the same keys, in the same order, as
+    before the report became a dataclass; the optional parts (corruptions, FER+) only where computed."""
+    report = evaluate_weights(str(run_copy), str(small_root), split="val").to_dict()
+    assert list(report) == [
+        "accuracy", "balanced_accuracy", "loss", "ece", "num_images", "macro_f1", "per_class", "confusion_matrix",
+        "ece_at_temperature_1", "priors", "default_prior", "weights", "arch", "data_labels", "classes", "split",
+        "views", "prior", "temperature", "calibration_map", "figures"]
+    assert list(report["priors"]["train"]) == ["accuracy", "balanced_accuracy", "macro_f1", "loss", "ece",
+                                               "ece_uniform_mix"]
 
 
 def test_evaluate_weights_on_val_into_another_folder(run_copy: Path, small_root: Path, tmp_path: Path) -> None:
     report = evaluate_weights(str(run_copy / "last.safetensors"), str(small_root), split="val",
                               figures_dir=str(tmp_path / "figures"))
-    assert report["split"] == "val" and report["num_images"] == 42
+    assert report.split == "val" and report.num_images == 42
     history = [line.split(",") for line in (run_copy / "metrics.csv").read_text().splitlines()]
     val_acc = float(history[-1][history[0].index("val_acc")])
-    assert report["accuracy"] == pytest.approx(val_acc, abs=1e-9)  # last.safetensors = the last epoch
+    assert report.accuracy == pytest.approx(val_acc, abs=1e-9)  # last.safetensors = the last epoch
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["confusion_matrix_val.png", "curves.png",
                                                                           "reliability_val.png"]
 
@@ -154,8 +170,8 @@ SHIPPED_MODEL_FLOOR = {"ferkit-refcnn": 0.6333, "ferkit-resnet": 0.7175, "ferkit
 @pytest.mark.parametrize("name", sorted(SHIPPED_MODEL_FLOOR))
 def test_shipped_models_keep_their_test_accuracy(name: str, data_root: Path, tmp_path: Path) -> None:
     report = evaluate_weights(name, str(data_root), split="test", figures_dir=str(tmp_path), device="cpu")
-    assert report["num_images"] == 3589
-    assert report["accuracy"] >= SHIPPED_MODEL_FLOOR[name], f"{name}: {report['accuracy']:.4f}"
+    assert report.num_images == 3589
+    assert report.accuracy >= SHIPPED_MODEL_FLOOR[name], f"{name}: {report.accuracy:.4f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,13 +185,13 @@ def test_balanced_accuracy_and_ece_by_hand() -> None:
     report = compute_metrics(logits, targets)
     predictions = logits.argmax(1).numpy()
     recalls = [(predictions[targets == k] == k).mean() for k in range(7)]
-    assert report["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    assert report.balanced_accuracy == pytest.approx(np.mean(recalls))
     probabilities = torch.softmax(logits, 1).numpy()
     confidence, correct = probabilities.max(1), predictions == targets
     bins = np.minimum((confidence * 15).astype(int), 14)  # 15 equal-width bins of the top confidence
     ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
               for b in range(15) if (bins == b).any())
-    assert report["ece"] == pytest.approx(ece, abs=1e-5)
+    assert report.ece == pytest.approx(ece, abs=1e-5)
 
 
 def _nll(logits: torch.Tensor, labels: np.ndarray) -> float:
@@ -206,10 +222,10 @@ def test_calibrate_stores_a_temperature_that_evaluate_then_uses(run_copy: Path, 
     assert meta.preprocessing.temperature == result["temperature"] != 1.0
     assert meta.preprocessing.calibration_matrix is None and result["cross_validation"] is None
     after = evaluate_weights(str(tmp_path / "calibrated.safetensors"), str(small_root), figures_dir=str(tmp_path))
-    assert after["accuracy"] == before["accuracy"]  # a temperature never changes a label
-    assert after["confusion_matrix"] == before["confusion_matrix"]
-    assert after["temperature"] == result["temperature"] and after["ece_at_temperature_1"] == before["ece"]
-    assert str(tmp_path / "reliability_test.png") in after["figures"]
+    assert after.accuracy == before.accuracy  # a temperature never changes a label
+    assert after.confusion_matrix == before.confusion_matrix
+    assert after.temperature == result["temperature"] and after.ece_at_temperature_1 == before.ece
+    assert str(tmp_path / "reliability_test.png") in after.figures
 
 
 def test_the_uniform_prior_is_logit_adjustment(tiny_run: Path, small_root: Path, small_data: FerData,
@@ -221,8 +237,8 @@ def test_the_uniform_prior_is_logit_adjustment(tiny_run: Path, small_root: Path,
     uniform = evaluate_weights(str(tiny_run), str(small_root), figures_dir=str(tmp_path), prior="uniform")
     logits = predict_logits(model, small_data["test"].images).numpy() - np.log(prior)
     by_hand = compute_metrics(torch.from_numpy(logits).float(), small_data["test"].labels)
-    assert uniform["prior"] == "uniform" and uniform["confusion_matrix"] == by_hand["confusion_matrix"]
-    assert uniform["balanced_accuracy"] == pytest.approx(by_hand["balanced_accuracy"])
+    assert uniform.prior == "uniform" and uniform.confusion_matrix == by_hand.confusion_matrix
+    assert uniform.balanced_accuracy == pytest.approx(by_hand.balanced_accuracy)
 
 
 @pytest.mark.parametrize("family", ["vector", "matrix"])
@@ -247,8 +263,8 @@ def test_calibrate_stores_a_map_that_lowers_validation_nll_and_keeps_shapes_and_
     by_hand = compute_metrics(torch.from_numpy(z @ matrix.T + np.array(meta.preprocessing.calibration_bias)).float(),
                               small_data["test"].labels)
     report = evaluate_weights(str(out), str(small_root), figures_dir=str(tmp_path))
-    assert report["calibration_map"] and report["confusion_matrix"] == by_hand["confusion_matrix"]
-    assert report["ece"] == pytest.approx(by_hand["ece"], abs=1e-6)
+    assert report.calibration_map and report.confusion_matrix == by_hand.confusion_matrix
+    assert report.ece == pytest.approx(by_hand.ece, abs=1e-6)
 
 
 def test_the_shipped_default_map_lowers_publictest_nll_and_keeps_the_class_order(data_root: Path) -> None:
@@ -280,7 +296,7 @@ def test_calibration_error_is_torchmetrics_unweighted_and_reweights_to_a_uniform
     logits = torch.from_numpy(rng.normal(0, 2, (len(targets), 7)) + 2 * np.eye(7)[targets]).float()
     probabilities = torch.softmax(logits, 1).numpy()
     assert calibration_error(probabilities, targets) == pytest.approx(
-        compute_metrics(logits, targets)["ece"], abs=1e-6)
+        compute_metrics(logits, targets).ece, abs=1e-6)
     weights = uniform_mix_weights(targets, 7)
     assert weights[targets == 0].sum() == pytest.approx(1.0) and weights.sum() == pytest.approx(7.0)
     # Weighting each face by 1 / its class count is the plain ECE of the split with each class repeated up to
@@ -290,3 +306,49 @@ def test_calibration_error_is_torchmetrics_unweighted_and_reweights_to_a_uniform
         calibration_error(probabilities[repeated], targets[repeated]), abs=1e-12)
     assert calibration_error(probabilities, targets, weights) != pytest.approx(calibration_error(probabilities,
                                                                                                  targets))
+
+
+def test_on_ferplus_data_the_model_runs_once_over_all_faces(small_data: FerData,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """FER+'s majority protocol scores the faces of a split that have a majority, the votes score them all: one
+    pass over all the faces gives both."""
+    import ferkit.inference as inference
+    from ferkit.data import Split
+    from ferkit.evaluate import split_logits
+    from ferkit.ferplus import with_label_scheme
+
+    rng = np.random.default_rng(0)
+
+    def votes(n: int) -> np.ndarray:
+        counts = np.zeros((n, 10), np.int64)
+        counts[np.arange(n), rng.integers(0, 8, n)] += 6  # a majority of 6 of 8 to 10 votes...
+        counts[np.arange(n), rng.integers(0, 8, n)] += rng.integers(2, 5, n)
+        counts[::3, :2] = 5  # ...except every third face: a tie of 5 and 5, which the majority drops
+        counts[::3, 2:] = 0
+        return counts
+
+    splits = {name: Split(part.images, part.labels, part.names, votes=votes(len(part)))
+              for name, part in small_data.splits.items()}
+    data = with_label_scheme(dataclasses.replace(small_data, splits=splits), "ferplus-distribution")
+    assert data.all_faces is not None
+    real = inference.predict_logits
+    calls: list[int] = []
+
+    def counted(model: torch.nn.Module, images: np.ndarray, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(len(images))
+        return real(model, images, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inference, "predict_logits", counted)
+    torch.manual_seed(0)
+    model = create_model("refcnn", 8).eval()
+    cpu = torch.device("cpu")
+    scored, every = split_logits(model, data, "test", cpu, 16, inference.DEFAULT_PREPROCESSING)
+    assert calls == [len(data.all_faces["test"])] == [len(small_data["test"])]
+    assert every is not None and 0 < len(scored) == len(data["test"]) < len(every)
+    np.testing.assert_allclose(scored, real(model, data["test"].images).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(every, real(model, small_data["test"].images).numpy(), rtol=0, atol=1e-5)
+    # The training split under the distribution scheme keeps other faces than the majority: scored on its own.
+    calls.clear()
+    train, _ = split_logits(model, data, "train", cpu, 16, inference.DEFAULT_PREPROCESSING)
+    assert calls == [len(small_data["train"]), len(data["train"])]
+    np.testing.assert_allclose(train, real(model, data["train"].images).numpy(), rtol=0, atol=1e-5)

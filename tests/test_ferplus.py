@@ -300,12 +300,13 @@ def test_evaluate_scores_across_vocabularies(ferplus_run: Path, tmp_path: Path) 
     fer2013_on_ferplus = evaluate_weights("ferkit-refcnn", str(FERPLUS_ROOT), "test", figures_dir=str(tmp_path),
                                           device="cpu")
     # FER+'s majority faces less the 16 whose majority is contempt, which a FER-2013 model cannot name
-    assert fer2013_on_ferplus["num_images"] == 3152 - 16 == fer2013_on_ferplus["ferplus"]["majority_faces"]
-    assert fer2013_on_ferplus["classes"] == ["neutral", "happy", "surprise", "sad", "angry", "disgust", "fear"]
+    assert fer2013_on_ferplus.ferplus is not None
+    assert fer2013_on_ferplus.num_images == 3152 - 16 == fer2013_on_ferplus.ferplus.majority_faces
+    assert fer2013_on_ferplus.classes == ["neutral", "happy", "surprise", "sad", "angry", "disgust", "fear"]
     ferplus_on_fer2013 = evaluate_weights(str(ferplus_run / "best.safetensors"), str(DATA_ROOT), "test",
                                           figures_dir=str(tmp_path), device="cpu")
-    assert ferplus_on_fer2013["num_images"] == 3589 and ferplus_on_fer2013["classes"] == list(EMOTIONS)
-    assert "ferplus" not in ferplus_on_fer2013
+    assert ferplus_on_fer2013.num_images == 3589 and ferplus_on_fer2013.classes == list(EMOTIONS)
+    assert ferplus_on_fer2013.ferplus is None and "ferplus" not in ferplus_on_fer2013.to_dict()
 
 
 def test_cli_data_info_prints_the_vote_statistics(capsys: pytest.CaptureFixture[str]) -> None:

@@ -174,7 +174,7 @@ def test_record_writes_the_figures_to_its_output(tiny_root: Path, tmp_path: Path
     out = tmp_path / "recorded.safetensors"
     report = evaluate.evaluate_weights("ferkit-refcnn", str(tiny_root), "test", figures_dir=str(tmp_path),
                                        device="cpu", record=True, output=str(out))
-    assert read_meta(out).metrics["test_acc"] == report["accuracy"]
+    assert read_meta(out).metrics["test_acc"] == report.accuracy
     assert read_meta(PACKAGE / "weights" / "ferkit-refcnn.safetensors").metrics["test_acc"] > 0.6
 
 

@@ -32,6 +32,7 @@ from ferkit.data import FerData
 from ferkit.evaluate import compute_metrics, evaluate_weights
 from ferkit.inference import DEFAULT_PREPROCESSING, make_views, predict_logits, preprocess, to_tensor
 from ferkit.labels import EMOTIONS, NUM_CLASSES
+from ferkit.losses import Criterion
 from ferkit.models import create_model, list_models
 from ferkit.runs import read_checkpoint
 from ferkit.train import (
@@ -250,12 +251,12 @@ def test_shift_pixels_translates_by_whole_pixels_up_to_the_limit_with_black_fill
 
 def _loss_of_one_step(model: nn.Module, images: np.ndarray, labels: np.ndarray, **loss_options: Any) -> float:
     """The loss train_one_epoch computes on one batch of `images`, before its optimiser step."""
-    ctx = StepContext(CPU, PLAIN, None, False, **loss_options)
+    ctx = StepContext(CPU, PLAIN, None, False)
     trained = copy.deepcopy(model)  # leaves `model` untouched
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.0)
     torch.manual_seed(11)  # the dropout masks
-    stats = train_one_epoch(trained, optimizer, to_tensor(images), torch.from_numpy(labels), ctx, len(labels),
-                            torch.Generator().manual_seed(0), order=torch.arange(len(labels)))
+    stats = train_one_epoch(trained, Criterion(**loss_options), optimizer, to_tensor(images), torch.from_numpy(labels),
+                            ctx, len(labels), torch.Generator().manual_seed(0), order=torch.arange(len(labels)))
     return stats["loss"]
 
 
@@ -445,31 +446,36 @@ def test_fit_hands_every_option_to_the_training_step(
 ) -> None:
     seen: dict[str, Any] = {}
 
-    def first_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+    def first_epoch(model: nn.Module, criterion: Criterion, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                     labels: torch.Tensor, ctx: StepContext, batch_size: int, *args: Any, **kwargs: Any) -> None:
-        seen.update(model=model, optimizer=optimizer, labels=labels, ctx=ctx, batch_size=batch_size)
+        seen.update(model=model, criterion=criterion, optimizer=optimizer, labels=labels, ctx=ctx,
+                    batch_size=batch_size)
         raise _Stop
 
     monkeypatch.setattr(train_module, "train_one_epoch", first_epoch)
     with pytest.raises(_Stop):
         fit(TrainConfig(run_dir=str(tmp_path / "a"), limit_train=100, device="cpu"), small_data)
-    ctx = seen["ctx"]
-    assert ctx.augment == AugmentConfig(hflip=True, rotate_degrees=10.0, shift_pixels=0, erasing=0.0)
-    assert (ctx.mixup, ctx.cutmix, ctx.label_smoothing) == (0, 0, 0)
-    assert ctx.class_weights is None and ctx.ema is None
+    ctx, criterion = seen["ctx"], seen["criterion"]
+    assert ctx.augment == AugmentConfig(hflip=True, rotate_degrees=10.0, shift_pixels=0, erasing=0.0, mixup=0.0,
+                                        cutmix=0.0)
+    assert criterion == Criterion(num_classes=7, label_smoothing=0.0, class_weights=None, distributions=None,
+                                  distillation=None)
+    assert ctx.ema is None
     assert ctx.step_scheduler is None  # plateau steps once an epoch, on the validation loss
     assert seen["batch_size"] == 64 and type(seen["optimizer"]) is torch.optim.Adam
 
-    config = TrainConfig(run_dir=str(tmp_path / "b"), limit_train=100, device="cpu", batch_size=16, hflip=False,
-                         rotate_degrees=5, shift_pixels=2, erasing=0.3, mixup=0.2, cutmix=0.5, label_smoothing=0.1,
-                         class_weights=True, ema_decay=0.9, schedule="cosine", optimizer="sgd", lr=0.05)
+    config = TrainConfig.from_dict(dict(
+        run_dir=str(tmp_path / "b"), limit_train=100, device="cpu", batch_size=16, hflip=False, rotate_degrees=5,
+        shift_pixels=2, erasing=0.3, mixup=0.2, cutmix=0.5, label_smoothing=0.1, class_weights=True, ema_decay=0.9,
+        schedule="cosine", optimizer="sgd", lr=0.05))
     with pytest.raises(_Stop):
         fit(config, small_data)
-    ctx = seen["ctx"]
-    assert ctx.augment == AugmentConfig(hflip=False, rotate_degrees=5, shift_pixels=2, erasing=0.3)
-    assert (ctx.mixup, ctx.cutmix, ctx.label_smoothing) == (0.2, 0.5, 0.1)
+    ctx, criterion = seen["ctx"], seen["criterion"]
+    assert ctx.augment == AugmentConfig(hflip=False, rotate_degrees=5, shift_pixels=2, erasing=0.3, mixup=0.2,
+                                        cutmix=0.5)
+    assert criterion.label_smoothing == 0.1 and criterion.distillation is None
     assert len(seen["labels"]) == 100
-    torch.testing.assert_close(ctx.class_weights, _class_weights(seen["labels"].numpy()))
+    torch.testing.assert_close(criterion.class_weights, _class_weights(seen["labels"].numpy()))
     assert isinstance(ctx.step_scheduler, torch.optim.lr_scheduler.LambdaLR)
     assert type(seen["optimizer"]) is torch.optim.SGD and seen["batch_size"] == 16
     # The EMA averages the model being trained with decay 0.9: after a copy, ema += 0.1 (model - ema).
@@ -513,14 +519,14 @@ def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, smal
     model, meta = load_model(unbroken / "last.safetensors")
     assert meta.views == 10
     history = read_metrics_csv(unbroken / "metrics.csv")
-    assert compute_metrics(predict_logits(model, data["val"].images), data["val"].labels)["loss"] == pytest.approx(
+    assert compute_metrics(predict_logits(model, data["val"].images), data["val"].labels).loss == pytest.approx(
         history[-1]["val_loss"], abs=1e-4)
     best, best_meta = load_model(unbroken / "best.safetensors")
     report = json.loads((unbroken / "test_metrics.json").read_text())
     test = compute_metrics(predict_logits(best, data["test"].images, views=10), data["test"].labels)
-    assert report["views"] == 10 and report["loss"] == pytest.approx(test["loss"], abs=1e-6)
+    assert report["views"] == 10 and report["loss"] == pytest.approx(test.loss, abs=1e-6)
     assert report["loss"] != pytest.approx(compute_metrics(predict_logits(best, data["test"].images),
-                                                           data["test"].labels)["loss"], abs=1e-6)
+                                                           data["test"].labels).loss, abs=1e-6)
     if best_meta.epoch == 2:
         assert all(torch.equal(t, ema[f"module.{n}"]) for n, t in load_file(unbroken / "best.safetensors").items())
 
@@ -590,14 +596,14 @@ def test_evaluate_uses_the_views_in_the_weights(run_copy: Path, small_root: Path
     assert read_meta(run_copy / "best.safetensors").views == 2
     test = small_data["test"]
     auto = evaluate_weights(str(run_copy), str(small_root), figures_dir=str(run_copy / "figures"))
-    assert auto["views"] == 2
+    assert auto.views == 2
     flip = compute_metrics(predict_logits(model, test.images, views=2), test.labels)
-    assert auto["loss"] == pytest.approx(flip["loss"], abs=1e-6) and auto["accuracy"] == flip["accuracy"]
+    assert auto.loss == pytest.approx(flip.loss, abs=1e-6) and auto.accuracy == flip.accuracy
     forced = evaluate_weights(str(run_copy), str(small_root), figures_dir=str(run_copy / "figures"), views=1)
-    assert forced["views"] == 1
-    assert forced["loss"] == pytest.approx(compute_metrics(predict_logits(model, test.images), test.labels)["loss"],
+    assert forced.views == 1
+    assert forced.loss == pytest.approx(compute_metrics(predict_logits(model, test.images), test.labels).loss,
                                            abs=1e-6)
-    assert forced["loss"] != pytest.approx(auto["loss"], abs=1e-5)
+    assert forced.loss != pytest.approx(auto.loss, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,20 +617,20 @@ def test_the_reference_preset_is_the_reference_recipe() -> None:
                      plateau_factor=0.5, plateau_patience=2, epochs=50, batch_size=64, hflip=True,
                      rotate_degrees=10.0, shift_pixels=0, erasing=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                      class_weights=False, ema_decay=0.0, views=1, limit_train=0, preset="reference")
-    assert {k: getattr(seed, k) for k in reference} == reference
+    assert {k: seed.to_dict()[k] for k in reference} == reference
 
 
 @pytest.mark.parametrize("name", ["fast", "accurate", "student"])
 def test_other_presets_change_the_recipe_and_flags_override_them(name: str) -> None:
     config = TrainConfig.from_preset(name)
     assert config.preset == name
-    assert PRESETS[name] and {k: getattr(config, k) for k in PRESETS[name]} == PRESETS[name]
-    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(TrainConfig(),
-                                                                                                     f.name)}
-    assert changed == {k for k, v in PRESETS[name].items() if v != getattr(TrainConfig(), k)} | {"preset"}
+    values, defaults = config.to_dict(), TrainConfig().to_dict()
+    assert PRESETS[name] and {k: values[k] for k in PRESETS[name]} == PRESETS[name]
+    changed = {k for k, v in values.items() if v != defaults[k]}
+    assert changed == {k for k, v in PRESETS[name].items() if v != defaults[k]} | {"preset"}
     assert {"lr", "schedule", "optimizer", "epochs"} <= changed
     overridden = TrainConfig.from_preset(name, lr=0.123, epochs=2, hflip=False, run_dir="x")
-    assert (overridden.lr, overridden.epochs, overridden.hflip, overridden.run_dir) == (0.123, 2, False, "x")
+    assert (overridden.lr, overridden.epochs, overridden.augment.hflip, overridden.run_dir) == (0.123, 2, False, "x")
     assert overridden.schedule == PRESETS[name]["schedule"] and overridden.optimizer == PRESETS[name]["optimizer"]
     with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of: reference, fast, accurate, student"):
         TrainConfig.from_preset("fastest")
@@ -639,9 +645,9 @@ def test_cli_preset_fast_trains_with_its_values_and_flags_win(
     out = capsys.readouterr().out
     assert code == 0 and "(fast preset)" in out
     saved = read_checkpoint(run / "checkpoint.safetensors")["config"]
-    expected = dataclasses.asdict(TrainConfig.from_preset(
+    expected = TrainConfig.from_preset(
         "fast", data=str(tiny_root), run_dir=str(run), epochs=1, limit_train=14, lr=0.002, hflip=False, progress=False,
-        device="cpu"))
+        device="cpu").to_dict()
     assert saved == expected
     # The preset's values are in force, the flags on top of them.
     assert (saved["optimizer"], saved["schedule"], saved["batch_size"], saved["weight_decay"]) == (
@@ -666,9 +672,9 @@ def test_every_architecture_takes_a_training_step_on_real_faces(
     model = create_model(arch).to(memory_format=torch.channels_last)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = build_optimizer(TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05), model)
-    ctx = StepContext(CPU, AugmentConfig(), autocast_dtype(CPU, True), True, label_smoothing=0.1)
-    stats = train_one_epoch(model, optimizer, to_tensor(images[:16]), torch.from_numpy(labels[:16]), ctx, 16,
-                            torch.Generator().manual_seed(0))
+    ctx = StepContext(CPU, AugmentConfig(), autocast_dtype(CPU, True), True)
+    stats = train_one_epoch(model, Criterion(label_smoothing=0.1), optimizer, to_tensor(images[:16]),
+                            torch.from_numpy(labels[:16]), ctx, 16, torch.Generator().manual_seed(0))
     assert math.isfinite(stats["loss"]) and stats["loss"] == pytest.approx(math.log(7), abs=1.0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

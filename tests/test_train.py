@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from ferkit.cli import main as cli_main
 from ferkit.data import FerData
 from ferkit.evaluate import compute_metrics
 from ferkit.inference import predict_logits, preprocess, to_tensor
+from ferkit.losses import Criterion
 from ferkit.models import create_model
 from ferkit.runs import read_checkpoint, read_metrics_csv
 from ferkit.train import StepContext, TrainConfig, autocast_dtype, fit, train_one_epoch
@@ -48,7 +50,7 @@ def test_training_steps_on_real_faces_lower_the_loss(small_data: FerData) -> Non
     x = preprocess(train.images[index])
     before = _train_mode_loss(model, x, labels)
     generator = torch.Generator().manual_seed(0)
-    stats = [train_one_epoch(model, optimizer, images, labels, ctx, 32, generator) for _ in range(4)]
+    stats = [train_one_epoch(model, Criterion(), optimizer, images, labels, ctx, 32, generator) for _ in range(4)]
     after = _train_mode_loss(model, x, labels)
     assert after < before - 0.1, (before, after)
     assert before == pytest.approx(np.log(7), abs=0.6)  # an untrained model is close to uniform
@@ -85,8 +87,8 @@ def test_a_run_writes_every_file(tiny_run: Path, small_data: FerData) -> None:
     last, last_meta = load_model(tiny_run / "last.safetensors")
     assert last_meta.epoch == 2 and last_meta.arch == "refcnn" and last_meta.data_source == small_data.source
     val = compute_metrics(predict_logits(last, small_data["val"].images), small_data["val"].labels)
-    assert val["accuracy"] == pytest.approx(history[-1]["val_acc"], abs=1e-9)
-    assert val["loss"] == pytest.approx(history[-1]["val_loss"], abs=1e-4)
+    assert val.accuracy == pytest.approx(history[-1]["val_acc"], abs=1e-9)
+    assert val.loss == pytest.approx(history[-1]["val_loss"], abs=1e-4)
     for name, tensor in checkpoint["model"].items():
         torch.testing.assert_close(load_file(tiny_run / "last.safetensors")[name], tensor, rtol=0, atol=0)
 
@@ -98,8 +100,8 @@ def test_a_run_writes_every_file(tiny_run: Path, small_data: FerData) -> None:
     report = json.loads((tiny_run / "test_metrics.json").read_text())
     test = compute_metrics(predict_logits(best, small_data["test"].images), small_data["test"].labels)
     assert report["num_images"] == 42 and report["best_epoch"] == best_epoch
-    assert report["accuracy"] == pytest.approx(test["accuracy"], abs=1e-9)
-    assert report["confusion_matrix"] == test["confusion_matrix"]
+    assert report["accuracy"] == pytest.approx(test.accuracy, abs=1e-9)
+    assert report["confusion_matrix"] == test.confusion_matrix
     assert sum(map(sum, report["confusion_matrix"])) == 42
 
 
@@ -427,13 +429,51 @@ def test_validate_names_every_problem_and_checks_types() -> None:
     with pytest.raises(ValueError, match="--epochs must be a whole number"):
         TrainConfig(epochs=2.5).validate()  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--hflip must be true or false"):
-        TrainConfig(hflip="no").validate()  # type: ignore[arg-type]
+        TrainConfig(augment=AugmentConfig(hflip="no")).validate()  # type: ignore[arg-type]
     TrainConfig().validate()
     for name in ("reference", "fast", "accurate", "student"):
         TrainConfig.from_preset(name).validate()
     # From Python as from the CLI, a device this machine lacks is refused with the devices it has.
     with pytest.raises(ValueError, match=r"device 'gpu' is not a device ferkit runs on.*this machine has: .*cpu"):
         TrainConfig(device="gpu").validate()
+
+
+RECORDED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob("*/config.json"))
+
+
+@pytest.mark.parametrize("path", RECORDED_CONFIGS, ids=lambda p: p.parent.name)
+def test_configs_recorded_before_augment_held_its_options_still_load(path: Path) -> None:
+    """config.json (and checkpoints, and the weights' recipe) record one flat value per option, as they did when
+    TrainConfig repeated AugmentConfig's fields: old records load, resume and record back the same values."""
+    from ferkit.train import Distributed, _check_unchanged, upgrade_config
+
+    recorded = upgrade_config(json.loads(path.read_text())["config"])
+    config = TrainConfig.from_dict(recorded)
+    assert config.augment.hflip == recorded["hflip"] and config.augment.erasing == recorded["erasing"]
+    assert config.augment.mixup == recorded["mixup"]
+    again = config.to_dict()
+    assert {k: again[k] for k in recorded} == recorded
+    _check_unchanged({"config": recorded, "epoch": 1}, config, Distributed(), path)  # resumable: nothing changed
+
+
+def test_augmentation_flags_keep_their_names_and_fill_the_nested_config() -> None:
+    from ferkit import cli
+
+    args = cli.build_parser().parse_args(["train", "--preset", "fast", "--erasing", "0.3", "--blur", "0.2",
+                                          "--mixup", "0.1", "--no-hflip", "--lr", "0.01"])
+    options = cli.given_options(TrainConfig, args)
+    assert options == {"preset": "fast", "erasing": 0.3, "blur": 0.2, "mixup": 0.1, "hflip": False, "lr": 0.01}
+    config = TrainConfig.from_preset(options.pop("preset"), **options)
+    assert config.augment == AugmentConfig(hflip=False, rotate_degrees=10.0, shift_pixels=3, erasing=0.3, blur=0.2,
+                                           mixup=0.1)  # shift_pixels 3: the fast preset's
+    assert config.lr == 0.01 and config.preset == "fast"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'blurr'"):
+        TrainConfig.from_preset("fast", blurr=0.2)
+    # From Python the nested form works too, flat names on top of it; dataclasses.asdict's nesting loads back.
+    nested = TrainConfig.from_preset("fast", augment=AugmentConfig(blur=0.5, noise=0.1), noise=0.2)
+    # A whole AugmentConfig replaces the preset's augmentation (its shift_pixels 3 too); flat names win over it.
+    assert (nested.augment.blur, nested.augment.noise, nested.augment.shift_pixels) == (0.5, 0.2, 0)
+    assert TrainConfig.from_dict(dataclasses.asdict(config)) == config
 
 
 def test_a_file_as_run_dir_is_refused_before_training(tmp_path: Path, small_root: Path,

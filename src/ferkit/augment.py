@@ -6,7 +6,7 @@ Normalisation comes from `ferkit.inference`, the one place that turns uint8 crop
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,21 +24,25 @@ class AugmentConfig:
     fraction (tighter or looser framing) and stretch it; `brightness`, `contrast` and `gamma` are
     +- ranges; `blur`, `noise`, `jpeg` and `downsample` are the probabilities that a face is
     blurred, gets sensor noise, is JPEG-compressed, or is shrunk to 16-40 px and enlarged again.
+    `mixup` and `cutmix` mix pairs of faces and their targets (`mix_batch`). Each field is one
+    `ferkit train` option of the same name (`TrainConfig.augment` holds this config).
     """
 
-    hflip: bool = True
-    rotate_degrees: float = 10.0
-    shift_pixels: int = 0
-    erasing: float = 0.0
-    scale_jitter: float = 0.0
-    aspect_jitter: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    gamma: float = 0.0
-    blur: float = 0.0
-    noise: float = 0.0
-    jpeg: float = 0.0
-    downsample: float = 0.0
+    hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
+    rotate_degrees: float = field(default=10.0, metadata={"help": "random rotation range, +-degrees"})
+    shift_pixels: int = field(default=0, metadata={"help": "random crop of the zero-padded image, +-pixels"})
+    erasing: float = field(default=0.0, metadata={"help": "random-erasing probability"})
+    scale_jitter: float = field(default=0.0, metadata={"help": "camera: random zoom by up to this fraction (framing)"})
+    aspect_jitter: float = field(default=0.0, metadata={"help": "camera: random width/height stretch, fraction"})
+    brightness: float = field(default=0.0, metadata={"help": "camera: random brightness, +- fraction"})
+    contrast: float = field(default=0.0, metadata={"help": "camera: random contrast, +- fraction"})
+    gamma: float = field(default=0.0, metadata={"help": "camera: random gamma, +- fraction"})
+    blur: float = field(default=0.0, metadata={"help": "camera: Gaussian-blur probability"})
+    noise: float = field(default=0.0, metadata={"help": "camera: sensor-noise probability"})
+    jpeg: float = field(default=0.0, metadata={"help": "camera: JPEG-compression probability (quality 20-80)"})
+    downsample: float = field(default=0.0, metadata={"help": "camera: shrink-to-16-40-px-and-back probability"})
+    mixup: float = field(default=0.0, metadata={"help": "mixup Beta alpha (0: off)"})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix Beta alpha (0: off)"})
 
     @property
     def geometric(self) -> bool:

@@ -20,12 +20,22 @@ from .errors import EXIT_USAGE, FerkitError, RunError, UsageError
 from .labels import SPLITS
 
 
+def option_fields(config_type: type) -> list[dataclasses.Field[Any]]:
+    """A dataclass's fields, those of a nested config (a field whose default is a dataclass, such as
+    `TrainConfig.augment`) in its place: one --option each."""
+    found: list[dataclasses.Field[Any]] = []
+    for f in dataclasses.fields(config_type):
+        nested = f.default_factory
+        found += option_fields(nested) if isinstance(nested, type) and dataclasses.is_dataclass(nested) else [f]
+    return found
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
-    """One --option per dataclass field, with its help and the reference default.
+    """One --option per dataclass field (nested configs' fields included), with its help and the reference default.
 
     Options not given stay out of the namespace, so that a preset can fill them in.
     """
-    for f in dataclasses.fields(config_type):
+    for f in option_fields(config_type):
         flag = "--" + f.name.replace("_", "-")
         default = "none" if f.default is dataclasses.MISSING else f.default
         help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
@@ -85,8 +95,8 @@ def add_views_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def given_options(config_type: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The dataclass fields that the command line set explicitly."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
+    """The options (`option_fields`) that the command line set explicitly, by name."""
+    return {f.name: getattr(args, f.name) for f in option_fields(config_type) if hasattr(args, f.name)}
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
@@ -96,28 +106,28 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     data = load_fer2013(args.data, use_cache=not args.no_cache, votes=args.votes)
     summary = summarize(data)
     if any(part.votes is not None for part in data.splits.values()):
-        summary["votes"] = vote_statistics(data)
+        summary.votes = vote_statistics(data)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary.to_dict(), indent=2))
         return 0
-    print(f"source: {summary['source']} ({summary['format']}{', from cache' if summary['from_cache'] else ''})")
-    if summary["labels"] == "votes":
+    print(f"source: {summary.source} ({summary.format}{', from cache' if summary.from_cache else ''})")
+    if summary.labels == "votes":
         print("per-class counts: each face's plurality of the FER+ votes (a face with none counts in the total only)")
-    classes = next(iter(summary["splits"].values()))["per_class"]  # type: ignore[attr-defined]
+    classes = next(iter(summary.splits.values()))["per_class"]
     header = f"{'split':<6} {'usage':<12}" + "".join(f"{name:>9}" for name in classes) + f"{'total':>9}"
     print(header)
-    for split, info in summary["splits"].items():  # type: ignore[attr-defined]
+    for split, info in summary.splits.items():
         counts = "".join(f"{n:>9}" for n in info["per_class"].values())
         print(f"{split:<6} {info['usage']:<12}{counts}{info['total']:>9}")
-    dup = summary["duplicates"]
-    print(f"converted to 48x48 grayscale: {summary['converted']}")
-    print(f"exact duplicates: {dup['groups']} groups, {dup['extra_copies']} extra copies; within splits "  # type: ignore[index]
-          f"{dup['within_split_extra_copies']}; {dup['cross_split_groups']} groups span splits "  # type: ignore[index]
-          f"{dup['cross_split_groups_by_splits']}; {dup['groups_with_conflicting_labels']} with conflicting labels")  # type: ignore[index]
-    for note in summary["notes"]:  # type: ignore[attr-defined]
+    dup = summary.duplicates
+    print(f"converted to 48x48 grayscale: {summary.converted}")
+    print(f"exact duplicates: {dup['groups']} groups, {dup['extra_copies']} extra copies; within splits "
+          f"{dup['within_split_extra_copies']}; {dup['cross_split_groups']} groups span splits "
+          f"{dup['cross_split_groups_by_splits']}; {dup['groups_with_conflicting_labels']} with conflicting labels")
+    for note in summary.notes:
         print(f"note: {note}")
-    if "votes" in summary:
-        print_vote_statistics(summary["votes"])  # type: ignore[arg-type]
+    if summary.votes is not None:
+        print_vote_statistics(summary.votes)
     return 0
 
 
@@ -161,37 +171,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               severities=tuple(args.severities) if args.severities else None, record=args.record,
                               output=args.output, votes=args.votes)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
         return 0
-    print(f"{report['weights']} on {report['split']} ({report['num_images']} images, {report['views']} view(s), "
-          f"prior {report['prior']}): accuracy {100 * report['accuracy']:.2f}%, balanced accuracy "
-          f"{100 * report['balanced_accuracy']:.2f}%, loss {report['loss']:.4f}, macro F1 {report['macro_f1']:.4f}")
-    calibration = f"temperature {report['temperature']:.3f}" + (" and map" if report["calibration_map"] else "")
-    print(f"calibration: ECE {report['ece']:.4f} with {calibration} ({report['ece_at_temperature_1']:.4f} without)")
-    for name, m in report["priors"].items():
-        print(f"prior {name:<8}{' (predict default)' if name == report['default_prior'] else '':<18} accuracy "
+    print(f"{report.weights} on {report.split} ({report.num_images} images, {report.views} view(s), "
+          f"prior {report.prior}): accuracy {100 * report.accuracy:.2f}%, balanced accuracy "
+          f"{100 * report.balanced_accuracy:.2f}%, loss {report.loss:.4f}, macro F1 {report.macro_f1:.4f}")
+    calibration = f"temperature {report.temperature:.3f}" + (" and map" if report.calibration_map else "")
+    print(f"calibration: ECE {report.ece:.4f} with {calibration} ({report.ece_at_temperature_1:.4f} without)")
+    for name, m in (report.priors or {}).items():
+        print(f"prior {name:<8}{' (predict default)' if name == report.default_prior else '':<18} accuracy "
               f"{100 * m['accuracy']:.2f}%, balanced {100 * m['balanced_accuracy']:.2f}%, ECE {m['ece']:.4f}, "
               f"ECE on a uniform class mix {m['ece_uniform_mix']:.4f}")
     print(f"{'class':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
-    for name, m in report["per_class"].items():
-        print(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>9}")
-    if "corruptions" in report:
-        bench = report["corruptions"]
-        severities = bench["severities"]
-        print(f"robustness: clean {100 * bench['clean_accuracy']:.2f}%, mean over corruptions "
-              f"{100 * bench['mean_corruption_accuracy']:.2f}%")
-        print(f"{'corruption':<16}{'mean':>8}" + "".join(f"{'s' + str(s):>8}" for s in severities))
-        for name, mean in bench["per_corruption"].items():
-            per = bench["per_severity"][name]
-            print(f"{name:<16}{100 * mean:>8.2f}" + "".join(f"{100 * per[str(s)]:>8.2f}" for s in severities))
-    if "ferplus" in report:
-        fp = report["ferplus"]
-        print(f"FER+ votes, over {len(fp['classes'])} classes: majority accuracy {100 * fp['majority_accuracy']:.2f}% "
-              f"({fp['majority_faces']} faces; balanced {100 * fp['majority_balanced_accuracy']:.2f}%, ECE "
-              f"{fp['majority_ece']:.4f}), plurality accuracy {100 * fp['plurality_accuracy']:.2f}% "
-              f"({fp['plurality_faces']} faces), NLL {fp['distribution_nll']:.4f} and KL {fp['distribution_kl']:.4f} "
-              f"to the vote distributions ({fp['distribution_faces']} faces)")
-    for figure in report["figures"]:
+    for name, c in report.per_class.items():
+        print(f"{name:<10}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}{c['support']:>9}")
+    if report.corruptions is not None:
+        bench = report.corruptions
+        print(f"robustness: clean {100 * bench.clean_accuracy:.2f}%, mean over corruptions "
+              f"{100 * bench.mean_corruption_accuracy:.2f}%")
+        print(f"{'corruption':<16}{'mean':>8}" + "".join(f"{'s' + str(s):>8}" for s in bench.severities))
+        for name, mean in bench.per_corruption.items():
+            per = bench.per_severity[name]
+            print(f"{name:<16}{100 * mean:>8.2f}" + "".join(f"{100 * per[str(s)]:>8.2f}" for s in bench.severities))
+    if report.ferplus is not None:
+        fp = report.ferplus
+        print(f"FER+ votes, over {len(fp.classes)} classes: majority accuracy {100 * fp.majority_accuracy:.2f}% "
+              f"({fp.majority_faces} faces; balanced {100 * fp.majority_balanced_accuracy:.2f}%, ECE "
+              f"{fp.majority_ece:.4f}), plurality accuracy {100 * fp.plurality_accuracy:.2f}% "
+              f"({fp.plurality_faces} faces), NLL {fp.distribution_nll:.4f} and KL {fp.distribution_kl:.4f} "
+              f"to the vote distributions ({fp.distribution_faces} faces)")
+    for figure in report.figures:
         print(f"wrote {figure}")
     return 0
 
@@ -378,7 +387,8 @@ def add_evaluate_parser(commands: Subcommands) -> None:
     evaluate.add_argument("--votes", help="FER+'s fer2013new.csv, joined by row position with a fer2013.csv --data")
     evaluate.add_argument("--split", choices=SPLITS, default="test")
     evaluate.add_argument("--figures-dir", metavar="DIR",
-                          help="folder for the figures (default: the run folder, else ./ferkit-eval)")
+                          help="write the figures (confusion matrix, reliability diagram; a run folder's curves) "
+                               "into this folder (default: none)")
     evaluate.add_argument("--device", default="auto")
     add_views_argument(evaluate, "test-time views per face: 1, 2 or 10 (default: the weights' own)")
     evaluate.add_argument("--prior", choices=PRIORS, default="train",

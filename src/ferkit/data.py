@@ -31,10 +31,10 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -657,7 +657,7 @@ _LOADERS: dict[str, Callable[[Path], FerData]] = {"folder": _load_folder, "zip":
 # Summary and audit
 
 
-def audit_duplicates(data: FerData) -> dict[str, object]:
+def audit_duplicates(data: FerData) -> dict[str, Any]:
     """Pixel-identical images within each split and across splits."""
     groups: dict[bytes, list[tuple[str, int]]] = defaultdict(list)
     for split in SPLITS:
@@ -687,7 +687,28 @@ def audit_duplicates(data: FerData) -> dict[str, object]:
     }
 
 
-def summarize(data: FerData) -> dict[str, object]:
+@dataclass
+class DataSummary:
+    """What `ferkit data info` reports about a source (`summarize`); `to_dict` is its `--json`."""
+
+    source: str
+    format: str
+    total: int
+    splits: dict[str, dict[str, Any]]  # split -> usage, total, per_class counts
+    converted: int
+    duplicates: dict[str, Any]  # `audit_duplicates`
+    notes: list[str]
+    from_cache: bool
+    labels: str
+    votes: dict[str, Any] | None = None
+    """FER+ sources: the vote statistics (`ferkit.ferplus.vote_statistics`), which the caller adds."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; `votes` only where there are votes."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def summarize(data: FerData) -> DataSummary:
     """Per-split, per-class counts plus conversions, notes and the duplicate audit."""
     splits = {}
     for split in SPLITS:
@@ -698,18 +719,9 @@ def summarize(data: FerData) -> dict[str, object]:
             "total": len(labels),
             "per_class": {name: int(n) for name, n in zip(data.classes, counts, strict=True)},
         }
-    summary: dict[str, object] = {
-        "source": data.source,
-        "format": data.format,
-        "total": sum(len(p) for p in data.splits.values()),
-        "splits": splits,
-        "converted": data.converted,
-        "duplicates": audit_duplicates(data),
-        "notes": data.notes,
-        "from_cache": data.from_cache,
-        "labels": data.labels,
-    }
-    return summary
+    return DataSummary(source=data.source, format=data.format, total=sum(len(p) for p in data.splits.values()),
+                       splits=splits, converted=data.converted, duplicates=audit_duplicates(data), notes=data.notes,
+                       from_cache=data.from_cache, labels=data.labels)
 
 
 # ---------------------------------------------------------------------------------------------

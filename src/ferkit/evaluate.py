@@ -9,7 +9,9 @@ are adjusted (temperature, prior) by `ferkit.inference.adjusted_logits` as every
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,9 +23,82 @@ from .labels import EMOTIONS, FERPLUS_CLASSES
 from .outputs import check_output_file
 from .votes import majority_labels, plurality_labels, vote_distributions
 
+if TYPE_CHECKING:
+    from .data import FerData
+    from .inference import Preprocessing
+
 FER2013_TEST_COUNTS = {"angry": 491, "disgust": 55, "fear": 528, "happy": 879, "sad": 594, "surprise": 416,
                        "neutral": 626}
 """FER-2013's PrivateTest images per class (3,589 in all): `--record` stores figures of the whole split only."""
+
+@dataclass
+class Metrics:
+    """A model's scores on labelled faces (`compute_metrics`); fractions, not percentages."""
+
+    accuracy: float
+    balanced_accuracy: float  # the mean per-class recall
+    loss: float  # mean cross-entropy
+    ece: float  # expected calibration error, 15 bins
+    num_images: int
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]  # class -> precision, recall, f1, support
+    confusion_matrix: list[list[int]]  # counts[true][predicted]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, in the order `--json` prints them; parts a report lacks are left out."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+@dataclass
+class FerplusScores:
+    """A model scored against FER+'s crowd votes (`ferplus_report`), over the classes it shares with FER+."""
+
+    classes: list[str]
+    majority_accuracy: float
+    majority_faces: int
+    majority_balanced_accuracy: float
+    majority_ece: float
+    majority_macro_f1: float
+    confusion_matrix: list[list[int]]
+    plurality_accuracy: float
+    plurality_faces: int
+    distribution_nll: float
+    distribution_kl: float
+    distribution_faces: int
+
+
+@dataclass
+class CorruptionScores:
+    """The robustness benchmark (`corruption_report`): accuracy on clean faces and under each corruption."""
+
+    clean_accuracy: float
+    mean_corruption_accuracy: float
+    per_corruption: dict[str, float]  # the mean over the severities
+    per_severity: dict[str, dict[str, float]]  # corruption -> severity (as text) -> accuracy
+    severities: list[int]
+
+
+@dataclass(kw_only=True)
+class Evaluation(Metrics):
+    """`evaluate_weights`' report: the metrics of the weights on a split, what was scored and how, and the
+    optional parts (None where not computed; `to_dict` leaves them out, as `--json` always has)."""
+
+    ece_at_temperature_1: float
+    priors: dict[str, dict[str, float]] | None = None  # prior -> `prior_metrics`, on the model's own classes
+    default_prior: str | None = None
+    ferplus: FerplusScores | None = None
+    weights: str
+    arch: str
+    data_labels: str
+    classes: list[str]
+    split: str
+    views: int
+    prior: str
+    temperature: float
+    calibration_map: bool
+    figures: list[str] = field(default_factory=list)
+    corruptions: CorruptionScores | None = None
+
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[true, predicted]."""
@@ -33,7 +108,7 @@ def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: 
 
 def compute_metrics(
     logits: torch.Tensor, targets: np.ndarray | torch.Tensor, classes: list[str] | tuple[str, ...] = EMOTIONS
-) -> dict[str, Any]:
+) -> Metrics:
     """Accuracy (a fraction), balanced accuracy (mean per-class recall), mean cross-entropy, expected calibration
     error (15 bins), macro F1, per-class P/R/F1 and the confusion matrix."""
     target_tensor = torch.as_tensor(np.asarray(targets), dtype=torch.long)
@@ -48,20 +123,20 @@ def compute_metrics(
     recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
-    per_class = {
+    per_class: dict[str, dict[str, float]] = {
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for name, p, r, f, s in zip(classes, precision, recall, f1, actual, strict=True)
     }
-    return {
-        "accuracy": float(true_positive.sum() / max(len(truth), 1)),
-        "balanced_accuracy": float(recall[actual > 0].mean()) if (actual > 0).any() else 0.0,
-        "loss": float(loss),
-        "ece": expected_calibration_error(logits, target_tensor),
-        "num_images": len(truth),
-        "macro_f1": float(f1.mean()),
-        "per_class": per_class,
-        "confusion_matrix": matrix.tolist(),
-    }
+    return Metrics(
+        accuracy=float(true_positive.sum() / max(len(truth), 1)),
+        balanced_accuracy=float(recall[actual > 0].mean()) if (actual > 0).any() else 0.0,
+        loss=float(loss),
+        ece=expected_calibration_error(logits, target_tensor),
+        num_images=len(truth),
+        macro_f1=float(f1.mean()),
+        per_class=per_class,
+        confusion_matrix=matrix.tolist(),
+    )
 
 
 ECE_BINS = 15
@@ -81,7 +156,7 @@ def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor) -> f
 def corruption_report(
     model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, preprocessing: Any, device: torch.device,
     batch_size: int = 512, prior: str = "train", severities: tuple[int, ...] | None = None,
-) -> dict[str, Any]:
+) -> CorruptionScores:
     """Accuracy on clean crops and under every corruption of `ferkit.corruptions` at each severity.
 
     `mean_corruption_accuracy` averages over corruptions and severities, as ImageNet-C does.
@@ -97,8 +172,9 @@ def corruption_report(
     chosen = severities or SEVERITIES
     per = {name: {str(s): accuracy(corrupt(images, name, s)) for s in chosen} for name in CORRUPTIONS}
     means = {name: float(np.mean(list(by_severity.values()))) for name, by_severity in per.items()}
-    return {"clean_accuracy": accuracy(images), "mean_corruption_accuracy": float(np.mean(list(means.values()))),
-            "per_corruption": means, "per_severity": per, "severities": list(chosen)}
+    return CorruptionScores(clean_accuracy=accuracy(images),
+                            mean_corruption_accuracy=float(np.mean(list(means.values()))),
+                            per_corruption=means, per_severity=per, severities=list(chosen))
 
 
 def evaluate_weights(
@@ -115,8 +191,8 @@ def evaluate_weights(
     record: bool = False,
     output: str | None = None,
     votes: str | None = None,
-) -> dict[str, Any]:
-    """Score a weights file (or run folder, or shipped model) on a split; write the figures.
+) -> Evaluation:
+    """Score a weights file (or run folder, or shipped model) on a split.
 
     `views`: test-time views per face (default: the weights' own). `prior`: "train" or "uniform"
     (see `inference.adjusted_logits`) for the report, its figures and the corruptions; `priors` holds
@@ -128,73 +204,107 @@ def evaluate_weights(
     (test: `test_*`, only for the whole test split; val: `val_*`, which the choice of the default model
     reads; only with the weights' own views): what `ferkit models` shows; it writes the weights to
     `output` (default: in place; never into the installed package).
-    Writes the confusion matrix and a reliability diagram to `figures_dir` (default: the run folder
-    the weights are in, else ./ferkit-eval) and, when the weights come from a run folder, the curves.
+    Figures only where asked: the confusion matrix and a reliability diagram into `figures_dir`, and, when
+    the weights come from a run folder, its curves.
     On FER+ data (or `votes`: FER+'s fer2013new.csv beside a fer2013.csv) the labels are FER+'s majority
     protocol, `ferplus` adds the scores against the votes, and a model of the other vocabulary is scored
     over the classes the two share.
     """
-    from pathlib import Path
-
-    from .data import load_fer2013
     from .devices import pick_device
-    from .ferplus import with_label_scheme
-    from .inference import DEFAULT_PRIOR, adjusted_logits, predict_logits
-    from .plots import plot_confusion, plot_curves, plot_reliability
-    from .runs import METRICS_CSV, read_metrics_csv
+    from .inference import DEFAULT_PRIOR, adjusted_logits
     from .weights import load_model, resolve_weights
 
     path = resolve_weights(weights)
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
+    pre = meta.preprocessing.with_views(views)
     if record:  # refused before the scoring, which takes minutes
         check_output_file(output or path)
-        _check_record(split, meta.preprocessing.with_views(views).views, meta.views)
-    dataset = load_fer2013(data, votes=votes)
-    if dataset.labels != "fer2013":
-        dataset = with_label_scheme(dataset, "ferplus-majority")
+        _check_record(split, pre.views, meta.views)
+    dataset = labelled_data(data, votes)
     part = dataset[split]
     if record:
         _check_whole_split(split, part.labels, dataset.classes, meta.classes)
-    pre = meta.preprocessing.with_views(views)
-    raw = predict_logits(model, part.images, torch_device, batch_size, pre).numpy()
-    adjusted = adjusted_logits(raw, pre, prior)
-    shared_logits, labels, classes, _ = shared_class_view(adjusted, part.labels, meta.classes, dataset.classes)
-    logits = torch.from_numpy(shared_logits).float()
-    report = compute_metrics(logits, labels, classes)
+    raw, every_raw = split_logits(model, dataset, split, torch_device, batch_size, pre)
+
+    def shared(preprocessing: Preprocessing) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+        logits, labels, classes, _ = shared_class_view(adjusted_logits(raw, preprocessing, prior), part.labels,
+                                                       meta.classes, dataset.classes)
+        return torch.from_numpy(logits).float(), labels, classes
+
+    logits, labels, classes = shared(pre)
     uncalibrated = dataclasses.replace(pre, temperature=1.0, calibration_matrix=None, calibration_bias=None)
-    report["ece_at_temperature_1"] = expected_calibration_error(
-        torch.from_numpy(shared_class_view(adjusted_logits(raw, uncalibrated, prior), part.labels, meta.classes,
-                                           dataset.classes)[0]).float(), torch.as_tensor(labels))
-    if classes == list(meta.classes):  # the priors are the model's own classes'
-        report["priors"] = {name: prior_metrics(raw, labels, pre, name, meta.classes)
-                            for name in available_priors(pre)}
-        report["default_prior"] = DEFAULT_PRIOR
-    if dataset.all_faces is not None:
-        every = dataset.all_faces[split]
-        every_raw = predict_logits(model, every.images, torch_device, batch_size, pre).numpy()
-        report["ferplus"] = ferplus_report(adjusted_logits(every_raw, pre, prior), every.votes, meta.classes)
-    metrics_csv = path.parent / METRICS_CSV
-    out_dir = Path(figures_dir) if figures_dir else (path.parent if metrics_csv.exists() else Path("ferkit-eval"))
-    title = f"{meta.arch} ({path.name}), {split}: accuracy {100 * report['accuracy']:.2f}%"
-    figures = [plot_confusion(report["confusion_matrix"], classes, out_dir / f"confusion_matrix_{split}.png",
-                              title),
-               plot_reliability(torch.softmax(logits, 1).numpy(), labels, out_dir / f"reliability_{split}.png",
-                                f"{meta.arch} ({path.name}), {split}: ECE {report['ece']:.3f} "
-                                f"(T = {pre.temperature:.3f}{', map' if pre.calibrated else ''}, prior {prior})")]
-    if metrics_csv.exists():
-        figures.append(plot_curves(read_metrics_csv(metrics_csv), out_dir / "curves.png", title=meta.arch))
-    report.update(weights=str(path), arch=meta.arch, data_labels=dataset.labels, classes=classes, split=split,
-                  views=pre.views, prior=prior, temperature=pre.temperature, calibration_map=pre.calibrated,
-                  figures=[str(f) for f in figures])
+    own = classes == list(meta.classes)  # the priors and the corruptions need the model's own classes
+    report = Evaluation(
+        **asdict(compute_metrics(logits, labels, classes)),
+        ece_at_temperature_1=expected_calibration_error(shared(uncalibrated)[0], torch.as_tensor(labels)),
+        priors={name: prior_metrics(raw, labels, pre, name, meta.classes) for name in available_priors(pre)}
+        if own else None,
+        default_prior=DEFAULT_PRIOR if own else None,
+        ferplus=None if every_raw is None or dataset.all_faces is None else ferplus_report(
+            adjusted_logits(every_raw, pre, prior), dataset.all_faces[split].votes, meta.classes),
+        weights=str(path), arch=meta.arch, data_labels=dataset.labels, classes=classes, split=split,
+        views=pre.views, prior=prior, temperature=pre.temperature, calibration_map=pre.calibrated)
+    if figures_dir:
+        report.figures = _write_figures(report, torch.softmax(logits, 1).numpy(), labels, Path(figures_dir), path)
     if corruptions:
-        if classes != list(meta.classes):
+        if not own:
             raise UsageError("--corruptions scores a model on labels of its own classes")
-        report["corruptions"] = corruption_report(model, part.images, labels, pre, torch_device, batch_size,
-                                                  prior, severities)
+        report.corruptions = corruption_report(model, part.images, labels, pre, torch_device, batch_size, prior,
+                                               severities)
     if record:
         _record_test_metrics(output or path, model, meta, report)
     return report
+
+
+def labelled_data(data: str | None, votes: str | None = None) -> FerData:
+    """The data set that evaluation and calibration score on: FER-2013's labels, or FER+'s majority protocol."""
+    from .data import load_fer2013
+    from .ferplus import with_label_scheme
+
+    dataset = load_fer2013(data, votes=votes)
+    return dataset if dataset.labels == "fer2013" else with_label_scheme(dataset, "ferplus-majority")
+
+
+def split_logits(
+    model: torch.nn.Module, data: FerData, split: str, device: torch.device, batch_size: int,
+    preprocessing: Preprocessing,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw logits of the faces `data[split]` labels and, under a FER+ scheme, of all the split's faces (which the
+    votes score). The model runs once: the majority protocol's faces (validation and test always) are those of
+    all the faces that have a majority."""
+    from .inference import predict_logits
+
+    def logits(images: np.ndarray) -> np.ndarray:
+        return predict_logits(model, images, device, batch_size, preprocessing).numpy()
+
+    part = data[split]
+    if data.all_faces is None:
+        return logits(part.images), None
+    every = data.all_faces[split]
+    every_raw = logits(every.images)
+    majority = majority_labels(every.votes) >= 0 if every.votes is not None else np.zeros(len(every), bool)
+    if np.array_equal(every.names[majority], part.names):
+        return every_raw[majority], every_raw
+    return logits(part.images), every_raw  # a training split under another scheme
+
+
+def _write_figures(report: Evaluation, probabilities: np.ndarray, labels: np.ndarray, out_dir: Path,
+                   weights: Path) -> list[str]:
+    """The confusion matrix, the reliability diagram and, for weights in a run folder, the run's curves."""
+    from .plots import plot_confusion, plot_curves, plot_reliability
+    from .runs import METRICS_CSV, read_metrics_csv
+
+    title = f"{report.arch} ({weights.name}), {report.split}"
+    figures = [plot_confusion(report.confusion_matrix, report.classes, out_dir / f"confusion_matrix_{report.split}.png",
+                              f"{title}: accuracy {100 * report.accuracy:.2f}%"),
+               plot_reliability(probabilities, labels, out_dir / f"reliability_{report.split}.png",
+                                f"{title}: ECE {report.ece:.3f} (T = {report.temperature:.3f}"
+                                f"{', map' if report.calibration_map else ''}, prior {report.prior})")]
+    metrics_csv = weights.parent / METRICS_CSV
+    if metrics_csv.exists():
+        figures.append(plot_curves(read_metrics_csv(metrics_csv), out_dir / "curves.png", title=report.arch))
+    return [str(f) for f in figures]
 
 
 def _check_record(split: str, views: int, own_views: int) -> None:
@@ -244,25 +354,26 @@ def prior_metrics(raw: np.ndarray, targets: np.ndarray, preprocessing: Any, prio
     metrics = compute_metrics(torch.from_numpy(adjusted).float(), targets, classes)
     probabilities = softmax(adjusted)
     weights = uniform_mix_weights(targets, len(classes))
-    return {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
-            "macro_f1": metrics["macro_f1"], "loss": metrics["loss"], "ece": metrics["ece"],
+    return {"accuracy": metrics.accuracy, "balanced_accuracy": metrics.balanced_accuracy,
+            "macro_f1": metrics.macro_f1, "loss": metrics.loss, "ece": metrics.ece,
             "ece_uniform_mix": calibration_error(probabilities, targets, weights)}
 
 
-def _record_test_metrics(path: Any, model: torch.nn.Module, meta: Any, report: dict[str, Any]) -> None:
+def _record_test_metrics(path: Any, model: torch.nn.Module, meta: Any, report: Evaluation) -> None:
     from .weights import save_weights
 
-    split, train = report["split"], report["priors"]["train"]
+    split, priors = report.split, report.priors or {}
+    train = priors["train"]
     figures = {f"{split}_acc": train["accuracy"], f"{split}_balanced_acc": train["balanced_accuracy"],
                f"{split}_ece": train["ece"], f"{split}_loss": train["loss"]}
     if split == "test":
         figures["test_macro_f1"] = train["macro_f1"]
-    if "uniform" in report["priors"]:
-        figures[f"{split}_ece_uniform_prior_uniform_mix"] = report["priors"]["uniform"]["ece_uniform_mix"]
-    bench = report.get("corruptions")
-    if bench and len(bench["severities"]) == 5 and report["prior"] == "train":
+    if "uniform" in priors:
+        figures[f"{split}_ece_uniform_prior_uniform_mix"] = priors["uniform"]["ece_uniform_mix"]
+    bench = report.corruptions
+    if bench and len(bench.severities) == 5 and report.prior == "train":
         figures["mean_corruption_acc" if split == "test" else "val_mean_corruption_acc"] = \
-            bench["mean_corruption_accuracy"]
+            bench.mean_corruption_accuracy
     save_weights(path, model, dataclasses.replace(meta, metrics={**meta.metrics, **figures}))
 
 
@@ -281,9 +392,7 @@ def calibrate_weights(
     validation labels are FER+'s majority protocol.
     """
     from .calibration import cross_validate, fit_map
-    from .data import load_fer2013
     from .devices import pick_device
-    from .ferplus import with_label_scheme
     from .inference import adjusted_logits, predict_logits
     from .weights import load_model, resolve_weights, save_weights
 
@@ -291,10 +400,7 @@ def calibrate_weights(
     out = str(check_output_file(output or path))  # before the fitting, not after it
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
-    dataset = load_fer2013(data)
-    if dataset.labels != "fer2013":
-        dataset = with_label_scheme(dataset, "ferplus-majority")
-    val = dataset["val"]
+    val = labelled_data(data)["val"]
     raw = predict_logits(model, val.images, torch_device, batch_size, meta.preprocessing).numpy()
     table = cross_validate(raw, val.labels) if calibration_map == "auto" else None
     family, strength = (table[0]["family"], table[0]["strength"]) if table else (calibration_map, strength)
@@ -310,9 +416,9 @@ def calibrate_weights(
     return {"weights": str(path), "output": out, "map": family, "strength": strength if affine else None,
             "temperature": pre.temperature, "calibration_matrix": pre.calibration_matrix,
             "calibration_bias": pre.calibration_bias, "split": "val", "cross_validation": table,
-            "val_nll_before": before["loss"], "val_nll_after": after["loss"], "val_ece_before": before["ece"],
-            "val_ece_after": after["ece"], "val_accuracy_before": before["accuracy"],
-            "val_accuracy_after": after["accuracy"], "num_images": len(val.labels)}
+            "val_nll_before": before.loss, "val_nll_after": after.loss, "val_ece_before": before.ece,
+            "val_ece_after": after.ece, "val_accuracy_before": before.accuracy,
+            "val_accuracy_after": after.accuracy, "num_images": len(val.labels)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +435,7 @@ def class_columns(from_classes: list[str] | tuple[str, ...], to_classes: list[st
 
 def ferplus_report(
     logits: np.ndarray, votes: np.ndarray | None, classes: list[str] | tuple[str, ...]
-) -> dict[str, object]:
+) -> FerplusScores:
     """A model's (N, classes) logits scored against FER+ votes (N, 10) over the classes both share.
 
     For a FER+ model that is all eight; a FER-2013 model is scored over its seven (faces whose majority is
@@ -352,11 +458,12 @@ def ferplus_report(
     plural_keep, plurality = scored(plurality_labels(votes))
     plural = compute_metrics(z[plural_keep], plurality[plural_keep], shared)
     nll, kl, faces = _distribution_fit(z, votes, shared)
-    return {"classes": shared, "majority_accuracy": report["accuracy"], "majority_faces": int(keep.sum()),
-            "majority_balanced_accuracy": report["balanced_accuracy"], "majority_ece": report["ece"],
-            "majority_macro_f1": report["macro_f1"], "confusion_matrix": report["confusion_matrix"],
-            "plurality_accuracy": plural["accuracy"], "plurality_faces": int(plural_keep.sum()),
-            "distribution_nll": nll, "distribution_kl": kl, "distribution_faces": faces}
+    return FerplusScores(
+        classes=shared, majority_accuracy=report.accuracy, majority_faces=int(keep.sum()),
+        majority_balanced_accuracy=report.balanced_accuracy, majority_ece=report.ece,
+        majority_macro_f1=report.macro_f1, confusion_matrix=report.confusion_matrix,
+        plurality_accuracy=plural.accuracy, plurality_faces=int(plural_keep.sum()),
+        distribution_nll=nll, distribution_kl=kl, distribution_faces=faces)
 
 
 def _distribution_fit(z: torch.Tensor, votes: np.ndarray, shared: list[str]) -> tuple[float, float, int]:

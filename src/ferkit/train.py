@@ -1,5 +1,9 @@
 """Training: `fit()` runs a whole run, `train_one_epoch()` one pass; recipes, checkpoints, resume, DDP.
 
+`TrainConfig` is the recipe (its augmentation options in an `AugmentConfig`); `build_criterion` turns it
+into the loss (`ferkit.losses.Criterion`) that the step is handed, as torchvision's reference scripts hand
+theirs a `criterion`.
+
 A run folder (see `ferkit.runs`) holds `config.json` (the resolved recipe, versions and data
 identity), `checkpoint.safetensors` (everything needed to resume, written atomically after every
 epoch before anything else, so that resuming can rebuild the rest), `best.safetensors` (best
@@ -27,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
@@ -36,12 +39,13 @@ from .augment import AugmentConfig, mix_batch, train_transform
 from .data import FerData, load_fer2013
 from .deprecations import VIEWS_FROM_TTA, rename_keys, resolve
 from .devices import DeviceError, autocast_dtype, pick_device
-from .distill import distillation_loss, load_teachers, online_soft_targets, soft_targets, teacher_logits
+from .distill import load_teachers, soft_targets, teacher_logits
 from .errors import UsageError
-from .evaluate import compute_metrics, ferplus_report
+from .evaluate import compute_metrics, ferplus_report, split_logits
 from .ferplus import LABEL_SCHEMES, with_label_scheme
 from .inference import VIEW_COUNTS, Preprocessing, predict_logits, preprocess, to_tensor
 from .labels import IMAGE_SIZE, NUM_CLASSES
+from .losses import Criterion, Distillation
 from .models import create_model, list_models
 from .plots import plot_confusion, plot_curves
 from .runs import (
@@ -94,19 +98,8 @@ class TrainConfig:
     plateau_patience: int = field(default=2, metadata={"help": "ReduceLROnPlateau patience (epochs)"})
     label_smoothing: float = 0.0
     class_weights: bool = field(default=False, metadata={"help": "weight the loss by inverse class frequency"})
-    hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
-    rotate_degrees: float = field(default=10.0, metadata={"help": "random rotation range, +-degrees"})
-    shift_pixels: int = field(default=0, metadata={"help": "random crop of the zero-padded image, +-pixels"})
-    erasing: float = field(default=0.0, metadata={"help": "random-erasing probability"})
-    scale_jitter: float = field(default=0.0, metadata={"help": "camera: random zoom by up to this fraction (framing)"})
-    aspect_jitter: float = field(default=0.0, metadata={"help": "camera: random width/height stretch, fraction"})
-    brightness: float = field(default=0.0, metadata={"help": "camera: random brightness, +- fraction"})
-    contrast: float = field(default=0.0, metadata={"help": "camera: random contrast, +- fraction"})
-    gamma: float = field(default=0.0, metadata={"help": "camera: random gamma, +- fraction"})
-    blur: float = field(default=0.0, metadata={"help": "camera: Gaussian-blur probability"})
-    noise: float = field(default=0.0, metadata={"help": "camera: sensor-noise probability"})
-    jpeg: float = field(default=0.0, metadata={"help": "camera: JPEG-compression probability (quality 20-80)"})
-    downsample: float = field(default=0.0, metadata={"help": "camera: shrink-to-16-40-px-and-back probability"})
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Flips, rotations, shifts, erasing, the camera augmentations, mixup and CutMix: one option each."""
     init: str | None = field(default=None, metadata={
         "help": "start from these weights (shipped name, run folder or file) of the same architecture, not at random"})
     teacher: list[str] = field(default_factory=list, metadata={
@@ -116,8 +109,6 @@ class TrainConfig:
                 "student's own augmented batch, one view, each step", "choices": ("cached", "online")})
     distill_weight: float = field(default=0.5, metadata={"help": "share of the soft-target loss, with --teacher"})
     distill_temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the soft targets"})
-    mixup: float = field(default=0.0, metadata={"help": "mixup Beta alpha (0: off)"})
-    cutmix: float = field(default=0.0, metadata={"help": "CutMix Beta alpha (0: off)"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of the weights per step (0: off), e.g. 0.999"})
     views: int = field(default=1, metadata={"help": "test-time views per face, stored in the weights: 1, 2 (mirror) or "
                                                     "10 (five positions, each mirrored)", "choices": VIEW_COUNTS})
@@ -137,11 +128,36 @@ class TrainConfig:
         preset = preset if preset in PRESETS else resolve("preset", preset)
         if preset not in PRESETS:
             raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[preset], **upgrade_config(overrides, warn=True), "preset": preset})
+        return cls.from_dict({**PRESETS[preset], **_spread_augment(upgrade_config(overrides, warn=True)),
+                              "preset": preset})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from one value per option, named as the flags are (presets, `to_dict`, the CLI); the
+        augmentation's options go into `augment` (an `augment` given as an AugmentConfig or a dict, as
+        `dataclasses.asdict` nests it, is spread first). Unknown names are a TypeError."""
+        rest = _spread_augment(values)
+        augment = AugmentConfig(**{f.name: rest.pop(f.name) for f in fields(AugmentConfig) if f.name in rest})
+        return cls(**rest, augment=augment)
+
+    def to_dict(self) -> dict[str, Any]:
+        """One value per option, the augmentation's among them: what config.json, checkpoints and the weights'
+        `recipe` record (flat, as before `augment` held its options, so that every recorded run still loads)."""
+        return {f.name: value for f, value in self.options()}
+
+    def options(self) -> list[tuple[Field[Any], Any]]:
+        """Every option's field and value, the augmentation's in the place of `augment`."""
+        pairs: list[tuple[Field[Any], Any]] = []
+        for f in fields(self):
+            if f.name == "augment":
+                pairs += [(a, getattr(self.augment, a.name)) for a in fields(AugmentConfig)]
+            else:
+                pairs.append((f, getattr(self, f.name)))
+        return pairs
 
     def validate(self) -> None:
         """Refuse impossible values now, in one line naming each option, not after (or during) training."""
-        problems = [p for f in fields(self) if (p := _field_problem(f, getattr(self, f.name)))]
+        problems = [p for f, value in self.options() if (p := _field_problem(f, value))]
         if not problems and resolve("preset", self.preset, warn=False) not in PRESETS:
             problems.append(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         if not problems and resolve("architecture", self.arch, warn=False) not in list_models():
@@ -155,6 +171,14 @@ class TrainConfig:
             problems.extend(_init_problem(self.init, self.arch))
         if problems:
             raise UsageError("; ".join(problems))
+
+
+def _spread_augment(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with an `augment` entry (an AugmentConfig, or a dict) spread into its options' names; the
+    other values win, so that `from_preset(..., augment=AugmentConfig(...), noise=0.2)` means what it says."""
+    rest = dict(values)
+    augment = rest.pop("augment", {})
+    return {**(asdict(augment) if isinstance(augment, AugmentConfig) else augment), **rest}
 
 
 _LIMITS: dict[str, tuple[Any, str]] = {
@@ -256,17 +280,17 @@ def upgrade_config(values: dict[str, Any], warn: bool = False) -> dict[str, Any]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # Each recipe's purpose; what its runs scored is in the README and docs/results, not here.
     # The reference recipe, unchanged: the dataclass defaults.
     "reference": {},
-    # Reaches the reference's test accuracy in a fraction of its time on a 2-core CPU.
+    # The reference's accuracy in a fraction of its time on a CPU: AdamW, one-cycle, label smoothing, shifts.
     "fast": {
         "run_dir": "runs/fast", "epochs": 16, "batch_size": 128, "optimizer": "adamw", "lr": 4e-3,
         "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 3, "views": 2,
     },
-    # The most accurate single model in about 150 minutes on a 2-core CPU: the fast recipe's AdamW + one-cycle
-    # on a ResNet, trained ~8x longer behind stronger augmentation, with an EMA of the weights and ten-view TTA.
-    # Its full run: 71.80% PrivateTest in 138 min. Mixup and erasing at 0.5 are there because without them
-    # (125 epochs, erasing 0.25) validation peaked at epoch 65 and slid as the model overfit: 70.55%.
+    # The most accurate single model in about two and a half hours on a 2-core CPU: the fast recipe's AdamW and
+    # one-cycle on a ResNet, trained longer behind stronger augmentation, with an EMA of the weights and ten-view
+    # TTA. Mixup and erasing at 0.5 hold off the overfitting that made validation peak early and slide without them.
     "accurate": {
         "run_dir": "runs/accurate", "arch": "resnet", "epochs": 120, "batch_size": 128, "optimizer": "adamw",
         "lr": 3e-3, "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 4,
@@ -274,14 +298,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # A single-view model for real use: the accurate recipe's ResNet, distilled from the shipped ten-view ResNet
     # (its soft targets computed once, cached in the run folder) and trained on faces as other cameras deliver
-    # them. 100 epochs, planned to stay within about 150 minutes on a 2-core AVX-512 bf16 CPU. Its one full run
-    # (on a lent H200, 11.8 min, at commit 55bde78 with kornia's JPEG codec) shipped as `ferkit-resnet-robust`:
-    # validation 68.54% (epoch 95), PrivateTest 69.66%, mean corruption accuracy 64.18%, short of the 71.5%
-    # single-view aim. The next candidates: `--teacher-mode online`, and no label smoothing (the soft targets
-    # already smooth, and smoothing capped the confidence that a temperature could not undo: test ECE 0.046).
-    # Fine-tuning `ferkit-resnet` itself this way instead (`--init ferkit-resnet --epochs 15 --lr 5e-4
-    # --schedule cosine --warmup-epochs 1 --label-smoothing 0`, 62 min on a 2-core AVX2 CPU) did not help:
-    # validation peaked after the first epoch (69.38%, below the start's 69.49%); PrivateTest 70.27%.
+    # them; planned to stay within about two and a half hours on a 2-core AVX-512 bf16 CPU. It made
+    # `ferkit-resnet-robust`. Candidates to try next: `--teacher-mode online`, and no label smoothing (the soft
+    # targets already smooth, and smoothing caps a confidence that a temperature cannot restore).
     "student": {
         "run_dir": "runs/student", "arch": "resnet", "epochs": 100, "batch_size": 128, "optimizer": "adamw",
         "lr": 3e-3, "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 4,
@@ -305,11 +324,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def augment_config(config: TrainConfig) -> AugmentConfig:
-    """The augmentation fields of a training config, which share their names with AugmentConfig's."""
-    return AugmentConfig(**{f.name: getattr(config, f.name) for f in fields(AugmentConfig)})
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -318,28 +332,19 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class StepContext:
-    """What a training step needs besides the model and the batch."""
+    """What a training step needs besides the model, its loss, its optimiser and the batch."""
 
     device: torch.device
     augment: AugmentConfig
     amp_dtype: torch.dtype | None
     channels_last: bool
-    class_weights: torch.Tensor | None = None
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    step_scheduler: Any = None
+    step_scheduler: Any = None  # schedules that step every batch (not ReduceLROnPlateau)
     ema: AveragedModel | None = None
-    num_classes: int = NUM_CLASSES
-    label_targets: torch.Tensor | None = None  # per training image: a target distribution in place of its label
-    soft_targets: torch.Tensor | None = None  # teachers' probabilities per training image (knowledge distillation)
-    teachers: tuple[nn.Module, ...] = ()  # online teaching: teachers that score each augmented batch
-    distill_weight: float = 0.0
-    distill_temperature: float = 1.0
 
 
 def train_one_epoch(
     model: nn.Module,
+    criterion: Criterion,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -351,7 +356,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over `images` (uint8, on the device) in `order` (default: a fresh shuffle).
 
-    Returns the mean loss, the accuracy against the unmixed labels, and images/s.
+    `criterion` gives each batch's targets (by the images' positions) and its loss. Returns the mean
+    loss, the accuracy against the unmixed labels, and images/s.
     """
     model.train()
     if order is None:
@@ -363,17 +369,14 @@ def train_one_epoch(
     start = time.perf_counter()
     for first in range(0, len(order), batch_size):
         index = order[first : first + batch_size]
-        x = train_transform(images[index], ctx.augment, generator)
         y = labels[index]
-        x, targets, soft = _mixed_targets(x, y, index, ctx, generator)
+        x = train_transform(images[index], ctx.augment, generator)
+        x, targets = mix_batch(x, criterion.targets(y, index), ctx.augment.mixup, ctx.augment.cutmix, generator)
         if ctx.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32, enabled=bool(ctx.amp_dtype)):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), targets, weight=ctx.class_weights, label_smoothing=ctx.label_smoothing)
-        if soft is not None:
-            loss = (1 - ctx.distill_weight) * loss + ctx.distill_weight * distillation_loss(
-                logits, soft, ctx.distill_temperature)
+        loss = criterion(logits, targets, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -395,21 +398,6 @@ def train_one_epoch(
         dist.all_reduce(totals)
     return {"loss": totals[0].item() / totals[2].item(), "acc": totals[1].item() / totals[2].item(),
             "images_per_s": totals[2].item() / elapsed}
-
-
-def _mixed_targets(
-    x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, ctx: StepContext, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The batch, its hard targets and the teachers' soft targets, mixed alike by mixup / CutMix."""
-    hard = ctx.label_targets[index] if ctx.label_targets is not None else F.one_hot(y, ctx.num_classes).float()
-    if ctx.soft_targets is None:
-        x, targets = mix_batch(x, hard, ctx.mixup, ctx.cutmix, generator)
-        # Online teachers score the batch as mixed, so their targets need no mixing of their own.
-        soft = online_soft_targets(list(ctx.teachers), x, ctx.distill_temperature, ctx.amp_dtype) \
-            if ctx.teachers else None
-        return x, targets, soft
-    x, both = mix_batch(x, torch.cat([hard, ctx.soft_targets[index]], 1), ctx.mixup, ctx.cutmix, generator)
-    return x, both[:, : ctx.num_classes], both[:, ctx.num_classes :]
 
 
 @dataclass
@@ -460,23 +448,15 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     run_dir = Path(config.run_dir)
     saved = _open_run_dir(run_dir, config, env)
     data = with_label_scheme(data or load_fer2013(config.data, votes=config.votes), config.labels)
-    num_classes = len(data.classes)
     identity = data_identity(data)
     if saved is not None:
         _check_same_data(saved, identity, run_dir / CHECKPOINT)
     seed_everything(config.seed)
-    model = create_model(config.arch, num_classes).to(device)
-    if config.init is not None and saved is None:  # a resumed run's weights come from its checkpoint
-        load_initial_weights(model, config.init, device, data.classes)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    train = data["train"]
-    subset = _training_subset(len(train), config.limit_train, config.seed)
-    images = to_tensor(train.images[subset]).to(device)
-    labels = torch.from_numpy(train.labels[subset]).to(device)
-    label_targets = torch.from_numpy(train.targets[subset]).to(device) if train.targets is not None else None
-    shard_size = -(-len(labels) // env.world_size)
-    steps_per_epoch = -(-shard_size // config.batch_size)
+    model = _new_model(config, data.classes, device, start_from_init=saved is None)
+    subset = _training_subset(len(data["train"]), config.limit_train, config.seed)
+    images = to_tensor(data["train"].images[subset]).to(device)
+    labels = torch.from_numpy(data["train"].labels[subset]).to(device)
+    steps_per_epoch = -(-len(labels) // (env.world_size * config.batch_size))  # each rank's share, in batches
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     # The EMA averages parameters only; its BatchNorm statistics are re-estimated before each use.
@@ -491,76 +471,117 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
     first_epoch = state["epoch"]
     if env.world_size > 1:
         model = _distributed_model(model, device)
-    ctx = StepContext(
-        device, augment_config(config),
-        autocast_dtype(device, config.amp), config.channels_last,
-        class_weights=_class_weights(train.labels[subset], num_classes).to(device) if config.class_weights else None,
-        label_smoothing=config.label_smoothing, mixup=config.mixup, cutmix=config.cutmix,
-        step_scheduler=None if config.schedule == "plateau" else scheduler, ema=ema,
-        soft_targets=_teacher_targets(config, images, device, run_dir, env)
-        if config.teacher and config.teacher_mode == "cached" else None,
-        teachers=tuple(load_teachers(config.teacher, device)) if config.teacher_mode == "online" else (),
-        distill_weight=config.distill_weight, distill_temperature=config.distill_temperature,
-        num_classes=num_classes, label_targets=label_targets,
-    )
+    ctx = StepContext(device, config.augment, autocast_dtype(device, config.amp), config.channels_last,
+                      step_scheduler=None if config.schedule == "plateau" else scheduler, ema=ema)
+    criterion = build_criterion(config, data, subset, images, run_dir, env, ctx.amp_dtype)
     if env.is_main:
-        epochs = f"epochs {first_epoch + 1}..{config.epochs}" if first_epoch < config.epochs else \
-            f"all {config.epochs} epochs done"
-        print(f"ferkit: training {config.arch} ({config.preset} preset) on {device} x{env.world_size} "
-              f"({ctx.amp_dtype or 'float32'}), {len(labels)} images, {epochs} -> {run_dir}", flush=True)
-    for epoch in range(state["epoch"], config.epochs):
-        # Per-epoch seeds make a resumed run take the same shuffles and augmentations as an unbroken one;
-        # every rank draws the same shuffle and its own augmentations.
-        seed_everything(config.seed * 1000 + epoch + 7919 * env.rank)
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch + 7919 * env.rank)
+        _print_start(config, env, ctx, len(labels), first_epoch, run_dir)
+    for epoch in range(first_epoch, config.epochs):
+        order, generator = _epoch_randomness(config.seed, epoch, len(labels), env)
         started = time.perf_counter()
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not (config.progress and env.is_main), leave=False, unit="batch") as bar:
-            train_stats = train_one_epoch(model, optimizer, images, labels, ctx, config.batch_size, generator, bar,
-                                          order=shard_order(order, env))
+            train_stats = train_one_epoch(model, criterion, optimizer, images, labels, ctx, config.batch_size,
+                                          generator, bar, order=shard_order(order, env))
         scored = ema.module if ema is not None else unwrap(model)
         if ema is not None:
             refresh_batchnorm(ema.module, images[_bn_subset(len(labels), config.seed)], config.eval_batch_size)
-        val = compute_metrics(predict_logits(scored, data["val"].images, device, config.eval_batch_size),
-                              data["val"].labels, data.classes)
-        if dist.is_initialized():
-            # Each rank's BatchNorm statistics end the epoch on its own last batch, so the ranks' scores differ
-            # in the last digits: take rank 0's everywhere, so that every rank's plateau schedule decides alike
-            # (else the ranks' learning rates, then their weights, drift apart).
-            shared = torch.tensor([val["loss"], val["accuracy"]], dtype=torch.float64, device=device)
-            dist.broadcast(shared, src=0)
-            val["loss"], val["accuracy"] = shared.tolist()
+        val_loss, val_acc = validation_scores(scored, data, device, config.eval_batch_size)
         lr = optimizer.param_groups[0]["lr"]
         if config.schedule == "plateau":
-            scheduler.step(val["loss"])
-        row = {
-            "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
-            "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": lr,
-            "images_per_s": train_stats["images_per_s"], "seconds": time.perf_counter() - started,
-        }
+            scheduler.step(val_loss)
+        row = {"epoch": epoch + 1, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
+               "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "images_per_s": train_stats["images_per_s"],
+               "seconds": time.perf_counter() - started}
+        is_best = val_acc > state["best_val_acc"]
         state["history"].append(row)
-        state["epoch"] = epoch + 1
-        is_best = val["accuracy"] > state["best_val_acc"]
-        state["best_val_acc"] = max(state["best_val_acc"], val["accuracy"])
+        state.update(epoch=epoch + 1, best_val_acc=max(state["best_val_acc"], val_acc))
         if env.is_main:
             _save_epoch(run_dir, config, data, scored, model, optimizer, scheduler, ema, state, is_best)
             if epoch == first_epoch:  # with the first checkpoint: a run folder is made by a finished epoch
-                write_config_json(run_dir, asdict(config), data, identity)
-            print(f"epoch {epoch + 1:3d}/{config.epochs}  "
-                  f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                  f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {lr:.2e}  "
-                  f"{row['images_per_s']:.0f} img/s  {row['seconds']:.0f}s", flush=True)
+                write_config_json(run_dir, config.to_dict(), data, identity)
+            _print_epoch(row, config.epochs)
     if env.is_main:
         finish_run(run_dir, data, device, config.eval_batch_size)
     if dist.is_initialized():
         # The DDP wrapper's reducer must die before its process group does: freed after it, at exit,
         # it can abort the process.
-        del model, ctx
+        del model, ctx, criterion
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return run_dir
+
+
+def _new_model(config: TrainConfig, classes: tuple[str, ...], device: torch.device, start_from_init: bool
+               ) -> nn.Module:
+    """The model to train, at random or from `--init` (a resumed run's weights come from its checkpoint)."""
+    model = create_model(config.arch, len(classes)).to(device)
+    if config.init is not None and start_from_init:
+        load_initial_weights(model, config.init, device, classes)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
+def build_criterion(
+    config: TrainConfig, data: FerData, subset: np.ndarray, images: torch.Tensor, run_dir: Path, env: Distributed,
+    amp_dtype: torch.dtype | None,
+) -> Criterion:
+    """The loss the recipe asks for, over the training `subset` (`images`, on the device): label smoothing, class
+    weights, the label scheme's class distributions and the teachers' soft targets."""
+    train, device, num_classes = data["train"], images.device, len(data.classes)
+    distillation = None
+    if config.teacher:
+        distillation = Distillation(
+            config.distill_weight, config.distill_temperature, amp_dtype=amp_dtype,
+            cached=_teacher_targets(config, images, device, run_dir, env) if config.teacher_mode == "cached" else None,
+            teachers=tuple(load_teachers(config.teacher, device)) if config.teacher_mode == "online" else ())
+    return Criterion(
+        num_classes, config.label_smoothing,
+        class_weights=_class_weights(train.labels[subset], num_classes).to(device) if config.class_weights else None,
+        distributions=torch.from_numpy(train.targets[subset]).to(device) if train.targets is not None else None,
+        distillation=distillation)
+
+
+def _epoch_randomness(seed: int, epoch: int, total: int, env: Distributed) -> tuple[torch.Tensor, torch.Generator]:
+    """The epoch's shuffle and this rank's generator, with torch's global seed for kornia's draws.
+
+    Per-epoch seeds make a resumed run take the same shuffles and augmentations as an unbroken one; every
+    rank draws the same shuffle and its own augmentations.
+    """
+    seed_everything(seed * 1000 + epoch + 7919 * env.rank)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return order, torch.Generator().manual_seed(seed * 1000 + epoch + 7919 * env.rank)
+
+
+def validation_scores(model: nn.Module, data: FerData, device: torch.device, batch_size: int) -> tuple[float, float]:
+    """(loss, accuracy) of `model` on the validation split, the same on every rank."""
+    val = compute_metrics(predict_logits(model, data["val"].images, device, batch_size), data["val"].labels,
+                          data.classes)
+    scores = [val.loss, val.accuracy]
+    if dist.is_initialized():
+        # Each rank's BatchNorm statistics end the epoch on its own last batch, so the ranks' scores differ
+        # in the last digits: take rank 0's everywhere, so that every rank's plateau schedule decides alike
+        # (else the ranks' learning rates, then their weights, drift apart).
+        shared = torch.tensor(scores, dtype=torch.float64, device=device)
+        dist.broadcast(shared, src=0)
+        scores = shared.tolist()
+    return scores[0], scores[1]
+
+
+def _print_start(config: TrainConfig, env: Distributed, ctx: StepContext, images: int, first_epoch: int,
+                 run_dir: Path) -> None:
+    epochs = f"epochs {first_epoch + 1}..{config.epochs}" if first_epoch < config.epochs else \
+        f"all {config.epochs} epochs done"
+    print(f"ferkit: training {config.arch} ({config.preset} preset) on {ctx.device} x{env.world_size} "
+          f"({ctx.amp_dtype or 'float32'}), {images} images, {epochs} -> {run_dir}", flush=True)
+
+
+def _print_epoch(row: dict[str, Any], epochs: int) -> None:
+    print(f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+          f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
+          f"{row['images_per_s']:.0f} img/s  {row['seconds']:.0f}s", flush=True)
 
 
 def _teacher_targets(
@@ -667,23 +688,20 @@ def _class_weights(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> torch.
 def finish_run(run_dir: Path, data: FerData, device: torch.device, batch_size: int = 512) -> dict[str, Any]:
     """Score the best checkpoint once on the test split; write test_metrics.json and the figures."""
     model, meta = load_model(run_dir / BEST_WEIGHTS, device)
-    test = data["test"]
-    logits = predict_logits(model, test.images, device, batch_size, meta.preprocessing)
-    metrics = compute_metrics(logits, test.labels, meta.classes)
-    if data.all_faces is not None:
-        every = data.all_faces["test"]
-        every_logits = predict_logits(model, every.images, device, batch_size, meta.preprocessing).numpy()
-        metrics["ferplus"] = ferplus_report(every_logits, every.votes, meta.classes)
-    metrics["best_epoch"] = meta.epoch
-    metrics["views"] = meta.views
-    write_text_atomic(run_dir / TEST_METRICS, json.dumps(metrics, indent=2))
+    logits, every_logits = split_logits(model, data, "test", device, batch_size, meta.preprocessing)
+    metrics = compute_metrics(torch.from_numpy(logits), data["test"].labels, meta.classes)
+    report = metrics.to_dict()
+    if every_logits is not None and data.all_faces is not None:
+        report["ferplus"] = asdict(ferplus_report(every_logits, data.all_faces["test"].votes, meta.classes))
+    report.update(best_epoch=meta.epoch, views=meta.views)
+    write_text_atomic(run_dir / TEST_METRICS, json.dumps(report, indent=2))
     history = read_metrics_csv(run_dir / METRICS_CSV)
     plot_curves(history, run_dir / "curves.png", title=f"{meta.arch}: {run_dir.name}")
-    plot_confusion(metrics["confusion_matrix"], meta.classes, run_dir / "confusion_matrix_test.png",
-                   title=f"{meta.arch}, PrivateTest: accuracy {100 * metrics['accuracy']:.2f}%")
-    print(f"ferkit: best epoch {meta.epoch}, test accuracy {100 * metrics['accuracy']:.2f}% ({meta.views} view"
-          f"{'s' * (meta.views > 1)}), loss {metrics['loss']:.4f} -> {run_dir / TEST_METRICS}", flush=True)
-    return metrics
+    plot_confusion(metrics.confusion_matrix, meta.classes, run_dir / "confusion_matrix_test.png",
+                   title=f"{meta.arch}, PrivateTest: accuracy {100 * metrics.accuracy:.2f}%")
+    print(f"ferkit: best epoch {meta.epoch}, test accuracy {100 * metrics.accuracy:.2f}% ({meta.views} view"
+          f"{'s' * (meta.views > 1)}), loss {metrics.loss:.4f} -> {run_dir / TEST_METRICS}", flush=True)
+    return report
 
 
 def _training_subset(total: int, limit: int, seed: int) -> np.ndarray:
@@ -696,7 +714,7 @@ def _training_subset(total: int, limit: int, seed: int) -> np.ndarray:
 def _weights_meta(config: TrainConfig, data: FerData, row: dict[str, Any]) -> WeightsMeta:
     subset = _training_subset(len(data["train"]), config.limit_train, config.seed)
     return WeightsMeta(
-        arch=config.arch, data_source=data.source, epoch=int(row["epoch"]), recipe=asdict(config),
+        arch=config.arch, data_source=data.source, epoch=int(row["epoch"]), recipe=config.to_dict(),
         classes=list(data.classes),
         preprocessing=Preprocessing(views=config.views,
                                     class_prior=class_prior(data["train"].labels[subset], len(data.classes))),
@@ -786,7 +804,7 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
 def _check_unchanged(saved: dict[str, Any], config: TrainConfig, env: Distributed, path: Path) -> None:
     """Refuse, naming each, the changes to fields that the saved state depends on."""
     before = upgrade_config(saved["config"])
-    now = asdict(config)
+    now = config.to_dict()
     changed = [f"--{name.replace('_', '-')} {before.get(name)} in the run, {now[name]} now"
                for name, applies in RESUME_FIXED.items() if applies(config) and before.get(name) != now[name]]
     if saved.get("world_size", 1) != env.world_size:
@@ -883,7 +901,7 @@ def _sync_run_files(run_dir: Path, config: TrainConfig, data: FerData, scored: n
     if best_epoch == last["epoch"] and _weights_epoch(run_dir / BEST_WEIGHTS) != best_epoch:
         save_weights(run_dir / BEST_WEIGHTS, scored, meta)
     if not (run_dir / CONFIG_JSON).exists():
-        write_config_json(run_dir, asdict(config), data, state.get("data"))
+        write_config_json(run_dir, config.to_dict(), data, state.get("data"))
 
 
 def _weights_epoch(path: Path) -> int | None:
@@ -901,7 +919,7 @@ def _save_checkpoint(
     payload = {
         "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if not callable(v)},
-        "config": asdict(config), **state,
+        "config": config.to_dict(), **state,
     }
     if ema is not None:
         payload["ema"] = ema.state_dict()
