@@ -12,7 +12,8 @@ also under `--prior train`) and for `fer`:
 - PrivateTest accuracy and balanced accuracy on the FER-2013 crops (no detection: both read the crop);
 - mean corruption accuracy: ferkit's seeded corruption benchmark (`ferkit.corruptions`, 9 corruptions x
   5 severities) applied to the PrivateTest crops, the same corrupted crops for both;
-- one 640x480 photo with one face (a PrivateTest face pasted at 160 px), detection included:
+- one 640x480 photo with one face (a PrivateTest face pasted at 160 px), detection included, through
+  `EmotionRecognizer()` as users get it (on the CPU: the default model's ONNX twin on onnxruntime):
   median and p95 seconds per call after warm-up;
 - crops/s of the classifier on batches of 256 (ferkit: PyTorch, as `ferkit models` measures), and
   ferkit-resnet's (the ten-view model) beside it.
@@ -94,6 +95,7 @@ def accuracy(data: Path, fer_python: str, limit: int | None) -> dict[str, Any]:
     predicted = np.split(probabilities.argmax(1), len(sets))
     result["fer"] = scores(predicted, sets, test.labels)
     result["ferkit_weights"] = recognizer.backend.path.name
+    result["ferkit_runtime"] = recognizer.backend.name
     return result
 
 
@@ -130,6 +132,7 @@ def timing(data: Path, fer_python: str, repeats: int) -> dict[str, Any]:
     result["fer crops/s"] = run_fer(fer_python, "crops", "20")["crops_per_s"]
     result["torch_threads"] = torch.get_num_threads()
     result["ferkit_weights"] = recognizer.backend.path.name
+    result["ferkit_runtime"] = recognizer.backend.name
     return result
 
 
@@ -142,10 +145,11 @@ def table(result: dict[str, Any]) -> str:
     def ms(row: dict[str, Any] | None) -> str:
         return "-" if not row else f"{row['median_ms']:.1f} / {row['p95_ms']:.1f}"
 
-    name = (acc.get("ferkit_weights") or tim.get("ferkit_weights") or "ferkit default").removesuffix(".safetensors")
+    name = Path(acc.get("ferkit_weights") or tim.get("ferkit_weights") or "ferkit default").stem
     crops = tim.get(f"{name} crops/s")
-    rows = [(f"ferkit default ({name}, YuNet, uniform prior)", acc.get("ferkit prior uniform"), tim.get("ferkit photo"),
-             crops),
+    runtime = f" on {tim['ferkit_runtime']}" if tim.get("ferkit_runtime") else ""
+    rows = [(f"ferkit default ({name}{runtime}, YuNet, uniform prior)", acc.get("ferkit prior uniform"),
+             tim.get("ferkit photo"), crops),
             ("ferkit default, `--prior train`", acc.get("ferkit prior train"), tim.get("ferkit photo"), crops),
             ("fer 25.10.3 (Haar + TFLite)", acc.get("fer"), tim.get("fer photo"), tim.get("fer crops/s"))]
     lines = ["| | PrivateTest accuracy | balanced accuracy | mean corruption accuracy | 640x480 photo, ms "

@@ -227,26 +227,29 @@ class YuNetDetector:
         padded[0, :, :height, :width] = bgr.transpose(2, 0, 1)
         names = [output.name for output in self.session.get_outputs()]
         out = dict(zip(names, self.session.run(None, {self.session.get_inputs()[0].name: padded}), strict=True))
-        rows = np.concatenate([_decode(out, stride, padded.shape[3] // stride) for stride in self.strides])
+        rows = np.concatenate([_decode(out, stride, padded.shape[3] // stride, self.score_threshold)
+                               for stride in self.strides])
         keep = cv2.dnn.NMSBoxes(rows[:, :4].tolist(), rows[:, 14].tolist(), self.score_threshold,
                                 self.nms_threshold, top_k=self.top_k)
         return rows[np.asarray(keep, dtype=int).reshape(-1)]
 
 
-def _decode(out: dict[str, np.ndarray], stride: int, columns: int) -> np.ndarray:
-    """One stride's grid of predictions: each cell's box centre and landmarks are offsets from the cell in
-    cells, its size a log of cells; the score is the geometric mean of the class and objectness scores."""
+def _decode(out: dict[str, np.ndarray], stride: int, columns: int, score_threshold: float) -> np.ndarray:
+    """One stride's grid cells that score at least `score_threshold` (NMS would drop the others): each cell's
+    box centre and landmarks are offsets from the cell in cells, its size a log of cells; the score is the
+    geometric mean of the class and objectness scores."""
     try:
         cls, obj = out[f"cls_{stride}"].reshape(-1), out[f"obj_{stride}"].reshape(-1)
         box, points = out[f"bbox_{stride}"].reshape(-1, 4), out[f"kps_{stride}"].reshape(-1, 10)
     except KeyError as err:
         raise DetectorError(f"not a YuNet 2023mar model: it has no output {err}") from None
-    row, column = np.divmod(np.arange(len(cls)), columns)
-    size = np.exp(box[:, 2:4]) * stride
-    centre = (np.stack([column, row], 1) + box[:, :2]) * stride
-    landmarks = (points.reshape(-1, 5, 2) + np.stack([column, row], 1)[:, None, :]) * stride
     score = np.sqrt(np.clip(cls, 0, 1) * np.clip(obj, 0, 1))
-    return np.concatenate([centre - size / 2, size, landmarks.reshape(-1, 10), score[:, None]], 1)
+    cells = np.flatnonzero(score >= score_threshold)
+    cell = np.stack(np.divmod(cells, columns)[::-1], 1)  # column, row
+    size = np.exp(box[cells, 2:4]) * stride
+    centre = (cell + box[cells, :2]) * stride
+    landmarks = (points[cells].reshape(-1, 5, 2) + cell[:, None, :]) * stride
+    return np.concatenate([centre - size / 2, size, landmarks.reshape(-1, 10), score[cells, None]], 1)
 
 
 def _yunet_session(model: Path) -> Any:
