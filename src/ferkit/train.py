@@ -486,7 +486,7 @@ def fit(config: TrainConfig, data: FerData | None = None) -> Path:
         scored = ema.module if ema is not None else unwrap(model)
         if ema is not None:
             refresh_batchnorm(ema.module, images[_bn_subset(len(labels), config.seed)], config.eval_batch_size)
-        val_loss, val_acc = validation_scores(scored, data, device, config.eval_batch_size)
+        val_loss, val_acc = _validation_scores(scored, data, device, config.eval_batch_size)
         lr = optimizer.param_groups[0]["lr"]
         if config.schedule == "plateau":
             scheduler.step(val_loss)
@@ -555,7 +555,7 @@ def _epoch_randomness(seed: int, epoch: int, total: int, env: Distributed) -> tu
     return order, torch.Generator().manual_seed(seed * 1000 + epoch + 7919 * env.rank)
 
 
-def validation_scores(model: nn.Module, data: FerData, device: torch.device, batch_size: int) -> tuple[float, float]:
+def _validation_scores(model: nn.Module, data: FerData, device: torch.device, batch_size: int) -> tuple[float, float]:
     """(loss, accuracy) of `model` on the validation split, the same on every rank."""
     val = compute_metrics(predict_logits(model, data["val"].images, device, batch_size), data["val"].labels,
                           data.classes)
