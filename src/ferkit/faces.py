@@ -229,6 +229,7 @@ class YuNetDetector:
         out = dict(zip(names, self.session.run(None, {self.session.get_inputs()[0].name: padded}), strict=True))
         rows = np.concatenate([_decode(out, stride, padded.shape[3] // stride, self.score_threshold)
                                for stride in self.strides])
+        rows = rows[np.isfinite(rows).all(1)]  # a 1x1 image can give a box of infinite size
         keep = cv2.dnn.NMSBoxes(rows[:, :4].tolist(), rows[:, 14].tolist(), self.score_threshold,
                                 self.nms_threshold, top_k=self.top_k)
         return rows[np.asarray(keep, dtype=int).reshape(-1)]
