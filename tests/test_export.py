@@ -75,7 +75,7 @@ def test_onnx_carries_the_weights_metadata(onnx_file: Path, weights: Path) -> No
 
 
 def test_onnx_runs_on_onnxruntime_and_numpy_alone(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
-    """What the README shows: uint8 crops in, calibrated logits out; normalisation, views and calibration are in
+    """What docs/cli.md shows: uint8 crops in, calibrated logits out; normalisation, views and calibration are in
     the graph; the uniform prior is the log class prior subtracted."""
     import json
 
