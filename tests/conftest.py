@@ -37,6 +37,25 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ.get("FERKIT_TEST_THREADS", "1")))
 
 
+# Test time by lane: the fast lane is `-m "not slow"`; CI's one run of the whole suite prints both in its log.
+_LANES: dict[str, list[float]] = {"fast": [0, 0.0], "slow": [0, 0.0]}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    lane = _LANES["slow" if "slow" in report.keywords else "fast"]
+    lane[1] += report.duration
+    if report.when == "teardown":
+        lane[0] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if sum(count for count, _ in _LANES.values()):
+        terminalreporter.write_sep("-", "test time by lane (setup, call and teardown)")
+        for name, marker in (("fast", '-m "not slow"'), ("slow", "-m slow")):
+            count, seconds = _LANES[name]
+            terminalreporter.write_line(f"{name} lane ({marker}): {int(count)} tests, {seconds:.1f} s")
+
+
 def _require_data_root() -> Path:
     if not ((DATA_ROOT / "train").is_dir() and (DATA_ROOT / "test").is_dir()):
         pytest.skip(f"FER-2013 image folder not found at {DATA_ROOT} (set FERKIT_DATA to the folder layout)")
