@@ -63,6 +63,7 @@ def test_models_prints_what_the_files_hold(capsys: pytest.CaptureFixture[str]) -
     assert rows[0]["default_reason"] == table[-1].split(": ", 1)[1]
 
 
+@pytest.mark.slow
 def test_models_measures_speed_on_this_machine() -> None:
     rows = describe_shipped_models(speed_seconds=0.2)
     speeds = {r["name"]: r["crops_per_s"] for r in rows}

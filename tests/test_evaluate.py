@@ -151,6 +151,7 @@ def test_evaluate_weights_on_val_into_another_folder(run_copy: Path, small_root:
 SHIPPED_MODEL_FLOOR = {"ferkit-refcnn": 0.6333, "ferkit-resnet": 0.7175, "ferkit-resnet-robust": 0.6960}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHIPPED_MODEL_FLOOR))
 def test_shipped_models_keep_their_test_accuracy(name: str, data_root: Path, tmp_path: Path) -> None:
     report = evaluate_weights(name, str(data_root), split="test", figures_dir=str(tmp_path), device="cpu")
@@ -251,6 +252,7 @@ def test_calibrate_stores_a_map_that_lowers_validation_nll_and_keeps_shapes_and_
     assert report["ece"] == pytest.approx(by_hand["ece"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_shipped_default_map_lowers_publictest_nll_and_keeps_the_class_order(data_root: Path) -> None:
     from ferkit.data import load_fer2013
     from ferkit.inference import adjusted_logits

@@ -120,6 +120,7 @@ def test_recognizer_on_onnx_runs_no_torch_code(
         np.testing.assert_allclose(list(a[0].probabilities.values()), list(b[0].probabilities.values()), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchscript_matches_pytorch_with_two_views(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
     out = export_model(weights, tmp_path / "model.pt", "torchscript", views=2)
     model, weights_meta = load_model(weights)
@@ -130,6 +131,7 @@ def test_torchscript_matches_pytorch_with_two_views(weights: Path, faces: np.nda
     assert info == {**info, "format": "torchscript", "views": 2}
 
 
+@pytest.mark.slow
 def test_cli_export_onnx_with_views_checks_parity(weights: Path, faces: np.ndarray, tiny_root: Path,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "flip.onnx"
@@ -146,6 +148,7 @@ def test_cli_export_onnx_with_views_checks_parity(weights: Path, faces: np.ndarr
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
 
 
+@pytest.mark.slow
 def test_old_export_options_still_work_with_a_warning(weights: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "old.onnx"

@@ -495,6 +495,7 @@ def _ema_config(out: Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
+@pytest.mark.slow
 def test_ema_runs_save_the_averaged_weights_and_resume_them(tmp_path: Path, small_data: FerData) -> None:
     data = take(small_data, {"val": 21, "test": 14})
     unbroken = fit(_ema_config(tmp_path / "unbroken"), data)
