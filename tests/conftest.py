@@ -185,6 +185,22 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterable[Path]:
+    """One FERKIT_CACHE for the tests that read the whole FER-2013 folder, so that its 35,887 JPEGs are decoded once
+    a session, not once a test; removed at the end (about 80 MB)."""
+    cache = tmp_path_factory.mktemp("data-cache")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture
+def full_data(data_root: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The real FER-2013 folder, read through the session's shared cache (see `data_cache`)."""
+    monkeypatch.setenv("FERKIT_CACHE", str(data_cache))
+    return data_root
+
+
+@pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """42 real images: 2 of every class for each of Training, PublicTest, PrivateTest. Do not modify."""
     return build_subset(tmp_path_factory.mktemp("tiny") / "fer2013",
