@@ -136,3 +136,13 @@ def test_every_number_in_the_readme_results_table_is_indexed() -> None:
     indexed |= {re.sub(r"\s*(x|ms|s|min)$", "", value) for value in indexed}
     missing = [n for n in numbers if n not in indexed]
     assert not missing, f"README results figures missing from docs/results.md's index: {missing}"
+
+
+def test_ci_runs_the_readme_test_command_and_the_readme_gives_the_fast_lane() -> None:
+    tests = (ROOT / "README.md").read_text().split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    commands = [block.split("```", 1)[0].strip() for block in tests.split("```bash\n")[1:]]
+    suite, fast = (command.split(" ", 1)[1] for command in commands[:2])  # past FERKIT_DATA=...
+    assert suite.startswith("python -m pytest -q") and "slow" not in suite  # the whole suite
+    assert fast == 'python -m pytest -q -m "not slow"'
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert [line for line in ci if line.startswith("python -m pytest")] == [f"{suite} --durations=15"]
