@@ -37,6 +37,25 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ.get("FERKIT_TEST_THREADS", "1")))
 
 
+# Test time by lane: the fast lane is `-m "not slow"`; CI's one run of the whole suite prints both in its log.
+_LANES: dict[str, list[float]] = {"fast": [0, 0.0], "slow": [0, 0.0]}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    lane = _LANES["slow" if "slow" in report.keywords else "fast"]
+    lane[1] += report.duration
+    if report.when == "teardown":
+        lane[0] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if sum(count for count, _ in _LANES.values()):
+        terminalreporter.write_sep("-", "test time by lane (setup, call and teardown)")
+        for name, marker in (("fast", '-m "not slow"'), ("slow", "-m slow")):
+            count, seconds = _LANES[name]
+            terminalreporter.write_line(f"{name} lane ({marker}): {int(count)} tests, {seconds:.1f} s")
+
+
 def _require_data_root() -> Path:
     if not ((DATA_ROOT / "train").is_dir() and (DATA_ROOT / "test").is_dir()):
         pytest.skip(f"FER-2013 image folder not found at {DATA_ROOT} (set FERKIT_DATA to the folder layout)")
@@ -163,6 +182,22 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def data_root() -> Path:
     """The real FER-2013 image folder (skips where absent)."""
     return _require_data_root()
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterable[Path]:
+    """One FERKIT_CACHE for the tests that read the whole FER-2013 folder, so that its 35,887 JPEGs are decoded once
+    a session, not once a test; removed at the end (about 80 MB)."""
+    cache = tmp_path_factory.mktemp("data-cache")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture
+def full_data(data_root: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The real FER-2013 folder, read through the session's shared cache (see `data_cache`)."""
+    monkeypatch.setenv("FERKIT_CACHE", str(data_cache))
+    return data_root
 
 
 @pytest.fixture(scope="session")

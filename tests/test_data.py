@@ -145,6 +145,7 @@ def test_missing_source(tmp_path: Path) -> None:
 # The full shared data set
 
 
+@pytest.mark.slow
 def test_full_data_info_matches_the_readme(
     data_root: Path, isolated_env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -594,6 +595,7 @@ def test_hostile_source_gives_one_line_naming_file_and_place(
     assert expected in text, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_source_on_the_command_line(
     case: str, tmp_path: Path, tiny_root: Path, tiny_rows: list[list[str]]

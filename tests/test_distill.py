@@ -30,6 +30,7 @@ def _kl(teacher_probabilities: torch.Tensor, student: torch.nn.Module, images: n
     return float((p * (p.log() - log_q)).sum(1).mean())
 
 
+@pytest.mark.slow
 def test_distillation_moves_a_student_toward_its_teacher(small_data: FerData) -> None:
     """Two students from the same start, 6 epochs on 280 real faces: the KL to the teacher falls faster for the
     one given the teacher's soft targets than for the one given the labels alone, on its own faces and on faces

@@ -167,9 +167,10 @@ def test_evaluate_weights_on_val_into_another_folder(run_copy: Path, small_root:
 SHIPPED_MODEL_FLOOR = {"ferkit-refcnn": 0.6333, "ferkit-resnet": 0.7175, "ferkit-resnet-robust": 0.6960}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHIPPED_MODEL_FLOOR))
-def test_shipped_models_keep_their_test_accuracy(name: str, data_root: Path, tmp_path: Path) -> None:
-    report = evaluate_weights(name, str(data_root), split="test", figures_dir=str(tmp_path), device="cpu")
+def test_shipped_models_keep_their_test_accuracy(name: str, full_data: Path, tmp_path: Path) -> None:
+    report = evaluate_weights(name, str(full_data), split="test", figures_dir=str(tmp_path), device="cpu")
     assert report.num_images == 3589
     assert report.accuracy >= SHIPPED_MODEL_FLOOR[name], f"{name}: {report.accuracy:.4f}"
 
@@ -267,7 +268,8 @@ def test_calibrate_stores_a_map_that_lowers_validation_nll_and_keeps_shapes_and_
     assert report.ece == pytest.approx(by_hand.ece, abs=1e-6)
 
 
-def test_the_shipped_default_map_lowers_publictest_nll_and_keeps_the_class_order(data_root: Path) -> None:
+@pytest.mark.slow
+def test_the_shipped_default_map_lowers_publictest_nll_and_keeps_the_class_order(full_data: Path) -> None:
     from ferkit.data import load_fer2013
     from ferkit.inference import adjusted_logits
     from ferkit.weights import default_model
@@ -275,7 +277,7 @@ def test_the_shipped_default_map_lowers_publictest_nll_and_keeps_the_class_order
     model, meta = load_model(default_model())
     pre = meta.preprocessing
     assert pre.calibration_matrix is not None and meta.classes == list(EMOTIONS)
-    val = load_fer2013(str(data_root))["val"]
+    val = load_fer2013(str(full_data))["val"]
     raw = predict_logits(model, val.images).numpy()
     temperature_only = dataclasses.replace(pre, calibration_matrix=None, calibration_bias=None)
     calibrated = adjusted_logits(raw, pre)

@@ -83,7 +83,7 @@ def test_onnx_carries_the_weights_metadata(onnx_file: Path, weights: Path) -> No
 
 
 def test_onnx_runs_on_onnxruntime_and_numpy_alone(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
-    """What the README shows: uint8 crops in, calibrated logits out; normalisation, views and calibration are in
+    """What docs/cli.md shows: uint8 crops in, calibrated logits out; normalisation, views and calibration are in
     the graph; the uniform prior is the log class prior subtracted."""
     import json
 
@@ -128,6 +128,7 @@ def test_recognizer_on_onnx_runs_no_torch_code(
         np.testing.assert_allclose(list(a[0].probabilities.values()), list(b[0].probabilities.values()), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchscript_matches_pytorch_with_two_views(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
     out = export_model(weights, tmp_path / "model.pt", "torchscript", views=2)
     model, weights_meta = load_model(weights)
@@ -138,6 +139,7 @@ def test_torchscript_matches_pytorch_with_two_views(weights: Path, faces: np.nda
     assert info == {**info, "format": "torchscript", "views": 2}
 
 
+@pytest.mark.slow
 def test_cli_export_onnx_with_views_checks_parity(weights: Path, faces: np.ndarray, tiny_root: Path,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "flip.onnx"

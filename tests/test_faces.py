@@ -187,6 +187,7 @@ def test_crop_of_a_pasted_face_gives_back_the_fer_crop(data_root: Path) -> None:
     assert shifted > error  # and the geometry is aligned: 2 FER pixels off is worse
 
 
+@pytest.mark.slow
 def test_a_fer_face_upscaled_gives_back_the_data_set_crop(data_root: Path, weights: Path, tmp_path: Path) -> None:
     """One crop function for data-set images and faces at prediction time (issue 9).
 

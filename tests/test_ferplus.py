@@ -77,6 +77,7 @@ def test_schemes_on_real_rows_match_hand_computed_targets() -> None:
     assert labels.tolist() == [0, 0, 0, 0, 0, -1] and soft is not None
 
 
+@pytest.mark.slow
 def test_folder_loads_with_the_readme_counts(ferplus) -> None:  # type: ignore[no-untyped-def]
     assert ferplus.format == "ferplus" and ferplus.classes == FERPLUS_CLASSES
     assert [len(ferplus[s]) for s in ("train", "val", "test")] == [28558, 3579, 3573]
@@ -88,6 +89,7 @@ def test_folder_loads_with_the_readme_counts(ferplus) -> None:  # type: ignore[n
     assert stats["test"]["kept"]["ferplus-majority"] == 3152  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_label_scheme_view_trains_on_the_scheme_and_validates_on_the_majority(ferplus) -> None:  # type: ignore[no-untyped-def]
     view = with_label_scheme(ferplus, "ferplus-distribution")
     assert view.labels == "ferplus-distribution"
@@ -270,6 +272,7 @@ def ferplus_run(tmp_path_factory: pytest.TempPathFactory, ferplus) -> Path:  # t
     return fit(config, data=ferplus)
 
 
+@pytest.mark.slow
 def test_a_distribution_run_writes_eight_class_weights_and_ferplus_test_figures(ferplus_run: Path) -> None:
     import json
 
@@ -284,6 +287,7 @@ def test_a_distribution_run_writes_eight_class_weights_and_ferplus_test_figures(
     assert report["ferplus"]["majority_faces"] == 3152 and report["ferplus"]["distribution_faces"] > 3152
 
 
+@pytest.mark.slow
 def test_the_ferplus_model_predicts_eight_emotions_on_a_real_face(ferplus_run: Path, ferplus) -> None:  # type: ignore[no-untyped-def]
     from ferkit.predict import EmotionRecognizer
 
@@ -294,6 +298,7 @@ def test_the_ferplus_model_predicts_eight_emotions_on_a_real_face(ferplus_run: P
     assert result.label in FERPLUS_CLASSES
 
 
+@pytest.mark.slow
 def test_evaluate_scores_across_vocabularies(ferplus_run: Path, tmp_path: Path) -> None:
     from ferkit.evaluate import evaluate_weights
 
@@ -309,6 +314,7 @@ def test_evaluate_scores_across_vocabularies(ferplus_run: Path, tmp_path: Path) 
     assert ferplus_on_fer2013.ferplus is None and "ferplus" not in ferplus_on_fer2013.to_dict()
 
 
+@pytest.mark.slow
 def test_cli_data_info_prints_the_vote_statistics(capsys: pytest.CaptureFixture[str]) -> None:
     from ferkit.cli import main
 
@@ -323,6 +329,7 @@ def test_cli_data_info_prints_the_vote_statistics(capsys: pytest.CaptureFixture[
 # The shipped FER+ model: eight emotions through predict, the CLI and the service
 
 
+@pytest.mark.slow
 def test_the_shipped_ferplus_model_reads_eight_emotions_everywhere(ferplus, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import json

@@ -162,6 +162,7 @@ def csv_bytes(rows: list[list[str]], fmt: str, crlf: bool, bom: bool, quote_all:
 @fuzz_settings(1300)
 @given(fmt=st.sampled_from(["kaggle", "icml"]), crlf=st.booleans(), bom=st.booleans(),
        quote_all=st.booleans(), ops=st.lists(csv_op, min_size=0, max_size=4))
+@pytest.mark.slow
 def test_mutated_csv_loads_exactly_or_names_the_row(
     tmp_path_factory: pytest.TempPathFactory, csv_rows: list[list[str]],
     fmt: str, crlf: bool, bom: bool, quote_all: bool, ops: list[tuple],
@@ -338,6 +339,7 @@ def _check_loaded(data: FerData, expected: set[str], where: Path | None) -> None
                 np.testing.assert_array_equal(image, crop_face(load_image(where / name)))
 
 
+@pytest.mark.slow
 @fuzz_settings(350)
 @given(ops=st.lists(file_op, min_size=1, max_size=3))
 def test_mutated_image_folder_loads_exactly_or_names_the_file(
@@ -378,6 +380,7 @@ zip_op = st.one_of(
 @given(prefix=st.sampled_from(["", "fer2013/"]), deflate=st.booleans(),
        file_ops=st.lists(content_op, max_size=2),
        ops=st.lists(zip_op, min_size=0, max_size=3))
+@pytest.mark.slow
 def test_mutated_zip_loads_exactly_or_names_the_member(
     tmp_path_factory: pytest.TempPathFactory, base_files: dict[str, bytes],
     prefix: str, deflate: bool, file_ops: list[tuple], ops: list[tuple],

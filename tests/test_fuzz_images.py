@@ -77,6 +77,7 @@ def _file(tmp_path_factory: pytest.TempPathFactory, blob: bytes) -> Path:
     return path
 
 
+@pytest.mark.slow
 @fuzz_settings(500)
 @given(choice=image_bytes)
 def test_random_and_mutated_bytes_load_or_raise_image_error(
@@ -109,6 +110,7 @@ def small_limit_recognizer(weights: Path):
     return EmotionRecognizer(weights, device="cpu", max_pixels=MAX_PIXELS)
 
 
+@pytest.mark.slow
 @fuzz_settings(250)
 @given(choice=image_bytes, detect=st.booleans())
 def test_predict_on_random_and_mutated_bytes_answers_or_raises_image_error(

@@ -177,6 +177,7 @@ def check_invariant(path: Path, face: np.ndarray) -> None:
 _names = count()
 
 
+@pytest.mark.slow
 @fuzz_settings(650)
 @given(text=mutated_metadata())
 def test_mutated_metadata_loads_or_names_the_file(
@@ -197,6 +198,7 @@ def valid_file(state: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPath
     return path.read_bytes()
 
 
+@pytest.mark.slow
 @fuzz_settings(150)
 @given(data=st.data())
 def test_corrupted_files_load_or_name_the_file(
@@ -241,6 +243,7 @@ def test_corrupted_files_load_or_name_the_file(
     json.dumps({"arch": "y" * 5000}),  # a 5,000-character message
     json.dumps({"arch": "refcnn", "format": 2, "classes": ["a", "b", "c"]}),  # PyTorch's mismatch list, many lines
 ])
+@pytest.mark.slow
 def test_found_by_fuzzing(text: str, state: dict[str, torch.Tensor], face: np.ndarray, tmp_path: Path) -> None:
     path = tmp_path / "found.safetensors"
     save_file(state, str(path), metadata={METADATA_KEY: text})

@@ -230,8 +230,10 @@ def test_predict_names_a_device_as_not_a_regular_file(capsys: pytest.CaptureFixt
 
 
 def test_the_readme_never_puts_an_api_key_on_the_command_line() -> None:
-    """`ps` shows a process's arguments to every user: the README's examples take the key from the environment."""
-    readme = (PACKAGE.parents[1] / "README.md").read_text()
-    commands = [line for line in readme.splitlines() if line.lstrip().startswith("ferkit serve")]
-    assert commands and not [line for line in commands if "--api-key" in line.split("#")[0] and "KEY]" not in line]
-    assert "FERKIT_API_KEY=" in readme
+    """`ps` shows a process's arguments to every user: the docs' examples take the key from the environment."""
+    root = PACKAGE.parents[1]
+    for page in (root / "README.md", root / "docs" / "service.md", root / "docs" / "cli.md"):
+        text = page.read_text()
+        commands = [line for line in text.splitlines() if line.lstrip().startswith("ferkit serve")]
+        assert commands and not [line for line in commands if "--api-key" in line.split("#")[0] and "KEY]" not in line]
+        assert "FERKIT_API_KEY=" in text, page

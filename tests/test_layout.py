@@ -75,6 +75,16 @@ def test_the_readme_layout_matches_the_tree() -> None:
     assert listed == set(_modules()), (set(_modules()) - listed, listed - set(_modules()))
     folders = set(re.findall(r"^  (\w+)/", match.group(1), re.M))
     assert folders == {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    # A subpackage's modules are listed under it, one more level in.
+    listed_in: dict[str, set[str]] = {}
+    for line in match.group(1).splitlines():
+        if folder := re.match(r"^  (\w+)/", line):
+            current = listed_in.setdefault(folder.group(1), set())
+        elif module := re.match(r"^    (\w+)\.py\b", line):
+            current.add(module.group(1))
+    for folder in folders:
+        modules = {p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__"}
+        assert listed_in[folder] == modules, (folder, modules - listed_in[folder], listed_in[folder] - modules)
 
 
 @pytest.mark.parametrize("name", sorted(_modules()))

@@ -34,6 +34,7 @@ def live_url(recognizer: EmotionRecognizer) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_api_conforms_to_its_schema(live_url: str) -> None:
     schema = schemathesis.openapi.from_url(f"{live_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -111,6 +111,7 @@ def _config(out: Path, **overrides: object) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_unbroken_run(tmp_path: Path, small_data: FerData) -> None:
     data = take(small_data, {"val": 21, "test": 14})
     unbroken = fit(_config(tmp_path / "unbroken", epochs=3), data)
