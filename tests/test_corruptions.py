@@ -97,10 +97,10 @@ def test_the_benchmark_averages_as_worked_out_by_hand() -> None:
     halves[:, :, 24:] = 255
     images, labels = np.concatenate([flat, halves]), np.array([0, 0, 0, 1])
     report = corruption_report(FlatOrNot(), images, labels, DEFAULT_PREPROCESSING, torch.device("cpu"))
-    assert report["clean_accuracy"] == 1.0 and report["severities"] == [1, 2, 3, 4, 5]
-    assert report["per_corruption"] == {name: 0.25 if name == "gaussian_noise" else 1.0 for name in CORRUPTIONS}
-    assert report["per_severity"]["gaussian_noise"] == {str(s): 0.25 for s in SEVERITIES}
-    assert report["mean_corruption_accuracy"] == pytest.approx(11 / 12)
+    assert report.clean_accuracy == 1.0 and report.severities == [1, 2, 3, 4, 5]
+    assert report.per_corruption == {name: 0.25 if name == "gaussian_noise" else 1.0 for name in CORRUPTIONS}
+    assert report.per_severity["gaussian_noise"] == {str(s): 0.25 for s in SEVERITIES}
+    assert report.mean_corruption_accuracy == pytest.approx(11 / 12)
 
 
 def test_cli_evaluate_with_corruptions(tiny_run: Path, small_root: Path, tmp_path: Path,
