@@ -52,6 +52,7 @@ def reached(name):
 write_bytes_atomic = runs.write_bytes_atomic
 def patched_write(path, blob):
     if path.name == runs.CHECKPOINT and point == "inside-checkpoint" and seen.get(point, 0) + 1 == nth:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the first checkpoint may be the run folder's first file
         path.with_name(f".{path.name}.tmp{os.getpid()}").write_bytes(blob[: len(blob) // 2])
     if path.name == runs.CHECKPOINT:
         reached("inside-checkpoint")
