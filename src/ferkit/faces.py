@@ -205,6 +205,8 @@ class YuNetDetector:
         if not Path(model).is_file():
             raise DetectorError(f"{model}: no such YuNet model file")
         self.session = _yunet_session(Path(model))
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [output.name for output in self.session.get_outputs()]
         self.score_threshold, self.nms_threshold, self.top_k = score_threshold, nms_threshold, top_k
         self.min_face = min_face
         self.detect_max_side = detect_max_side
@@ -225,8 +227,7 @@ class YuNetDetector:
         # The network takes raw 0-255 BGR planes, zero-padded to a multiple of its largest stride.
         padded = np.zeros((1, 3, -(-height // 32) * 32, -(-width // 32) * 32), np.float32)
         padded[0, :, :height, :width] = bgr.transpose(2, 0, 1)
-        names = [output.name for output in self.session.get_outputs()]
-        out = dict(zip(names, self.session.run(None, {self.session.get_inputs()[0].name: padded}), strict=True))
+        out = dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: padded}), strict=True))
         rows = np.concatenate([_decode(out, stride, padded.shape[3] // stride, self.score_threshold)
                                for stride in self.strides])
         rows = rows[np.isfinite(rows).all(1)]  # a 1x1 image can give a box of infinite size
