@@ -162,6 +162,21 @@ def test_resume_refuses_another_architecture(run_copy: Path, small_data: FerData
     assert str(run_copy / "checkpoint.safetensors") in str(err.value)
 
 
+def test_resume_takes_the_runs_recipe_from_its_folder(
+    run_copy: Path, small_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The run trained on --limit-train 256: `--resume --run-dir` alone continues it, with no need to repeat that.
+    code, _, err = _train_cli(capsys, "--data", str(small_root), "--run-dir", str(run_copy), "--epochs", "3",
+                              "--resume")
+    assert code == 0, err
+    assert [row["epoch"] for row in read_metrics_csv(run_copy / "metrics.csv")] == [1.0, 2.0, 3.0]
+    assert json.loads((run_copy / "config.json").read_text())["config"]["limit_train"] == 256
+    # An option given on the command line still wins, and is still refused where the run's state depends on it.
+    code, _, err = _train_cli(capsys, "--data", str(small_root), "--run-dir", str(run_copy), "--epochs", "4",
+                              "--limit-train", "128", "--resume")
+    _assert_one_line_error(code, err, "--limit-train 256 in the run, 128 now")
+
+
 def test_resume_without_a_checkpoint(tmp_path: Path, small_data: FerData) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="nothing to resume") as err:

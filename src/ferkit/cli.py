@@ -157,7 +157,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         pick_device(args.device)
     options = given_options(TrainConfig, args)
-    fit(TrainConfig.from_preset(options.pop("preset", "reference"), **options))
+    if options.get("resume"):
+        fit(TrainConfig.for_resume(**options))
+    else:
+        fit(TrainConfig.from_preset(options.pop("preset", "reference"), **options))
     return 0
 
 

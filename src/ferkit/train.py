@@ -132,6 +132,21 @@ class TrainConfig:
                               "preset": preset})
 
     @classmethod
+    def for_resume(cls, **given: Any) -> TrainConfig:
+        """The recipe of the run in `run_dir` (its config.json), with the options `given` on top, so that
+        `--resume --run-dir DIR` alone continues a run; without a readable config.json, the preset's."""
+        preset = given.get("preset", "reference")
+        run_dir = Path(given.get("run_dir") or cls.from_preset(preset).run_dir)
+        try:
+            saved = json.loads((run_dir / CONFIG_JSON).read_text())["config"]
+            recipe = upgrade_config(dict(saved))
+        except (OSError, ValueError, KeyError, TypeError):  # no run there: the checks of `fit` say so
+            return cls.from_preset(given.pop("preset", "reference"), **given)
+        known = {f.name for f, _ in cls().options()}  # a newer ferkit's config.json may hold more
+        recipe = {name: value for name, value in recipe.items() if name in known}
+        return cls.from_dict({**recipe, **_spread_augment(upgrade_config(given, warn=True)), "run_dir": str(run_dir)})
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """A config from one value per option, named as the flags are (presets, `to_dict`, the CLI); the
         augmentation's options go into `augment` (an `augment` given as an AugmentConfig or a dict, as
