@@ -8,13 +8,17 @@ PublicTest faces only (the validation split: these figures choose settings); Pri
   square with IoU >= 0.5 (PASCAL VOC, the criterion of Haar's earlier 71%); also counted: a
   detection centred on the face whatever its framing, and detections elsewhere. Also: detections on
   20 face-free scikit-image photos, each letterboxed to 640x480. YuNet and Haar (the defaults of
-  each) in the same run.
+  each) in the same run, each as `find_faces` runs it (with `faces.TILTS`), and YuNet without tilts.
+- `tilts`: the same photos, YuNet with each candidate set of turns for photos without an upright face
+  (`find_faces`): this chose `faces.TILTS`.
 - `sweep`: PublicTest faces pasted the same way at each of several sides; for every face YuNet finds,
   crops at each enlargement of YuNet's box, classified by the default model (train prior); accuracy
   per enlargement over the same faces. The best enlargement is YuNet's `crop_scale`.
 
     .venv/bin/python benchmarks/detection.py rates --data ../shared/data/fer2013 \\
         --output docs/results/detection/detection.json > docs/results/detection/detection.txt
+    .venv/bin/python benchmarks/detection.py tilts --data ../shared/data/fer2013 \\
+        --output docs/results/detection/tilts.json > docs/results/detection/tilts.txt
     .venv/bin/python benchmarks/detection.py sweep --data ../shared/data/fer2013 \\
         --output docs/results/detection/enlargement_sweep.json > docs/results/detection/enlargement_sweep.txt
 """
@@ -32,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fer_photos import fer_faces, iou, photo, read_gray
-from ferkit.faces import FaceDetector, HaarDetector, YuNetDetector, crop_box, crop_face
+from ferkit.faces import TILTS, FaceDetector, HaarDetector, YuNetDetector, crop_box, crop_face, find_faces
 from ferkit.labels import EMOTIONS
 
 WIDTH, HEIGHT = 640, 480
@@ -56,16 +60,17 @@ def pasted(face: np.ndarray, side: int, rng: np.random.Generator, seed: int) -> 
     return photo([face], [box], WIDTH, HEIGHT, seed=seed), box
 
 
-def found(detector: FaceDetector, image: np.ndarray, box: tuple[int, ...]) -> tuple[bool, bool, int]:
-    """Whether the face at `box` was found with a crop that frames it (IoU >= 0.5), found at all (a detection
-    centred inside it), and how many detections lay elsewhere (false positives)."""
+def found(detector: FaceDetector, image: np.ndarray, box: tuple[int, ...],
+          tilts: tuple[float, ...] = TILTS) -> tuple[bool, bool, int]:
+    """Whether the face at `box` was found (`find_faces`, as predict finds faces) with a crop that frames it
+    (IoU >= 0.5), found at all (a face centred inside it), and how many faces lay elsewhere (false positives).
+    A face found in the turned photo is framed by the bounds of the turned square it was read from."""
     x, y, w, h = box
     framed, on_face, elsewhere = False, False, 0
-    for d in detector.detect(image):
-        region = crop_box(d.box, detector.crop_scale)
-        cx, cy = d.box[0] + d.box[2] / 2, d.box[1] + d.box[3] / 2
+    for face in find_faces(image, detector, tilts):
+        cx, cy = face.box[0] + face.box[2] / 2, face.box[1] + face.box[3] / 2
         inside = x <= cx <= x + w and y <= cy <= y + h
-        framed |= iou(region, box) >= 0.5
+        framed |= iou(face.box, box) >= 0.5
         on_face |= inside
         elsewhere += not inside
     return framed, on_face, elsewhere
@@ -91,15 +96,40 @@ def rates(data: Path, count: int = 400, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed + 1)
     photos = [pasted(face, int(rng.integers(70, 201)), rng, seed=i) for i, (face, _) in enumerate(faces)]
     empty = [letterbox(img_as_ubyte(getattr(skimage.data, name)())) for name in FACE_FREE]
-    result: dict[str, Any] = {"faces": count, "face_free_photos": len(empty), "detectors": {}}
-    for name, detector in (("yunet", YuNetDetector()), ("haar", HaarDetector())):
-        outcomes = [found(detector, image, box) for image, box in photos]
-        result["detectors"][name] = {
-            "found": sum(o[0] for o in outcomes), "found_any_framing": sum(o[1] for o in outcomes),
-            "false_positives_on_face_photos": sum(o[2] for o in outcomes),
-            "detections_on_face_free_photos": sum(len(detector.detect(image)) for image in empty),
-            "crop_scale": detector.crop_scale}
+    result: dict[str, Any] = {"faces": count, "face_free_photos": len(empty), "tilts": list(TILTS), "detectors": {}}
+    runs: dict[str, tuple[FaceDetector, tuple[float, ...]]] = {
+        "yunet": (YuNetDetector(), TILTS), "haar": (HaarDetector(), TILTS), "yunet, no tilts": (YuNetDetector(), ())}
+    for name, (detector, tilts) in runs.items():
+        result["detectors"][name] = outcome(detector, tilts, photos, empty)
     return result
+
+
+def outcome(detector: FaceDetector, tilts: tuple[float, ...], photos: list[tuple[np.ndarray, tuple[int, ...]]],
+            empty: list[np.ndarray]) -> dict[str, Any]:
+    """Faces found and framed, and false detections, of one detector with one set of tilts."""
+    outcomes = [found(detector, image, box, tilts) for image, box in photos]
+    return {"found": sum(o[0] for o in outcomes), "found_any_framing": sum(o[1] for o in outcomes),
+            "false_positives_on_face_photos": sum(o[2] for o in outcomes),
+            "detections_on_face_free_photos": sum(len(find_faces(image, detector, tilts)) for image in empty),
+            "crop_scale": detector.crop_scale, "tilts": list(tilts)}
+
+
+TILT_CHOICES = ((), (15.0, -15.0), (30.0, -30.0), (45.0, -45.0), (15.0, -15.0, 30.0, -30.0))
+
+
+def tilts(data: Path, count: int = 400, seed: int = 0) -> dict[str, Any]:
+    """`rates`' photos with YuNet and each candidate set of tilts (PublicTest: this chooses `faces.TILTS`)."""
+    import skimage.data
+    from skimage.util import img_as_ubyte
+
+    faces = public_faces(data, count, seed)
+    rng = np.random.default_rng(seed + 1)
+    photos = [pasted(face, int(rng.integers(70, 201)), rng, seed=i) for i, (face, _) in enumerate(faces)]
+    empty = [letterbox(img_as_ubyte(getattr(skimage.data, name)())) for name in FACE_FREE]
+    detector = YuNetDetector()
+    return {"faces": count, "face_free_photos": len(empty),
+            "choices": {" ".join(f"{t:g}" for t in choice) or "none": outcome(detector, choice, photos, empty)
+                        for choice in TILT_CHOICES}}
 
 
 def sweep(data: Path, count: int = 800, seed: int = 0, weights: str | None = None,
@@ -138,7 +168,7 @@ def sweep(data: Path, count: int = 800, seed: int = 0, weights: str | None = Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("rates", "sweep"))
+    parser.add_argument("what", choices=("rates", "sweep", "tilts"))
     parser.add_argument("--data", type=Path, required=True, help="FER-2013 folder layout")
     parser.add_argument("--count", type=int, help="PublicTest faces (default: 400 for rates, 800 for the sweep)")
     parser.add_argument("--weights", help="the model of the sweep (default: the shipped default)")
@@ -146,14 +176,15 @@ def main() -> None:
                         help=f"the sweep's enlargements (default: {' '.join(map(str, ENLARGEMENTS))})")
     parser.add_argument("--output", type=Path, help="write the JSON here")
     args = parser.parse_args()
-    if args.what == "rates":
-        result = rates(args.data, args.count or 400)
-        for name, r in result["detectors"].items():
-            print(f"{name}: found {r['found']} of {result['faces']} pasted PublicTest faces with a crop that frames "
-                  f"them, IoU >= 0.5 ({100 * r['found'] / result['faces']:.1f}%); {r['found_any_framing']} "
-                  f"({100 * r['found_any_framing'] / result['faces']:.1f}%) with a detection centred on them; "
-                  f"{r['false_positives_on_face_photos']} detections elsewhere; "
-                  f"{r['detections_on_face_free_photos']} detections on {result['face_free_photos']} face-free photos")
+    if args.what in ("rates", "tilts"):
+        result = (rates if args.what == "rates" else tilts)(args.data, args.count or 400)
+        for name, r in result["detectors" if args.what == "rates" else "choices"].items():
+            print(f"{name} (tilts: {' '.join(f'{t:g}' for t in r['tilts']) or 'none'}): found {r['found']} of "
+                  f"{result['faces']} pasted PublicTest faces with a crop that frames them, IoU >= 0.5 "
+                  f"({100 * r['found'] / result['faces']:.1f}%); {r['found_any_framing']} "
+                  f"({100 * r['found_any_framing'] / result['faces']:.1f}%) with a face centred on them; "
+                  f"{r['false_positives_on_face_photos']} faces elsewhere; "
+                  f"{r['detections_on_face_free_photos']} faces on {result['face_free_photos']} face-free photos")
     else:
         result = sweep(args.data, args.count or 800, weights=args.weights, enlargements=tuple(args.enlargements))
         print(f"YuNet found {result['found']} of {result['photos']} photos ({result['weights']}, train prior)")

@@ -18,7 +18,9 @@ from ferkit.data import decode_face_image
 from ferkit.faces import (
     HAAR_CROP_SCALE,
     LANDMARKS,
+    TILTS,
     YUNET_SHA256,
+    Detection,
     DetectorError,
     HaarDetector,
     YuNetDetector,
@@ -171,6 +173,54 @@ def test_yunet_finds_pasted_fer_faces_and_nothing_where_there_is_none(data_root:
     assert found >= 40, f"found {found} of 48 faces"
     assert find_faces(background(seed=7), yunet) == []
     assert find_faces(np.zeros((480, 640, 3), np.uint8), yunet) == []
+
+
+class CountingDetector:
+    """A detector that counts its calls and records the size of each image it is given."""
+
+    def __init__(self, inner: YuNetDetector) -> None:
+        self.inner, self.crop_scale = inner, inner.crop_scale
+        self.sizes: list[tuple[int, ...]] = []
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        self.sizes.append(image.shape[:2])
+        return self.inner.detect(image)
+
+
+# Two real FER-2013 faces, heads tilted the one way and the other, that YuNet misses upright when pasted at 160 px.
+TILTED = {"angry/PublicTest_96057304.jpg": 30.0, "angry/PublicTest_88420742.jpg": -30.0}
+
+
+@pytest.mark.parametrize("name", list(TILTED))
+def test_a_tilted_head_missed_upright_is_found_in_the_turned_photo(
+    name: str, data_root: Path, yunet: YuNetDetector
+) -> None:
+    face = read_gray(data_root / "test" / name)
+    box = (200, 150, 160, 160)
+    image = photo([face], [box], seed=0)
+    assert find_faces(image, yunet, tilts=()) == []
+    counting = CountingDetector(yunet)
+    (found,) = find_faces(image, counting)
+    assert found.tilt == TILTED[name] and len(counting.sizes) == 1 + list(TILTS).index(found.tilt) + 1
+    assert counting.sizes[-1][0] > 480 and counting.sizes[-1][1] > 640  # the turned photo keeps every corner
+    assert iou(found.box, box) > 0.4 and found.crop.shape == (48, 48)
+    assert found.landmarks is not None
+    assert all(box[0] <= x <= box[0] + box[2] and box[1] <= y <= box[1] + box[3] for x, y in found.landmarks)
+    # The crop is read upright from the turned photo: it matches the face turned by the same angle better
+    # than the face as it was.
+    turned = cv2.warpAffine(face, cv2.getRotationMatrix2D((24, 24), found.tilt, 1.0), (48, 48),
+                            borderMode=cv2.BORDER_REPLICATE)
+    def similarity(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+    assert similarity(found.crop, turned) > similarity(found.crop, face) + 0.1
+
+
+def test_tilts_are_tried_only_where_no_upright_face_is_found(astronaut: np.ndarray, yunet: YuNetDetector) -> None:
+    counting = CountingDetector(yunet)
+    (face,) = find_faces(astronaut, counting)
+    assert face.tilt == 0.0 and len(counting.sizes) == 1
+    counting.sizes.clear()
+    assert find_faces(background(seed=7), counting) == [] and len(counting.sizes) == 1 + len(TILTS)
 
 
 # ---------------------------------------------------------------------------------------------
