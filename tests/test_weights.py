@@ -21,6 +21,7 @@ from ferkit.weights import (
     METADATA_KEY,
     WeightsError,
     WeightsMeta,
+    average_weights,
     choose_default,
     load_model,
     read_meta,
@@ -280,3 +281,35 @@ def test_format_1_weights_files_still_load(tmp_path: Path, faces: torch.Tensor) 
     assert meta.preprocessing == Preprocessing(views=2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(faces), model(faces), rtol=0, atol=1e-6)
+
+
+def test_average_of_weights_mixes_every_tensor_by_its_share(tmp_path: Path, faces: torch.Tensor) -> None:
+    first, second = _trained_looking_model(faces), create_model("refcnn")
+    calibrated = Preprocessing(temperature=0.7, calibration_bias=tuple([0.1] * 7),
+                               calibration_matrix=tuple(tuple(float(i == j) for j in range(7)) for i in range(7)))
+    save_weights(tmp_path / "a.safetensors", first, WeightsMeta(arch="refcnn", preprocessing=calibrated,
+                                                               metrics={"test_acc": 0.7}, recipe={"lr": 1e-3}))
+    save_weights(tmp_path / "b.safetensors", second, WeightsMeta(arch="refcnn"))
+    parts = {tmp_path / "a.safetensors": 0.25, tmp_path / "b.safetensors": 0.75}
+    meta = average_weights(parts, tmp_path / "m.safetensors")
+    model, loaded = load_model(tmp_path / "m.safetensors")
+    mixed, a, b = model.state_dict(), first.state_dict(), second.state_dict()
+    for name, tensor in mixed.items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, 0.25 * a[name] + 0.75 * b[name], atol=1e-6), name
+        else:
+            assert torch.equal(tensor, a[name]), name
+    assert loaded == meta and loaded.recipe["lr"] == 1e-3 and loaded.metrics == {}
+    assert [part["share"] for part in loaded.recipe["average_of"]] == [0.25, 0.75]
+    # The average is a new model: the first part's calibration does not fit it.
+    assert (loaded.preprocessing.temperature, loaded.preprocessing.calibration_matrix) == (1.0, None)
+
+
+def test_average_of_weights_refuses_what_cannot_be_averaged(tmp_path: Path) -> None:
+    save_weights(tmp_path / "a.safetensors", create_model("refcnn"), WeightsMeta(arch="refcnn"))
+    save_weights(tmp_path / "r.safetensors", create_model("resnet"), WeightsMeta(arch="resnet"))
+    with pytest.raises(WeightsError, match="sum to 1"):
+        average_weights({tmp_path / "a.safetensors": 0.5, tmp_path / "r.safetensors": 0.6}, tmp_path / "m.safetensors")
+    with pytest.raises(WeightsError, match="not all of one architecture"):
+        average_weights({tmp_path / "a.safetensors": 0.5, tmp_path / "r.safetensors": 0.5}, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -9,6 +9,7 @@ exported models alike. Loading never unpickles anything.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -303,3 +304,43 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(getattr(inner, "module", None), nn.Module) or hasattr(inner, "_orig_mod"):
         inner = getattr(inner, "_orig_mod", None) or inner.module
     return inner
+
+
+def average_weights(parts: Mapping[str | os.PathLike[str], float], output: str | os.PathLike[str]) -> WeightsMeta:
+    """Write the weighted average of the tensors of `parts` (weights file -> its share; shares sum to 1) to
+    `output`: one model, as fast as each part (a "model soup" of runs fine-tuned from the same start).
+
+    The parts must share an architecture and classes. The metadata is the first part's, without its recorded
+    figures or calibration (the average has its own: calibrate and evaluate it), with `recipe["average_of"]`
+    naming each part and its share.
+    """
+    paths = [resolve_weights(p) for p in parts]
+    shares = [float(s) for s in parts.values()]
+    if len(paths) < 2 or any(s < 0 for s in shares) or abs(sum(shares) - 1) > 1e-9:
+        raise WeightsError(f"average of {len(paths)} file(s) with shares {shares}: need two or more shares "
+                           "of at least 0 that sum to 1")
+    metas = [read_meta(p) for p in paths]
+    if any((m.arch, m.classes) != (metas[0].arch, metas[0].classes) for m in metas):
+        raise WeightsError(f"{', '.join(map(str, paths))}: not all of one architecture and class list")
+    states = [load_file(str(p)) for p in paths]
+    if any(s.keys() != states[0].keys() for s in states):
+        raise WeightsError(f"{', '.join(map(str, paths))}: their tensors differ in names")
+    average = {name: _mix([s[name] for s in states], shares) for name in states[0]}
+    first = metas[0]
+    meta = WeightsMeta(
+        arch=first.arch, classes=first.classes, data_source=first.data_source, epoch=first.epoch,
+        preprocessing=dataclasses.replace(first.preprocessing, temperature=1.0, calibration_matrix=None,
+                                          calibration_bias=None),
+        recipe={**first.recipe, "average_of": [{"file": str(p), "share": s} for p, s in parts.items()]},
+    )
+    with atomic_write(output) as tmp:
+        save_file(average, str(tmp), metadata={METADATA_KEY: meta.to_json()})
+    return meta
+
+
+def _mix(tensors: list[torch.Tensor], shares: list[float]) -> torch.Tensor:
+    """The shares' mix of floating tensors; a count (BatchNorm's batches seen) is the first part's."""
+    if not tensors[0].is_floating_point():
+        return tensors[0].contiguous()
+    mixed = sum((share * t.double() for t, share in zip(tensors, shares, strict=True)), torch.zeros(()))
+    return mixed.to(tensors[0].dtype).contiguous()
