@@ -314,8 +314,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A single-view model for real use: the accurate recipe's ResNet, distilled from the shipped ten-view ResNet
     # (its soft targets computed once, cached in the run folder) and trained on faces as other cameras deliver
     # them; planned to stay within about two and a half hours on a 2-core AVX-512 bf16 CPU. It made
-    # `ferkit-resnet-robust`. Candidates to try next: `--teacher-mode online`, and no label smoothing (the soft
-    # targets already smooth, and smoothing caps a confidence that a temperature cannot restore).
+    # `ferkit-resnet-robust`. Keep the cached teacher: `--teacher-mode online` lets the fragile ten-view teacher
+    # score corrupted faces, and cost the student its robustness on PublicTest (docs/results/student-ft). To try:
+    # no label smoothing (the soft targets already smooth, and smoothing caps a confidence that a temperature
+    # cannot restore), and longer runs.
     "student": {
         "run_dir": "runs/student", "arch": "resnet", "epochs": 100, "batch_size": 128, "optimizer": "adamw",
         "lr": 3e-3, "weight_decay": 0.05, "schedule": "onecycle", "label_smoothing": 0.1, "shift_pixels": 4,
