@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import struct
@@ -213,6 +214,14 @@ def test_a_tilted_head_missed_upright_is_found_in_the_turned_photo(
     def similarity(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
     assert similarity(found.crop, turned) > similarity(found.crop, face) + 0.1
+    # The default path (`ferkit predict`, the API, the service) finds it too, where it is.
+    (result,) = default_recognizer().predict(image)
+    assert result.box == found.box and result.landmarks is not None
+
+
+@functools.cache
+def default_recognizer() -> EmotionRecognizer:
+    return EmotionRecognizer()
 
 
 def test_tilts_are_tried_only_where_no_upright_face_is_found(astronaut: np.ndarray, yunet: YuNetDetector) -> None:
