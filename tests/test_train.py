@@ -175,6 +175,9 @@ def test_resume_takes_the_runs_recipe_from_its_folder(
     code, _, err = _train_cli(capsys, "--data", str(small_root), "--run-dir", str(run_copy), "--epochs", "4",
                               "--limit-train", "128", "--resume")
     _assert_one_line_error(code, err, "--limit-train 256 in the run, 128 now")
+    code, _, err = _train_cli(capsys, "--data", str(small_root), "--run-dir", str(run_copy), "--preset", "fast",
+                              "--resume")
+    _assert_one_line_error(code, err, "holds a run of --preset reference, not fast")
 
 
 def test_resume_without_a_checkpoint(tmp_path: Path, small_data: FerData) -> None:

@@ -135,13 +135,15 @@ class TrainConfig:
     def for_resume(cls, **given: Any) -> TrainConfig:
         """The recipe of the run in `run_dir` (its config.json), with the options `given` on top, so that
         `--resume --run-dir DIR` alone continues a run; without a readable config.json, the preset's."""
-        preset = given.get("preset", "reference")
-        run_dir = Path(given.get("run_dir") or cls.from_preset(preset).run_dir)
+        preset = given.pop("preset", None)
+        run_dir = Path(given.get("run_dir") or cls.from_preset(preset or "reference").run_dir)
         try:
-            saved = json.loads((run_dir / CONFIG_JSON).read_text())["config"]
-            recipe = upgrade_config(dict(saved))
+            recipe = upgrade_config(dict(json.loads((run_dir / CONFIG_JSON).read_text())["config"]))
         except (OSError, ValueError, KeyError, TypeError):  # no run there: the checks of `fit` say so
-            return cls.from_preset(given.pop("preset", "reference"), **given)
+            return cls.from_preset(preset or "reference", **given)
+        if preset is not None and preset != recipe.get("preset"):
+            raise UsageError(f"{run_dir} holds a run of --preset {recipe.get('preset')}, not {preset}: --resume "
+                             "continues a run with its own recipe (leave out --preset)")
         known = {f.name for f, _ in cls().options()}  # a newer ferkit's config.json may hold more
         recipe = {name: value for name, value in recipe.items() if name in known}
         return cls.from_dict({**recipe, **_spread_augment(upgrade_config(given, warn=True)), "run_dir": str(run_dir)})
