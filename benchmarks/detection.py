@@ -88,14 +88,19 @@ def letterbox(image: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def rates(data: Path, count: int = 400, seed: int = 0) -> dict[str, Any]:
+def face_photos(data: Path, count: int, seed: int) -> tuple[list[tuple[np.ndarray, tuple[int, ...]]], list[np.ndarray]]:
+    """`count` PublicTest faces pasted one per photo at 70-200 px (with their boxes), and the face-free photos."""
     import skimage.data
     from skimage.util import img_as_ubyte
 
     faces = public_faces(data, count, seed)
     rng = np.random.default_rng(seed + 1)
     photos = [pasted(face, int(rng.integers(70, 201)), rng, seed=i) for i, (face, _) in enumerate(faces)]
-    empty = [letterbox(img_as_ubyte(getattr(skimage.data, name)())) for name in FACE_FREE]
+    return photos, [letterbox(img_as_ubyte(getattr(skimage.data, name)())) for name in FACE_FREE]
+
+
+def rates(data: Path, count: int = 400, seed: int = 0) -> dict[str, Any]:
+    photos, empty = face_photos(data, count, seed)
     result: dict[str, Any] = {"faces": count, "face_free_photos": len(empty), "tilts": list(TILTS), "detectors": {}}
     runs: dict[str, tuple[FaceDetector, tuple[float, ...]]] = {
         "yunet": (YuNetDetector(), TILTS), "haar": (HaarDetector(), TILTS), "yunet, no tilts": (YuNetDetector(), ())}
@@ -119,13 +124,7 @@ TILT_CHOICES = ((), (15.0, -15.0), (30.0, -30.0), (45.0, -45.0), (15.0, -15.0, 3
 
 def tilts(data: Path, count: int = 400, seed: int = 0) -> dict[str, Any]:
     """`rates`' photos with YuNet and each candidate set of tilts (PublicTest: this chooses `faces.TILTS`)."""
-    import skimage.data
-    from skimage.util import img_as_ubyte
-
-    faces = public_faces(data, count, seed)
-    rng = np.random.default_rng(seed + 1)
-    photos = [pasted(face, int(rng.integers(70, 201)), rng, seed=i) for i, (face, _) in enumerate(faces)]
-    empty = [letterbox(img_as_ubyte(getattr(skimage.data, name)())) for name in FACE_FREE]
+    photos, empty = face_photos(data, count, seed)
     detector = YuNetDetector()
     return {"faces": count, "face_free_photos": len(empty),
             "choices": {" ".join(f"{t:g}" for t in choice) or "none": outcome(detector, choice, photos, empty)
