@@ -221,11 +221,12 @@ def test_resolve_a_missing_path_lists_the_shipped_models(tmp_path: Path) -> None
 
 def test_the_default_model_is_the_one_view_model_the_rule_picks() -> None:
     shipped = shipped_models()
-    assert {"ferkit-refcnn", "ferkit-resnet", "ferkit-resnet-robust"} <= set(shipped)
-    assert weights_module.DEFAULT_MODEL == weights_module.default_model() == "ferkit-resnet-robust"
-    assert resolve_weights(None) == resolve_weights("default") == shipped["ferkit-resnet-robust"]
-    meta = read_meta(shipped["ferkit-resnet-robust"])
+    assert {"ferkit-refcnn", "ferkit-resnet", "ferkit-resnet-robust", "ferkit-resnet-robust-v2"} <= set(shipped)
+    assert weights_module.DEFAULT_MODEL == weights_module.default_model() == "ferkit-resnet-robust-v2"
+    assert resolve_weights(None) == resolve_weights("default") == shipped["ferkit-resnet-robust-v2"]
+    meta = read_meta(shipped["ferkit-resnet-robust-v2"])
     assert (meta.arch, meta.views) == ("resnet", 1) and meta.recipe["preset"] == "student"
+    assert meta.recipe["init"] == "ferkit-resnet-robust"  # its first version's weights, distilled further
     accurate = read_meta(shipped["ferkit-resnet"])
     assert (accurate.arch, accurate.views) == ("resnet", 10)  # still shipped: the `accurate` preset's ten views
     assert accurate.recipe["preset"] == "accurate" and accurate.recipe["epochs"] == 120
