@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from by_hand import calibrated_by_hand
 from ferkit.data import FerData
 from ferkit.evaluate import calibrate_weights, compute_metrics, confusion_matrix, evaluate_weights, fit_temperature
 from ferkit.inference import predict_logits, preprocess
@@ -163,8 +164,8 @@ def test_evaluate_weights_on_val_into_another_folder(run_copy: Path, small_root:
 # 63.33% for `ferkit-refcnn`; for the ten-view `ferkit-resnet`, the 71.80% (2,577 of 3,589) it scored when it
 # shipped, less two images for bf16 rounding on another CPU (and still above the 71% it must reach); for the
 # one-view `ferkit-resnet-robust`, its 69.66% (2,500 of 3,589, before and after its calibration map) less two
-# images; for the one-view default `ferkit-resnet-robust-v2`, its 69.57% (2,497 of 3,589, with its calibration map)
-# less two images.
+# images; for the one-view default `ferkit-resnet-robust-v2`, its 69.57% (2,497 of 3,589, with its calibration map
+# and confidence step, which change no label under this prior) less two images.
 SHIPPED_MODEL_FLOOR = {"ferkit-refcnn": 0.6333, "ferkit-resnet": 0.7175, "ferkit-resnet-robust": 0.6960,
                        "ferkit-resnet-robust-v2": 0.6951}
 
@@ -219,7 +220,7 @@ def test_calibrate_stores_a_temperature_that_evaluate_then_uses(run_copy: Path, 
                                                                small_data: FerData, tmp_path: Path) -> None:
     before = evaluate_weights(str(run_copy), str(small_root), figures_dir=str(tmp_path))
     result = calibrate_weights(str(run_copy), str(small_root), output=str(tmp_path / "calibrated.safetensors"),
-                               calibration_map="temperature")
+                               calibration_map="temperature", confidence_step="off")
     assert result["split"] == "val" and result["val_nll_after"] <= result["val_nll_before"]
     meta = read_meta(tmp_path / "calibrated.safetensors")
     assert meta.preprocessing.temperature == result["temperature"] != 1.0
@@ -249,9 +250,9 @@ def test_calibrate_stores_a_map_that_lowers_validation_nll_and_keeps_shapes_and_
         family: str, run_copy: Path, small_root: Path, small_data: FerData, tmp_path: Path) -> None:
     out = tmp_path / "mapped.safetensors"
     temperature_only = calibrate_weights(str(run_copy), str(small_root), output=str(tmp_path / "t.safetensors"),
-                                         calibration_map="temperature")
+                                         calibration_map="temperature", confidence_step="off")
     result = calibrate_weights(str(run_copy), str(small_root), output=str(out), calibration_map=family,
-                               strength=1e-3)
+                               strength=1e-3, confidence_step="off")
     assert result["map"] == family and result["val_nll_after"] < temperature_only["val_nll_after"]
     model, meta = load_model(out)
     source, source_meta = load_model(run_copy / "best.safetensors")
@@ -270,6 +271,33 @@ def test_calibrate_stores_a_map_that_lowers_validation_nll_and_keeps_shapes_and_
     assert report.ece == pytest.approx(by_hand.ece, abs=1e-6)
 
 
+def test_calibrate_stores_a_confidence_step_that_evaluate_applies_after_the_map(
+        run_copy: Path, small_root: Path, small_data: FerData, tmp_path: Path) -> None:
+    out = tmp_path / "stepped.safetensors"
+    result = calibrate_weights(str(run_copy), str(small_root), output=str(out), calibration_map="vector",
+                               strength=1e-2, confidence_step="on")
+    assert result["confidence_step"] and result["cross_validation"] is None
+    model, meta = load_model(out)
+    pre = meta.preprocessing
+    assert pre.confidence_knots == tuple(result["confidence_knots"]) and pre.confidence_knots[0] == 0
+    assert pre.calibration_matrix is not None
+    by_hand = calibrated_by_hand(predict_logits(model, small_data["test"].images).numpy(), meta)
+    report = evaluate_weights(str(out), str(small_root), figures_dir=str(tmp_path))
+    expected = compute_metrics(torch.from_numpy(by_hand).float(), small_data["test"].labels)
+    assert report.calibration_map and report.confusion_matrix == expected.confusion_matrix
+    assert report.ece == pytest.approx(expected.ece, abs=1e-6)
+    # The step never changes a label: the map alone gives the same confusion matrix.
+    mapped = dataclasses.replace(meta, preprocessing=dataclasses.replace(pre, confidence_knots=None,
+                                                                         confidence_values=None))
+    alone = compute_metrics(torch.from_numpy(calibrated_by_hand(predict_logits(
+        model, small_data["test"].images).numpy(), mapped)).float(), small_data["test"].labels)
+    assert alone.confusion_matrix == report.confusion_matrix
+    auto = calibrate_weights(str(run_copy), str(small_root), output=str(tmp_path / "auto.safetensors"),
+                             calibration_map="vector", strength=1e-2)
+    assert {row["confidence_step"] for row in auto["cross_validation"]} == {False, True}
+    assert auto["confidence_step"] == auto["cross_validation"][0]["confidence_step"]
+
+
 @pytest.mark.slow
 def test_the_shipped_default_map_lowers_publictest_nll_and_keeps_the_class_order(full_data: Path) -> None:
     from ferkit.data import load_fer2013
@@ -281,7 +309,7 @@ def test_the_shipped_default_map_lowers_publictest_nll_and_keeps_the_class_order
     assert pre.calibration_matrix is not None and meta.classes == list(EMOTIONS)
     val = load_fer2013(str(full_data))["val"]
     raw = predict_logits(model, val.images).numpy()
-    temperature_only = dataclasses.replace(pre, calibration_matrix=None, calibration_bias=None)
+    temperature_only = dataclasses.replace(pre.without_calibration(), temperature=pre.temperature)
     calibrated = adjusted_logits(raw, pre)
     assert calibrated.shape == raw.shape == (3589, 7)
     assert _nll(torch.from_numpy(calibrated), val.labels) < _nll(torch.from_numpy(adjusted_logits(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from by_hand import calibrated_by_hand
 from fer_photos import fer_faces, read_gray
 from ferkit import cli
 from ferkit.export import (
@@ -30,6 +31,7 @@ from ferkit.weights import (
     default_model,
     load_model,
     read_meta,
+    save_weights,
     shipped_models,
     shipped_onnx_twin,
 )
@@ -50,30 +52,34 @@ def onnx_file(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_model(weights, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
-def calibrated(logits: np.ndarray, meta: WeightsMeta) -> np.ndarray:
-    """The weights' calibration written out, as the exported graph must apply it: (z / T) W^T + b."""
-    pre = meta.preprocessing
-    z = np.asarray(logits, np.float64) / pre.temperature
-    return z if pre.calibration_matrix is None else z @ np.array(pre.calibration_matrix).T + np.array(
-        pre.calibration_bias)
-
-
 def exported_meta(meta: WeightsMeta, views: int | None = None) -> WeightsMeta:
     """What an export's metadata says: the calibration is in the graph, so none is left to apply."""
-    pre = dataclasses.replace(meta.preprocessing.with_views(views), temperature=1.0, calibration_matrix=None,
-                              calibration_bias=None)
-    return dataclasses.replace(meta, preprocessing=pre)
+    return dataclasses.replace(meta, preprocessing=meta.preprocessing.with_views(views).without_calibration())
 
 
 def test_onnx_matches_pytorch_on_real_faces(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
     model, meta = load_model(weights)
-    reference = calibrated(predict_logits(model, faces, preprocessing=meta.preprocessing).numpy(), meta)
+    reference = calibrated_by_hand(predict_logits(model, faces, preprocessing=meta.preprocessing).numpy(), meta)
     exported = exported_logits(onnx_file, faces)
     assert exported.shape == (len(faces), len(EMOTIONS))
     assert np.abs(exported - reference).max() <= PARITY_TOLERANCE
     assert check_parity(weights, onnx_file, faces) <= PARITY_TOLERANCE
     for size in (1, 7):  # the batch dimension is free
         assert np.abs(exported_logits(onnx_file, faces[:size]) - reference[:size]).max() <= PARITY_TOLERANCE
+
+
+def test_onnx_holds_a_confidence_step_from_the_weights(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
+    model, meta = load_model(weights)
+    pre = dataclasses.replace(meta.preprocessing, confidence_knots=(0.0, 0.3, 0.6, 1.0),
+                              confidence_values=(0.1, 0.25, 0.55, 0.85))
+    stepped = dataclasses.replace(meta, preprocessing=pre)
+    save_weights(tmp_path / "stepped.safetensors", model, stepped)
+    onnx_file = export_model(tmp_path / "stepped.safetensors", tmp_path / "stepped.onnx")
+    reference = calibrated_by_hand(predict_logits(model, faces, preprocessing=pre).numpy(), stepped)
+    exported = exported_logits(onnx_file, faces)
+    assert np.abs(exported - reference).max() <= PARITY_TOLERANCE
+    assert (exported.argmax(1) == reference.argmax(1)).all()
+    assert read_export_info(onnx_file)[0].preprocessing.confidence_knots is None  # in the graph, not applied twice
 
 
 def test_onnx_carries_the_weights_metadata(onnx_file: Path, weights: Path) -> None:
@@ -132,7 +138,7 @@ def test_recognizer_on_onnx_runs_no_torch_code(
 def test_torchscript_matches_pytorch_with_two_views(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
     out = export_model(weights, tmp_path / "model.pt", "torchscript", views=2)
     model, weights_meta = load_model(weights)
-    reference = calibrated(predict_logits(model, faces, views=2).numpy(), weights_meta)
+    reference = calibrated_by_hand(predict_logits(model, faces, views=2).numpy(), weights_meta)
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
     meta, info = read_export_info(out)
     assert meta == exported_meta(weights_meta, views=2)
@@ -152,7 +158,7 @@ def test_cli_export_onnx_with_views_checks_parity(weights: Path, faces: np.ndarr
     assert lines[0].startswith(f"wrote {out} (onnx, opset") and "2 views" in lines[0]
     assert lines[1].startswith("parity with PyTorch on 14 test images") and lines[1].endswith(": ok")
     model, meta = load_model(weights)
-    reference = calibrated(predict_logits(model, faces, views=2).numpy(), meta)
+    reference = calibrated_by_hand(predict_logits(model, faces, views=2).numpy(), meta)
     assert np.abs(exported_logits(out, faces) - reference).max() <= PARITY_TOLERANCE
 
 

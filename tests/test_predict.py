@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ferkit
+from by_hand import calibrated_by_hand, confidence_step_by_hand
 from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray
 from ferkit.faces import find_faces
 from ferkit.inference import predict_logits
@@ -29,15 +30,6 @@ skimage_data = pytest.importorskip("skimage.data")
 @pytest.fixture(scope="module")
 def crops_reader(weights: Path) -> EmotionRecognizer:
     return EmotionRecognizer(weights, device="cpu", detect=False, prior="train")
-
-
-def calibrated_by_hand(logits: np.ndarray, meta: WeightsMeta) -> np.ndarray:
-    """The weights' calibration written out: (z / T) W^T + b, or z / T where they carry no map."""
-    pre = meta.preprocessing
-    z = np.asarray(logits, np.float64) / pre.temperature
-    if pre.calibration_matrix is None:
-        return z
-    return z @ np.array(pre.calibration_matrix).T + np.array(pre.calibration_bias)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +200,7 @@ def test_the_uniform_prior_divides_the_training_mix_out_of_the_probabilities(wei
 
 def test_the_temperature_in_the_weights_scales_the_probabilities(tmp_path: Path, weights: Path) -> None:
     model, meta = load_model(weights)
-    plain = dataclasses.replace(meta.preprocessing, calibration_matrix=None, calibration_bias=None)
+    plain = meta.preprocessing.without_calibration()
     hot = dataclasses.replace(meta, preprocessing=dataclasses.replace(plain, temperature=2.0))
     cold = dataclasses.replace(meta, preprocessing=dataclasses.replace(plain, temperature=0.5))
     save_weights(tmp_path / "hot.safetensors", model, hot)
@@ -224,7 +216,7 @@ def test_the_temperature_in_the_weights_scales_the_probabilities(tmp_path: Path,
 
 def test_the_calibration_map_in_the_weights_is_applied_after_the_temperature(tmp_path: Path, weights: Path) -> None:
     model, meta = load_model(weights)
-    plain = dataclasses.replace(meta.preprocessing, temperature=1.0, calibration_matrix=None, calibration_bias=None)
+    plain = meta.preprocessing.without_calibration()
     save_weights(tmp_path / "plain.safetensors", model, dataclasses.replace(meta, preprocessing=plain))
     k = len(meta.classes)
     matrix = np.eye(k) * np.linspace(0.5, 1.5, k) + 0.05 * np.tri(k, k, -1)
@@ -243,6 +235,38 @@ def test_the_calibration_map_in_the_weights_is_applied_after_the_temperature(tmp
         expected /= expected.sum(1, keepdims=True)
         np.testing.assert_allclose([list(r[0].probabilities.values()) for r in results], expected, rtol=1e-5)
         assert [r[0].label for r in results] == [EMOTIONS[int(i)] for i in z.argmax(1)]
+
+
+def test_the_confidence_step_in_the_weights_is_applied_after_the_map_and_before_the_prior(
+        tmp_path: Path, weights: Path) -> None:
+    model, meta = load_model(weights)
+    plain = meta.preprocessing.without_calibration()
+    save_weights(tmp_path / "plain.safetensors", model, dataclasses.replace(meta, preprocessing=plain))
+    k = len(meta.classes)
+    bias = np.linspace(-0.5, 0.5, k)
+    knots, values = np.array([0.0, 0.3, 0.6, 1.0]), np.array([0.1, 0.2, 0.5, 0.8])  # confidence pulled down
+    stepped = dataclasses.replace(plain, temperature=0.5, calibration_matrix=tuple(map(tuple, np.eye(k).tolist())),
+                                  calibration_bias=tuple(bias.tolist()), confidence_knots=tuple(knots.tolist()),
+                                  confidence_values=tuple(values.tolist()))
+    save_weights(tmp_path / "stepped.safetensors", model, dataclasses.replace(meta, preprocessing=stepped))
+    crops = np.random.default_rng(4).integers(0, 256, (6, 48, 48), dtype=np.uint8)
+    raw = EmotionRecognizer(tmp_path / "plain.safetensors", device="cpu", detect=False).logits(crops).astype(np.float64)
+    log_p = confidence_step_by_hand(raw / 0.5 + bias, knots, values)
+    for prior in ("train", "uniform"):
+        results = EmotionRecognizer(tmp_path / "stepped.safetensors", device="cpu", detect=False,
+                                    prior=prior).predict_batch(list(crops))
+        z = log_p - (np.log(np.array(meta.preprocessing.class_prior)) if prior == "uniform" else 0.0)
+        expected = np.exp(z - z.max(1, keepdims=True))
+        expected /= expected.sum(1, keepdims=True)
+        np.testing.assert_allclose([list(r[0].probabilities.values()) for r in results], expected, rtol=1e-5)
+        assert [r[0].label for r in results] == [EMOTIONS[int(i)] for i in z.argmax(1)]
+    # Under the training prior the top class's probability is the line's value, and the label the map's.
+    top = [max(r[0].probabilities.values()) for r in EmotionRecognizer(
+        tmp_path / "stepped.safetensors", device="cpu", detect=False, prior="train").predict_batch(list(crops))]
+    mapped = raw / 0.5 + bias
+    confidence = np.exp(mapped.max(1)) / np.exp(mapped).sum(1)
+    assert np.all(np.array(top) >= np.interp(confidence, knots, values) - 1e-6)
+    assert (log_p.argmax(1) == mapped.argmax(1)).all()
 
 
 def test_the_detector_is_yunet_unless_chosen(weights: Path, astronaut: np.ndarray) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from by_hand import calibrated_by_hand
 from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray, write_video
 from ferkit import cli
 from ferkit.inference import predict_logits
@@ -188,9 +189,8 @@ def test_no_detect_on_privatetest_crops_predicts_what_evaluate_scores(
     files = [p for cls in EMOTIONS for p in fer_faces(data_root, cls)[:50]]
     model, meta = load_model(weights)
     pre = meta.preprocessing
-    z = predict_logits(model, np.stack([read_gray(p) for p in files]), preprocessing=pre).numpy() / pre.temperature
-    if pre.calibration_matrix is not None:  # the weights' calibration map, written out
-        z = z @ np.array(pre.calibration_matrix).T + np.array(pre.calibration_bias)
+    z = calibrated_by_hand(predict_logits(model, np.stack([read_gray(p) for p in files]), preprocessing=pre).numpy(),
+                           meta)
     # --prior train: what evaluate scores; no --prior: the default, uniform (the log training prior subtracted).
     for options, logits in ((["--prior", "train"], z), ([], z - np.log(np.array(pre.class_prior)))):
         status, out, _ = _run(["--no-detect", "--json", *options, "--weights", str(weights), *map(str, files)],

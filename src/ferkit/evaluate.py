@@ -233,7 +233,7 @@ def evaluate_weights(
         return torch.from_numpy(logits).float(), labels, classes
 
     logits, labels, classes = shared(pre)
-    uncalibrated = dataclasses.replace(pre, temperature=1.0, calibration_matrix=None, calibration_bias=None)
+    uncalibrated = pre.without_calibration()
     own = classes == list(meta.classes)  # the priors and the corruptions need the model's own classes
     report = Evaluation(
         **asdict(compute_metrics(logits, labels, classes)),
@@ -379,46 +379,61 @@ def _record_test_metrics(path: Any, model: torch.nn.Module, meta: Any, report: E
 
 def calibrate_weights(
     weights: str | None, data: str | None, output: str | None = None, device: str = "auto", batch_size: int = 512,
-    calibration_map: str = "auto", strength: float = 1e-3,
+    calibration_map: str = "auto", strength: float = 1e-3, confidence_step: str = "auto",
 ) -> dict[str, Any]:
     """Fit the calibration on the validation split (never the test split) and store it in the weights.
 
     `calibration_map`: "temperature" (alone), "vector" or "matrix" (an affine map of the tempered
     logits, L2 `strength` towards the identity; see `ferkit.calibration`), or "auto": the family and
-    strength with the lowest cross-validated ECE on the validation split. Writes the weights, with the
-    temperature and map in their preprocessing metadata, to `output` (default: in place; never into the
+    strength with the lowest cross-validated ECE on the validation split. `confidence_step`: "on", "off",
+    or "auto": whichever cross-validates better with the map. Writes the weights, with the temperature,
+    map and step in their preprocessing metadata, to `output` (default: in place; never into the
     installed package, whose shipped models are everyone's). Returns what was fitted, the
-    cross-validation table (auto) and the validation NLL and ECE before and after. On FER+ data the
-    validation labels are FER+'s majority protocol.
+    cross-validation table (when anything was "auto") and the validation NLL and ECE before and after.
+    On FER+ data the validation labels are FER+'s majority protocol.
     """
-    from .calibration import cross_validate, fit_map
+    from .calibration import CANDIDATES, cross_validate, fit_map
     from .devices import pick_device
     from .inference import adjusted_logits, predict_logits
     from .weights import load_model, resolve_weights, save_weights
 
+    if confidence_step not in ("auto", "on", "off"):
+        raise UsageError(f"confidence step {confidence_step!r}: choose auto, on or off")
     path = resolve_weights(weights)
     out = str(check_output_file(output or path))  # before the fitting, not after it
     torch_device = pick_device(device)
     model, meta = load_model(path, torch_device)
     val = labelled_data(data)["val"]
     raw = predict_logits(model, val.images, torch_device, batch_size, meta.preprocessing).numpy()
-    table = cross_validate(raw, val.labels) if calibration_map == "auto" else None
-    family, strength = (table[0]["family"], table[0]["strength"]) if table else (calibration_map, strength)
-    fitted = fit_map(raw, val.labels, family, strength)
-    affine = family != "temperature"
-    pre = dataclasses.replace(
-        meta.preprocessing, temperature=round(fitted.temperature, 6),
-        calibration_matrix=tuple(tuple(round(float(v), 6) for v in row) for row in fitted.matrix) if affine else None,
-        calibration_bias=tuple(round(float(v), 6) for v in fitted.bias) if affine else None)
+    candidates = CANDIDATES if calibration_map == "auto" else ((calibration_map, strength),)
+    steps = (False, True) if confidence_step == "auto" else (confidence_step == "on",)
+    table = cross_validate(raw, val.labels, candidates, steps) if len(candidates) * len(steps) > 1 else None
+    family, strength, step = ((table[0]["family"], table[0]["strength"], table[0]["confidence_step"]) if table
+                              else (calibration_map, strength, steps[0]))
+    fitted = fit_map(raw, val.labels, family, strength, step)
+    pre = dataclasses.replace(meta.preprocessing, **_stored(fitted, affine=family != "temperature"))
     before = compute_metrics(torch.from_numpy(raw), val.labels, meta.classes)
     after = compute_metrics(torch.from_numpy(adjusted_logits(raw, pre)).float(), val.labels, meta.classes)
     save_weights(out, model, dataclasses.replace(meta, preprocessing=pre))
-    return {"weights": str(path), "output": out, "map": family, "strength": strength if affine else None,
-            "temperature": pre.temperature, "calibration_matrix": pre.calibration_matrix,
-            "calibration_bias": pre.calibration_bias, "split": "val", "cross_validation": table,
-            "val_nll_before": before.loss, "val_nll_after": after.loss, "val_ece_before": before.ece,
-            "val_ece_after": after.ece, "val_accuracy_before": before.accuracy,
+    return {"weights": str(path), "output": out, "map": family, "strength": strength if family != "temperature"
+            else None, "temperature": pre.temperature, "calibration_matrix": pre.calibration_matrix,
+            "calibration_bias": pre.calibration_bias, "confidence_step": step,
+            "confidence_knots": pre.confidence_knots, "confidence_values": pre.confidence_values, "split": "val",
+            "cross_validation": table, "val_nll_before": before.loss, "val_nll_after": after.loss,
+            "val_ece_before": before.ece, "val_ece_after": after.ece, "val_accuracy_before": before.accuracy,
             "val_accuracy_after": after.accuracy, "num_images": len(val.labels)}
+
+
+def _stored(fitted: Any, affine: bool) -> dict[str, Any]:
+    """A fitted `CalibrationMap` as the weights' preprocessing fields, rounded to 6 decimals."""
+    def numbers(values: Any) -> tuple[float, ...]:
+        return tuple(round(float(v), 6) for v in values)
+
+    return {"temperature": round(fitted.temperature, 6),
+            "calibration_matrix": tuple(numbers(row) for row in fitted.matrix) if affine else None,
+            "calibration_bias": numbers(fitted.bias) if affine else None,
+            "confidence_knots": None if fitted.knots is None else numbers(fitted.knots),
+            "confidence_values": None if fitted.values is None else numbers(fitted.values)}
 
 
 # ---------------------------------------------------------------------------------------------

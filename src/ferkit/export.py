@@ -87,8 +87,7 @@ def export_model(
     pre = meta.preprocessing.with_views(views)
     wrapped = InferenceModel(model, pre, channels_last=False, calibrate=True).eval()
     # The graph applies the calibration, so the metadata inside the export must not apply it again.
-    meta = dataclasses.replace(meta, preprocessing=dataclasses.replace(
-        pre, temperature=1.0, calibration_matrix=None, calibration_bias=None))
+    meta = dataclasses.replace(meta, preprocessing=pre.without_calibration())
     info = {"format": fmt, "views": meta.views, "source": source.name, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "calibrated": True, "ferkit_version": __version__}
     with atomic_write(out) as tmp:  # which checks `out` again before its rename: the export took a while

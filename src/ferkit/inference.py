@@ -12,6 +12,7 @@ This module imports nothing of ferkit's but the label vocabulary.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,8 +43,10 @@ class Preprocessing:
     views averaged per face and the shift in pixels of the shifted ones. `temperature`: logits are divided
     by it before the softmax (1: as trained). `calibration_matrix`/`calibration_bias`: an affine map
     W z + b applied to the logits after the temperature (vector scaling when W is diagonal), fitted on
-    validation data by `ferkit calibrate`; None: none. `class_prior`: training-set class frequencies,
-    for `prior="uniform"` (logit adjustment); None when unknown.
+    validation data by `ferkit calibrate`; None: none. `confidence_knots`/`confidence_values`: after the
+    map, a monotone piecewise-linear map of the top class's probability through these points, the other
+    classes rescaled to fill the rest and the top class kept on top (see `confidence_step`); None: none.
+    `class_prior`: training-set class frequencies, for `prior="uniform"` (logit adjustment); None when unknown.
     """
 
     image_size: int = IMAGE_SIZE
@@ -55,6 +58,8 @@ class Preprocessing:
     temperature: float = 1.0
     calibration_matrix: tuple[tuple[float, ...], ...] | None = None
     calibration_bias: tuple[float, ...] | None = None
+    confidence_knots: tuple[float, ...] | None = None
+    confidence_values: tuple[float, ...] | None = None
     class_prior: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -79,6 +84,9 @@ class Preprocessing:
         calibration = _calibration_problem(self.calibration_matrix, self.calibration_bias)
         if calibration:
             return calibration
+        step = _confidence_problem(self.confidence_knots, self.confidence_values)
+        if step:
+            return step
         prior = self.class_prior
         if prior is not None and not (all(math.isfinite(p) and p > 0 for p in prior) and abs(sum(prior) - 1) < 1e-3):
             return f"class prior {list(prior)} must be positive frequencies summing to 1"
@@ -89,7 +97,9 @@ class Preprocessing:
         values["class_prior"] = list(self.class_prior) if self.class_prior is not None else None
         matrix = self.calibration_matrix
         values["calibration_matrix"] = [list(row) for row in matrix] if matrix is not None else None
-        values["calibration_bias"] = list(self.calibration_bias) if self.calibration_bias is not None else None
+        for name in ("calibration_bias", "confidence_knots", "confidence_values"):
+            value = getattr(self, name)
+            values[name] = list(value) if value is not None else None
         return values
 
     @classmethod
@@ -102,7 +112,7 @@ class Preprocessing:
         checked: dict[str, Any] = {}
         for name, value in values.items():
             kind = known[name].type
-            if name in ("class_prior", "calibration_bias"):
+            if name in ("class_prior", "calibration_bias", "confidence_knots", "confidence_values"):
                 value = None if value is None else _numbers(value, f"preprocessing {name}")
             elif name == "calibration_matrix":
                 if value is not None:
@@ -123,10 +133,15 @@ class Preprocessing:
         """The same preprocessing with another number of views (None: unchanged)."""
         return self if views is None else replace(self, views=views)
 
+    def without_calibration(self) -> Preprocessing:
+        """The same preprocessing with the raw logits' probabilities: temperature 1, no map, no confidence step."""
+        return replace(self, temperature=1.0, calibration_matrix=None, calibration_bias=None, confidence_knots=None,
+                       confidence_values=None)
+
     @property
     def calibrated(self) -> bool:
-        """Whether a calibration map (beyond the temperature) is applied."""
-        return self.calibration_matrix is not None
+        """Whether a calibration map or confidence step (beyond the temperature) is applied."""
+        return self.calibration_matrix is not None or self.confidence_knots is not None
 
     @property
     def num_classes(self) -> int | None:
@@ -155,6 +170,22 @@ def _calibration_problem(matrix: tuple[tuple[float, ...], ...] | None, bias: tup
         return f"calibration map: a {size}x{size} matrix expected for {size} biases"
     if not all(math.isfinite(v) for v in (*bias, *(v for row in matrix for v in row))):
         return "calibration map values must be finite"
+    return None
+
+
+def _confidence_problem(knots: tuple[float, ...] | None, values: tuple[float, ...] | None) -> str | None:
+    if (knots is None) != (values is None):
+        return "a confidence step needs both confidence_knots and confidence_values"
+    if knots is None or values is None:
+        return None
+    if len(knots) < 2 or len(values) != len(knots):
+        return f"confidence step: {len(knots)} knots and {len(values)} values, two or more of each and as many"
+    if not all(math.isfinite(v) and 0 <= v <= 1 for v in (*knots, *values)):
+        return "confidence step: knots and values must be probabilities (0..1)"
+    if knots[0] != 0 or knots[-1] != 1 or any(b <= a for a, b in itertools.pairwise(knots)):
+        return "confidence step: knots must rise strictly from 0 to 1"
+    if any(b < a for a, b in itertools.pairwise(values)):
+        return "confidence step: values must not fall"
     return None
 
 
@@ -204,12 +235,14 @@ class InferenceModel(nn.Module):
 
     `channels_last` converts each view for oneDNN's fastest CPU convolutions (about 1.6x here); export
     turns it off, as graph formats have no memory layouts. `calibrate`: the logits come out divided by
-    the temperature and through the calibration map (what export builds into its graphs); otherwise raw,
-    as training and evaluation want them, and `adjusted_logits` applies both.
+    the temperature, through the calibration map and the confidence step (what export builds into its
+    graphs); otherwise raw, as training and evaluation want them, and `adjusted_logits` applies them.
     """
 
     calibration_matrix: torch.Tensor
     calibration_bias: torch.Tensor
+    confidence_knots: torch.Tensor | None
+    confidence_values: torch.Tensor | None
 
     def __init__(self, model: nn.Module, preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
                  channels_last: bool = True, calibrate: bool = False) -> None:
@@ -222,6 +255,10 @@ class InferenceModel(nn.Module):
             matrix, bias = calibration_map(preprocessing, _num_outputs(model))
             self.register_buffer("calibration_matrix", torch.from_numpy(matrix).float(), persistent=False)
             self.register_buffer("calibration_bias", torch.from_numpy(bias).float(), persistent=False)
+        step = calibrate and preprocessing.confidence_knots is not None
+        for name in ("confidence_knots", "confidence_values"):
+            value = getattr(preprocessing, name)
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32) if step else None, persistent=False)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         pre = self.preprocessing
@@ -233,7 +270,10 @@ class InferenceModel(nn.Module):
         logits = torch.stack([self.model(view).float() for view in views]).mean(0)
         if not self.calibrate:
             return logits
-        return logits @ self.calibration_matrix.T + self.calibration_bias
+        logits = logits @ self.calibration_matrix.T + self.calibration_bias
+        if self.confidence_knots is None or self.confidence_values is None:
+            return logits
+        return confidence_step(logits, self.confidence_knots, self.confidence_values)
 
 
 @torch.inference_mode()
@@ -284,9 +324,35 @@ def calibration_map(preprocessing: Preprocessing, num_classes: int) -> tuple[np.
     return matrix / preprocessing.temperature, np.asarray(preprocessing.calibration_bias, dtype=np.float64)
 
 
+def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The line through (knots, values) at each x in [knots[0], knots[-1]], as a sum of ramps (no search, so
+    that ONNX graphs hold it as plain arithmetic)."""
+    slopes = (values[1:] - values[:-1]) / (knots[1:] - knots[:-1])
+    changes = torch.cat([slopes[:1], slopes[1:] - slopes[:-1]])
+    return values[0] + (torch.relu(x - knots[:-1]) * changes).sum(-1, keepdim=True)
+
+
+def confidence_step(logits: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (N, classes) whose top class has probability g(c), g the line through (knots, values)
+    and c its probability under `logits`; the other classes share 1 - g(c) as they shared 1 - c.
+
+    g(c) is raised where needed to keep the top class above the second, so the argmax never changes. In log
+    space throughout, so exact however close c is to 1.
+    """
+    is_top = torch.zeros_like(logits).scatter(1, logits.argmax(1, keepdim=True), 1.0) > 0
+    top, second = logits.topk(2, dim=1).values.split(1, dim=1)
+    total = torch.logsumexp(logits, 1, keepdim=True)
+    rest = torch.logsumexp(logits.masked_fill(is_top, float("-inf")), 1, keepdim=True)
+    second_share = torch.exp(second - total)
+    floor = second_share / (torch.exp(rest - total) + second_share)  # the least g that keeps the top on top
+    mapped = piecewise_linear(torch.exp(top - total), knots, values)
+    new = torch.clamp(torch.maximum(mapped, floor + 1e-6), max=1 - 1e-6)
+    return torch.where(is_top, torch.log(new), logits - rest + torch.log1p(-new))
+
+
 def adjusted_logits(logits: np.ndarray, preprocessing: Preprocessing, prior: str = "train") -> np.ndarray:
-    """Logits as ferkit reports them: divided by the temperature, through the calibration map (if any);
-    with `prior="uniform"`, minus the log training prior.
+    """Logits as ferkit reports them: divided by the temperature, through the calibration map and the
+    confidence step (if any); with `prior="uniform"`, minus the log training prior.
 
     Logit adjustment (Menon et al., 2021): subtracting the log training prior turns p(class | face)
     under FER-2013's class mix into the probabilities under equally likely classes.
@@ -294,8 +360,12 @@ def adjusted_logits(logits: np.ndarray, preprocessing: Preprocessing, prior: str
     if prior not in PRIORS:
         raise UsageError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
     scaled = np.asarray(logits, dtype=np.float64) / preprocessing.temperature
-    if preprocessing.calibrated:
+    if preprocessing.calibration_matrix is not None:
         scaled = scaled @ np.asarray(preprocessing.calibration_matrix).T + np.asarray(preprocessing.calibration_bias)
+    if preprocessing.confidence_knots is not None:
+        knots, values = (torch.tensor(v, dtype=torch.float64) for v in
+                         (preprocessing.confidence_knots, preprocessing.confidence_values))
+        scaled = confidence_step(torch.from_numpy(scaled), knots, values).numpy()
     if prior == "uniform":
         if preprocessing.class_prior is None:
             raise InputError("these weights carry no class prior, so prior='uniform' cannot be applied")

@@ -9,7 +9,6 @@ exported models alike. Loading never unpickles anything.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -329,8 +328,7 @@ def average_weights(parts: Mapping[str | os.PathLike[str], float], output: str |
     first = metas[0]
     meta = WeightsMeta(
         arch=first.arch, classes=first.classes, data_source=first.data_source, epoch=first.epoch,
-        preprocessing=dataclasses.replace(first.preprocessing, temperature=1.0, calibration_matrix=None,
-                                          calibration_bias=None),
+        preprocessing=first.preprocessing.without_calibration(),
         recipe={**first.recipe, "average_of": [{"file": str(p), "share": s} for p, s in parts.items()]},
     )
     with atomic_write(output) as tmp:
