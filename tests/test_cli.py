@@ -425,7 +425,7 @@ def test_licence_and_a_model_card_for_every_shipped_model() -> None:
     # the weights.
     known = " ".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     for run in ("best/test_metrics.json", "seed/test_metrics.json", "ferkit-resnet-robust/test_metrics.json",
-                "student-ftc/calibrated/evaluate_test.json"):
+                "v2-step/evaluate_test.json"):
         per_class = json.loads((root / "docs/results" / run).read_text())["per_class"]
         known += " ".join(f"{100 * m[k]:.1f}%" for m in per_class.values() for k in ("recall", "f1"))
     for path in shipped_models().values():
