@@ -10,8 +10,8 @@ out-of-fold ECE, then NLL, each fold's temperature and map fitted on the other f
 is stored in the weights' `Preprocessing` (`calibration_matrix`, `calibration_bias`) and applied by
 `inference.adjusted_logits`.
 
-An affine map moves every face's logits alike, and on PublicTest it left the one-view models' out-of-fold
-ECE at 0.024-0.038 (docs/results/calibration). The optional confidence step after it recalibrates the top
+An affine map moves every face's logits alike, and on PublicTest it left four shipped models' out-of-fold
+ECE at 0.023-0.034 (docs/results/calibration/step/). The optional confidence step after it recalibrates the top
 class's probability alone, by centred isotonic regression of correctness on confidence: the isotonic fit's
 blocks become knots at each block's mean confidence, joined by straight lines, so the map is monotone and
 continuous and keeps the ranking of faces by confidence; the other classes are rescaled and the top class
