@@ -258,7 +258,7 @@ class InferenceModel(nn.Module):
         step = calibrate and preprocessing.confidence_knots is not None
         for name in ("confidence_knots", "confidence_values"):
             value = getattr(preprocessing, name)
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32) if step else None, persistent=False)
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64) if step else None, persistent=False)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         pre = self.preprocessing
@@ -337,8 +337,11 @@ def confidence_step(logits: torch.Tensor, knots: torch.Tensor, values: torch.Ten
     and c its probability under `logits`; the other classes share 1 - g(c) as they shared 1 - c.
 
     g(c) is raised where needed to keep the top class above the second, so the argmax never changes. In log
-    space throughout, so exact however close c is to 1.
+    space throughout, so exact however close c is to 1, and in float64: the ramps' sum cancels, and the log of
+    1 - g(c) magnifies float32's error a hundredfold where g(c) is near 1 (exports would miss their parity).
     """
+    dtype = logits.dtype
+    logits, knots, values = logits.double(), knots.double(), values.double()
     is_top = torch.zeros_like(logits).scatter(1, logits.argmax(1, keepdim=True), 1.0) > 0
     top, second = logits.topk(2, dim=1).values.split(1, dim=1)
     total = torch.logsumexp(logits, 1, keepdim=True)
@@ -347,7 +350,7 @@ def confidence_step(logits: torch.Tensor, knots: torch.Tensor, values: torch.Ten
     floor = second_share / (torch.exp(rest - total) + second_share)  # the least g that keeps the top on top
     mapped = piecewise_linear(torch.exp(top - total), knots, values)
     new = torch.clamp(torch.maximum(mapped, floor + 1e-6), max=1 - 1e-6)
-    return torch.where(is_top, torch.log(new), logits - rest + torch.log1p(-new))
+    return torch.where(is_top, torch.log(new), logits - rest + torch.log1p(-new)).to(dtype)
 
 
 def adjusted_logits(logits: np.ndarray, preprocessing: Preprocessing, prior: str = "train") -> np.ndarray:
