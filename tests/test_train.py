@@ -20,11 +20,12 @@ from ferkit.cli import main as cli_main
 from ferkit.data import FerData
 from ferkit.evaluate import compute_metrics
 from ferkit.inference import predict_logits, preprocess, to_tensor
+from ferkit.labels import FERPLUS_CLASSES
 from ferkit.losses import Criterion
 from ferkit.models import create_model
 from ferkit.runs import read_checkpoint, read_metrics_csv
-from ferkit.train import StepContext, TrainConfig, autocast_dtype, fit, train_one_epoch
-from ferkit.weights import load_model, read_meta
+from ferkit.train import StepContext, TrainConfig, autocast_dtype, fit, load_initial_weights, train_one_epoch
+from ferkit.weights import WeightsMeta, load_model, read_meta, save_weights
 
 HISTORY_KEYS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
@@ -151,9 +152,24 @@ def test_init_starts_the_run_from_the_given_weights(tmp_path: Path, tiny_run: Pa
 def test_init_must_hold_the_runs_architecture(tiny_run: Path) -> None:
     with pytest.raises(ValueError, match=r"--init no-such-weights: no such weights file"):
         TrainConfig(init="no-such-weights").validate()
-    with pytest.raises(ValueError, match=r"--init .* holds a 'refcnn' model, not the 'resnet' this run trains"):
+    with pytest.raises(ValueError, match=r"--init .* holds a 'refcnn' model, whose parameters do not fit the "
+                       r"'resnet' this run trains"):
         TrainConfig(arch="resnet", init=str(tiny_run)).validate()
     TrainConfig(init=str(tiny_run)).validate()
+
+
+def test_init_accepts_an_architecture_that_differs_only_in_strides(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = create_model("resnet", 8)
+    weights = tmp_path / "resnet.safetensors"
+    save_weights(weights, source, WeightsMeta(arch="resnet", classes=list(FERPLUS_CLASSES)))
+    TrainConfig(arch="resnet_hr", init=str(weights)).validate()
+    with pytest.raises(ValueError, match=r"'resnet' model, whose parameters do not fit the 'vgg_small'"):
+        TrainConfig(arch="vgg_small", init=str(weights)).validate()
+    target = create_model("resnet_hr", 8)
+    load_initial_weights(target, str(weights), torch.device("cpu"), FERPLUS_CLASSES)
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 def test_resume_refuses_another_architecture(run_copy: Path, small_data: FerData) -> None:

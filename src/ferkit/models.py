@@ -146,16 +146,17 @@ class VGGNet(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection (He et al. 2016), projecting when the shape changes."""
+    """Two 3x3 convs with a residual connection (He et al. 2016), projecting when the shape changes or when
+    `project` asks (so a stage's first block has the same parameters whatever its stride)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, project: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
+        if project or stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
             )
@@ -166,20 +167,25 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet-style for 48x48: a full-resolution 3x3 stem, four stages of basic blocks each opening with
-    stride 2 (48 -> 24 -> 12 -> 6 -> 3), global average pooling, dropout, linear."""
+    """ResNet-style for 48x48: a full-resolution 3x3 stem, four stages of basic blocks, each opening with its
+    stride (by default 2: 48 -> 24 -> 12 -> 6 -> 3), global average pooling, dropout, linear.
+
+    The strides change the cost and the resolution the stages see, not the parameters: models that differ
+    only in strides load each other's weights.
+    """
 
     def __init__(
-        self, widths: tuple[int, ...], blocks: tuple[int, ...], dropout: float = 0.2, num_classes: int = NUM_CLASSES
+        self, widths: tuple[int, ...], blocks: tuple[int, ...], dropout: float = 0.2, num_classes: int = NUM_CLASSES,
+        strides: tuple[int, ...] = (2, 2, 2, 2),
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
         in_channels = widths[0]
-        for width, count in zip(widths, blocks, strict=True):
+        for width, count, stride in zip(widths, blocks, strides, strict=True):
             for i in range(count):
-                stages.append(BasicBlock(in_channels, width, stride=2 if i == 0 else 1))
+                stages.append(BasicBlock(in_channels, width, stride=stride if i == 0 else 1, project=i == 0))
                 in_channels = width
         self.stages = nn.Sequential(*stages)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
@@ -205,3 +211,10 @@ def vgg_small(num_classes: int = NUM_CLASSES) -> nn.Module:
 def resnet(num_classes: int = NUM_CLASSES) -> nn.Module:
     """ResNet-18-style, widths 32-64-128-256, two blocks a stage: 2.8 M parameters, 79 M multiply-adds."""
     return ResNet((32, 64, 128, 256), (2, 2, 2, 2), num_classes=num_classes)
+
+
+@register_model
+def resnet_hr(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """`resnet` with its first stage at full resolution (48 -> 48 -> 24 -> 12 -> 6), loading `resnet`
+    weights: the same 2.8 M parameters, 314 M multiply-adds (4x)."""
+    return ResNet((32, 64, 128, 256), (2, 2, 2, 2), num_classes=num_classes, strides=(1, 2, 2, 2))

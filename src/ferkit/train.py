@@ -238,9 +238,18 @@ def _init_problem(init: str, arch: str) -> list[str]:
         meta = read_meta(resolve_weights(init))
     except WeightsError as err:
         return [f"--init {err}"]
-    if resolve("architecture", meta.arch, warn=False) != resolve("architecture", arch, warn=False):
-        return [f"--init {init} holds a {meta.arch!r} model, not the {arch!r} this run trains"]
+    if resolve("architecture", meta.arch, warn=False) == resolve("architecture", arch, warn=False):
+        return []
+    if _parameter_shapes(meta.arch, len(meta.classes)) != _parameter_shapes(arch, len(meta.classes)):
+        return [f"--init {init} holds a {meta.arch!r} model, whose parameters do not fit the {arch!r} this "
+                "run trains"]
     return []
+
+
+def _parameter_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Each parameter's and buffer's shape in a fresh `arch` model: architectures that differ only in
+    strides (`resnet`, `resnet_hr`) have the same, so one can start the other."""
+    return {name: tuple(t.shape) for name, t in create_model(arch, num_classes).state_dict().items()}
 
 
 def load_initial_weights(model: nn.Module, init: str, device: torch.device, classes: tuple[str, ...]) -> None:
