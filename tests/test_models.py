@@ -111,8 +111,8 @@ def test_resnet_hr_has_resnets_parameters_at_twice_the_resolution(batch: torch.T
     assert {k: v.shape for k, v in low.state_dict().items()} == {k: v.shape for k, v in high.state_dict().items()}
     sizes: dict[str, list[int]] = {}
     for name, model in (("resnet", low), ("resnet_hr", high)):
-        # the side of each stage's output, 48x48 in
-        x = model.stem(batch)
-        sizes[name] = [int((x := block(x)).shape[-1]) for block in model.stages]  # type: ignore[union-attr]
+        assert isinstance(model, models.ResNet)
+        x = model.stem(batch)  # the side of each block's output, 48x48 in
+        sizes[name] = [int((x := block(x)).shape[-1]) for block in model.stages]
     assert sizes["resnet"] == [24, 24, 12, 12, 6, 6, 3, 3]
     assert sizes["resnet_hr"] == [48, 48, 24, 24, 12, 12, 6, 6]
