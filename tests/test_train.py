@@ -20,7 +20,7 @@ from ferkit.cli import main as cli_main
 from ferkit.data import FerData
 from ferkit.evaluate import compute_metrics
 from ferkit.inference import predict_logits, preprocess, to_tensor
-from ferkit.labels import FERPLUS_CLASSES
+from ferkit.labels import EMOTIONS, FERPLUS_CLASSES
 from ferkit.losses import Criterion
 from ferkit.models import create_model
 from ferkit.runs import read_checkpoint, read_metrics_csv
@@ -152,8 +152,8 @@ def test_init_starts_the_run_from_the_given_weights(tmp_path: Path, tiny_run: Pa
 def test_init_must_hold_the_runs_architecture(tiny_run: Path) -> None:
     with pytest.raises(ValueError, match=r"--init no-such-weights: no such weights file"):
         TrainConfig(init="no-such-weights").validate()
-    with pytest.raises(ValueError, match=r"--init .* holds a 'refcnn' model, whose parameters do not fit the "
-                       r"'resnet' this run trains"):
+    with pytest.raises(ValueError, match=r"--init .* holds a 'refcnn' model, whose parameters neither fit nor "
+                       r"widen into the 'resnet' this run trains"):
         TrainConfig(arch="resnet", init=str(tiny_run)).validate()
     TrainConfig(init=str(tiny_run)).validate()
 
@@ -164,12 +164,29 @@ def test_init_accepts_an_architecture_that_differs_only_in_strides(tmp_path: Pat
     weights = tmp_path / "resnet.safetensors"
     save_weights(weights, source, WeightsMeta(arch="resnet", classes=list(FERPLUS_CLASSES)))
     TrainConfig(arch="resnet_hr", init=str(weights)).validate()
-    with pytest.raises(ValueError, match=r"'resnet' model, whose parameters do not fit the 'vgg_small'"):
+    with pytest.raises(ValueError, match=r"parameters neither fit nor widen into the 'vgg_small'"):
         TrainConfig(arch="vgg_small", init=str(weights)).validate()
     target = create_model("resnet_hr", 8)
-    load_initial_weights(target, str(weights), torch.device("cpu"), FERPLUS_CLASSES)
+    load_initial_weights(target, str(weights), torch.device("cpu"), FERPLUS_CLASSES, "resnet_hr")
     for name, tensor in source.state_dict().items():
         torch.testing.assert_close(target.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+
+def test_init_widens_a_narrower_model_of_the_same_layout(tmp_path: Path, small_data: FerData) -> None:
+    torch.manual_seed(0)
+    source = create_model("resnet").eval()  # FER-2013's seven classes, into FER+'s eight
+    weights = tmp_path / "resnet.safetensors"
+    save_weights(weights, source, WeightsMeta(arch="resnet"))
+    TrainConfig(arch="resnet_wide", init=str(weights)).validate()
+    wide = create_model("resnet_wide", 8)
+    load_initial_weights(wide, str(weights), torch.device("cpu"), FERPLUS_CLASSES, "resnet_wide")
+    faces = preprocess(small_data["train"].images[:8])
+    with torch.no_grad():
+        expected, got = source(faces), wide.eval()(faces)
+    shared = [FERPLUS_CLASSES.index(name) for name in EMOTIONS]
+    # the seven shared classes' logits, up to the widening's small noise
+    torch.testing.assert_close(got[:, shared], expected, rtol=0, atol=0.05 * float(expected.abs().max()))
 
 
 def test_resume_refuses_another_architecture(run_copy: Path, small_data: FerData) -> None:

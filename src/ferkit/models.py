@@ -218,3 +218,10 @@ def resnet_hr(num_classes: int = NUM_CLASSES) -> nn.Module:
     """`resnet` with its first stage at full resolution (48 -> 48 -> 24 -> 12 -> 6), loading `resnet`
     weights: the same 2.8 M parameters, 314 M multiply-adds (4x)."""
     return ResNet((32, 64, 128, 256), (2, 2, 2, 2), num_classes=num_classes, strides=(1, 2, 2, 2))
+
+
+@register_model
+def resnet_wide(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """`resnet` at twice the width, 64-128-256-512 (ResNet-18's): 11.2 M parameters, 315 M multiply-adds;
+    `--init` widens `resnet` weights into it (`ferkit.widen`)."""
+    return ResNet((64, 128, 256, 512), (2, 2, 2, 2), num_classes=num_classes)

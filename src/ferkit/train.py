@@ -68,6 +68,7 @@ from .runs import (
     write_text_atomic,
 )
 from .weights import WeightsError, WeightsMeta, load_model, read_meta, resolve_weights, save_weights, unwrap
+from .widen import widen_into, widen_problem
 
 
 @dataclass
@@ -240,23 +241,30 @@ def _init_problem(init: str, arch: str) -> list[str]:
         return [f"--init {err}"]
     if resolve("architecture", meta.arch, warn=False) == resolve("architecture", arch, warn=False):
         return []
-    if _parameter_shapes(meta.arch, len(meta.classes)) != _parameter_shapes(arch, len(meta.classes)):
-        return [f"--init {init} holds a {meta.arch!r} model, whose parameters do not fit the {arch!r} this "
-                "run trains"]
-    return []
+    source, target = create_model(meta.arch, len(meta.classes)), create_model(arch, len(meta.classes))
+    if _shapes(source) == _shapes(target) or widen_problem(source, target) is None:
+        return []
+    return [f"--init {init} holds a {meta.arch!r} model, whose parameters neither fit nor widen into the "
+            f"{arch!r} this run trains"]
 
 
-def _parameter_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """Each parameter's and buffer's shape in a fresh `arch` model: architectures that differ only in
-    strides (`resnet`, `resnet_hr`) have the same, so one can start the other."""
-    return {name: tuple(t.shape) for name, t in create_model(arch, num_classes).state_dict().items()}
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each parameter's and buffer's shape: architectures that differ only in strides (`resnet`, `resnet_hr`)
+    have the same, so one can start the other."""
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def load_initial_weights(model: nn.Module, init: str, device: torch.device, classes: tuple[str, ...]) -> None:
-    """Start `model` from the weights `init`. Where the classes differ (FER-2013's seven -> FER+'s eight), the
-    last linear layer's rows are copied by class name and a class the weights lack keeps its random start."""
+def load_initial_weights(model: nn.Module, init: str, device: torch.device, classes: tuple[str, ...], arch: str
+                         ) -> None:
+    """Start `model` (an `arch`) from the weights `init`: of the same shapes, or of a narrower model of the same
+    layout, widened (`ferkit.widen`). Where the classes differ (FER-2013's seven -> FER+'s eight), the last
+    linear layer's rows are copied by class name and a class the weights lack keeps its random start."""
     source, meta = load_model(init, device)
     state = source.state_dict()
+    if {k: tuple(v.shape) for k, v in state.items()} != _shapes(create_model(arch, len(meta.classes))):
+        wide = create_model(arch, len(meta.classes)).to(device)
+        widen_into(source.float(), wide)
+        state = wide.state_dict()
     head = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
     target = model.state_dict()
     if list(meta.classes) != list(classes):
@@ -546,7 +554,7 @@ def _new_model(config: TrainConfig, classes: tuple[str, ...], device: torch.devi
     """The model to train, at random or from `--init` (a resumed run's weights come from its checkpoint)."""
     model = create_model(config.arch, len(classes)).to(device)
     if config.init is not None and start_from_init:
-        load_initial_weights(model, config.init, device, classes)
+        load_initial_weights(model, config.init, device, classes, config.arch)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
