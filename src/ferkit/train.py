@@ -261,10 +261,10 @@ def load_initial_weights(model: nn.Module, init: str, device: torch.device, clas
     linear layer's rows are copied by class name and a class the weights lack keeps its random start."""
     source, meta = load_model(init, device)
     state = source.state_dict()
-    if {k: tuple(v.shape) for k, v in state.items()} != _shapes(create_model(arch, len(meta.classes))):
-        wide = create_model(arch, len(meta.classes)).to(device)
-        widen_into(source.float(), wide)
-        state = wide.state_dict()
+    start = create_model(arch, len(meta.classes)).to(device)  # `arch` with the weights' classes
+    if _shapes(source) != _shapes(start):
+        widen_into(source.float(), start)
+        state = start.state_dict()
     head = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
     target = model.state_dict()
     if list(meta.classes) != list(classes):
