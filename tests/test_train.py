@@ -636,3 +636,16 @@ def test_a_kill_in_the_first_checkpoint_write_leaves_no_half_run(
         fit(_config(run, epochs=2, resume=True), small_data)
     fit(_config(run, epochs=2), small_data)
     assert len(read_metrics_csv(run / "metrics.csv")) == 2
+
+
+def test_init_none_starts_a_preset_that_fine_tunes_at_random() -> None:
+    from ferkit import cli
+
+    def init_of(*flags: str) -> str | None:
+        options = cli.given_options(TrainConfig, cli.build_parser().parse_args(["train", "--preset", "ferplus",
+                                                                                *flags]))
+        return TrainConfig.from_preset(options.pop("preset"), **options).init
+
+    assert init_of() == "ferkit-resnet"
+    assert init_of("--init", "none") is None and init_of("--init", "None") is None
+    assert init_of("--init", "runs/other") == "runs/other"

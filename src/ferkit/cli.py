@@ -45,9 +45,15 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parsers: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str | None": optional_text}
+            kind = parsers.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
                                 choices=f.metadata.get("choices"))
+
+
+def optional_text(value: str) -> str | None:
+    """An option that may be unset: `none` unsets it, e.g. a preset's `--init`."""
+    return None if value.lower() == "none" else value
 
 
 Subcommands = argparse._SubParsersAction  # what `add_subparsers` returns, to which each command adds its parser

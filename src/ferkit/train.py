@@ -102,7 +102,8 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Flips, rotations, shifts, erasing, the camera augmentations, mixup and CutMix: one option each."""
     init: str | None = field(default=None, metadata={
-        "help": "start from these weights (shipped name, run folder or file) of the same architecture, not at random"})
+        "help": "start from these weights (shipped name, run folder or file) of the same architecture, not at random "
+                "(none: at random, where the preset starts from weights)"})
     teacher: list[str] = field(default_factory=list, metadata={
         "help": "distil from these weights (shipped name, run folder or file; repeat for several)", "repeatable": True})
     teacher_mode: str = field(default="cached", metadata={
