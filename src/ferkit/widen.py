@@ -20,8 +20,9 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 def widen_problem(narrow: nn.Module, wide: nn.Module) -> str | None:
     """Why `narrow`'s weights cannot be widened into `wide` (None: they can)."""
-    pairs = list(zip(_layers(narrow), _layers(wide), strict=False))
-    if len(_layers(narrow)) != len(_layers(wide)) or any(type(a) is not type(b) for a, b in pairs):
+    narrow_layers, wide_layers = _layers(narrow), _layers(wide)
+    pairs = list(zip(narrow_layers, wide_layers, strict=False))
+    if len(narrow_layers) != len(wide_layers) or any(type(a) is not type(b) for a, b in pairs):
         return "the two have different layers"
     for a, b in pairs:
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
