@@ -30,6 +30,14 @@ def option_fields(config_type: type) -> list[dataclasses.Field[Any]]:
     return found
 
 
+def optional_text(value: str) -> str | None:
+    """An option that may be unset: `none` unsets it, e.g. a preset's `--init` (a path named none: ./none)."""
+    return None if value.lower() == "none" else value
+
+
+OPTION_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str | None": optional_text}
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
     """One --option per dataclass field (nested configs' fields included), with its help and the reference default.
 
@@ -45,15 +53,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
-            parsers: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str | None": optional_text}
-            kind = parsers.get(str(f.type), str)
+            kind = OPTION_PARSERS.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
                                 choices=f.metadata.get("choices"))
 
-
-def optional_text(value: str) -> str | None:
-    """An option that may be unset: `none` unsets it, e.g. a preset's `--init`."""
-    return None if value.lower() == "none" else value
 
 
 Subcommands = argparse._SubParsersAction  # what `add_subparsers` returns, to which each command adds its parser
