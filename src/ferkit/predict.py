@@ -86,6 +86,20 @@ class FaceResult:
         return record
 
 
+class FaceResults(list[FaceResult]):
+    """The faces of one image (a list), with `to_pandas()`: one row per face in the columns of `ferkit.records`."""
+
+    def __init__(self, faces: Iterable[FaceResult] = (), classes: Sequence[str] = (), path: str | None = None) -> None:
+        super().__init__(faces)
+        self.classes, self.path = list(classes), path
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per face (one row with empty face columns when there is none)."""
+        from .records import face_rows, path_identity, rows_frame
+
+        return rows_frame(face_rows(path_identity(self.path), self), self.classes)
+
+
 class Backend(Protocol):
     """What runs the model: uint8 crops (N, 48, 48) -> float32 logits (N, classes)."""
 
@@ -366,22 +380,30 @@ class EmotionRecognizer:
         ]
 
     def predict(self, image: ImageInput, *, color_order: ColorOrder = "rgb", prior: str | None = None,
-                top_k: int | None = None, detector: FaceDetector | None = None) -> list[FaceResult]:
+                top_k: int | None = None, detector: FaceDetector | None = None) -> FaceResults:
         """One result per face found in `image` (a path, PIL image or numpy array), largest face first.
 
         No face is not an error: the list is empty. Unreadable input raises `ferkit.images.ImageError`.
+        The list's `to_pandas()` gives its faces as table rows (`ferkit.records`).
         `color_order="bgr"` for 3- or 4-channel numpy arrays from OpenCV. `prior`, `top_k`, `detector`:
         this call's options (see the class docstring).
         """
-        return self.classify(self.find_faces(self.load(image, color_order), detector=detector), prior=prior,
-                             top_k=top_k)
+        faces = self.classify(self.find_faces(self.load(image, color_order), detector=detector), prior=prior,
+                              top_k=top_k)
+        return FaceResults(faces, self.classes, _path_of(image))
 
     def predict_batch(
         self, images: Iterable[ImageInput], *, color_order: ColorOrder = "rgb", prior: str | None = None,
         top_k: int | None = None, detector: FaceDetector | None = None,
-    ) -> list[list[FaceResult]]:
+    ) -> list[FaceResults]:
         """`predict` for many images, with one batched model call for all their faces."""
         prior, top_k = self.resolve_prior(prior), self.check_top_k(top_k)  # refused before any image is read
+        images = list(images)
         per_image = [self.find_faces(self.load(image, color_order), detector=detector) for image in images]
         results = iter(self.classify([face for faces in per_image for face in faces], prior=prior, top_k=top_k))
-        return [[next(results) for _ in faces] for faces in per_image]
+        return [FaceResults([next(results) for _ in faces], self.classes, _path_of(image))
+                for faces, image in zip(per_image, images, strict=True)]
+
+
+def _path_of(image: ImageInput) -> str | None:
+    return str(image) if isinstance(image, (str, os.PathLike)) else None

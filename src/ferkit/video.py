@@ -206,6 +206,20 @@ class VideoResult:
     frames: list[FrameResult]
     tracks: list[TrackSummary]
     warnings: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    path: str | None = None
+
+    def to_pandas(self) -> Any:
+        """The frames as a pandas DataFrame: one row per face per sampled frame (`ferkit.records`' columns)."""
+        from .records import frame_rows, path_identity, rows_frame
+
+        return rows_frame(frame_rows(path_identity(self.path), self.frames), self.classes)
+
+    def tracks_to_pandas(self) -> Any:
+        """The track summaries as a pandas DataFrame, one row per track."""
+        from .records import path_identity, rows_frame, summary_rows
+
+        return rows_frame(summary_rows(path_identity(self.path), self.tracks), self.classes, summary=True)
 
 
 class FaceStream:
@@ -262,7 +276,7 @@ class VideoRecognizer:
             _warn(message)
 
         frames = list(self.frames(path, every, annotate, warn))
-        return VideoResult(frames, summarize_tracks(frames, self.classes), lost)
+        return VideoResult(frames, summarize_tracks(frames, self.classes), lost, list(self.classes), str(path))
 
     def stream(self) -> FaceStream:
         """A new live stream with its own tracks."""
