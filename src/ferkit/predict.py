@@ -73,12 +73,14 @@ class FaceResult:
     landmarks: dict[str, tuple[float, float]] | None = None
 
     def to_dict(self, digits: int | None = None) -> dict[str, Any]:
-        """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}, optionally rounded."""
+        """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}; probabilities and score optionally
+        rounded to `digits`."""
         def rounded(values: dict[str, float]) -> dict[str, float]:
             return {k: (round(v, digits) if digits is not None else v) for k, v in values.items()}
 
+        score = self.score if self.score is None or digits is None else round(self.score, digits)
         record = {"box": list(self.box), "label": self.label, "probabilities": rounded(self.probabilities),
-                  "score": self.score}
+                  "score": score}
         if self.track is not None:
             record = {"track": self.track, **record}
         if self.raw_probabilities is not None:
