@@ -164,7 +164,7 @@ class Staging:
     """One run's parts of `output` (and of its track summaries): what is done, rows as they come, the merge."""
 
     def __init__(self, output: str | os.PathLike[str], classes: Sequence[str], resume: bool = False,
-                 summary: str | os.PathLike[str] | None = None) -> None:
+                 summary: str | os.PathLike[str] | None = None, part_rows: int = PART_ROWS) -> None:
         self.output = check_output_file(output)
         table_format(self.output)
         self.summary = check_output_file(summary) if summary is not None else None
@@ -172,7 +172,7 @@ class Staging:
             table_format(self.summary)
             if self.summary.resolve() == self.output.resolve():
                 raise UsageError(f"{summary}: --summary and --output must be two files")
-        self.classes = list(classes)
+        self.classes, self.part_rows = list(classes), part_rows
         self.folder = parts_folder(self.output)
         if self.folder.exists() and not resume:
             raise UsageError(f"{self.folder}: an interrupted run of {self.output} is there; add --resume to continue "
@@ -237,7 +237,7 @@ class Staging:
         self.rows.extend(rows)
         self.tracks.extend(tracks)
         self.completed += [(i.path or "", i.size, i.mtime_ns, kind) for i, kind in complete]
-        if len(self.rows) >= PART_ROWS or time.monotonic() - self.last_write >= PART_SECONDS:
+        if len(self.rows) >= self.part_rows or time.monotonic() - self.last_write >= PART_SECONDS:
             self.flush()
 
     def flush(self) -> None:

@@ -35,7 +35,8 @@ class Progress:
     def _describe(self) -> None:
         rate = self.faces / max(time.monotonic() - self.start, 1e-9)
         frames = f"  {self.frames:,} frames" if self.frames else ""
-        self.bar.set_description_str(f"{self.done:,}/{self.inputs:,} inputs{frames}  {rate:,.0f} faces/s", refresh=False)
+        text = f"{self.done:,}/{self.inputs:,} inputs{frames}  {rate:,.0f} faces/s"
+        self.bar.set_description_str(text, refresh=False)
 
     def write(self, line: str) -> None:
         """A line for the user above the bar."""
