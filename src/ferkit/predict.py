@@ -182,12 +182,23 @@ class OnnxBackend:
                                f"(N, 1, {size}, {size}); models exported before ferkit 0.2 took floats: export again")
         if list(outputs[0].shape)[1:] != [len(self.meta.classes)]:
             raise WeightsError(f"{path}: outputs {outputs[0].shape} do not fit {len(self.meta.classes)} classes")
+        # The prior the graph's logits are under (files exported before it was recorded: the training prior).
+        prior = self.meta.preprocessing.class_prior
+        uniform = self.export_info.get("prior") == "uniform" and prior is not None
+        self.log_prior = np.log(np.asarray(prior, dtype=np.float32)) if uniform else None
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
         self.batch_size = batch_size
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
-        """The graph takes the uint8 crops as they are: normalisation and views are inside it."""
+        """Calibrated logits under the training prior, as every backend gives them (`results` applies the call's
+        prior): a graph exported under the uniform prior (`ferkit export --prior uniform`, the default) has the
+        log class prior added back."""
+        logits = self.graph_logits(crops)
+        return logits if self.log_prior is None else logits + self.log_prior
+
+    def graph_logits(self, crops: np.ndarray) -> np.ndarray:
+        """The graph's own output; it takes the uint8 crops as they are: normalisation and views are inside it."""
         outputs = [
             self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch[:, None])})[0]
             for batch in (crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size))
