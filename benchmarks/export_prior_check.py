@@ -42,7 +42,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("default", []), ("train", ["--prior", "train"])):
             out = Path(tmp) / f"{name}.onnx"
-            report[f"export_{name}_says"] = ferkit("export", "--output", str(out), "--check-images", "0", *extra).strip()
+            said = ferkit("export", "--output", str(out), "--check-images", "0", *extra)
+            report[f"export_{name}_says"] = said.strip()
             session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
             custom = session.get_modelmeta().custom_metadata_map
             classes = json.loads(custom["ferkit"])["classes"]
