@@ -45,8 +45,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
     """
     for f in option_fields(config_type):
         flag = "--" + f.name.replace("_", "-")
-        default = "none" if f.default is dataclasses.MISSING else f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        default = "none" if f.default is dataclasses.MISSING or f.default is None else f.default
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help that says its default itself, e.g. "(default: $FERKIT_DATA)"
+            help_text = f"{help_text} (default: {default})".strip()
         if f.metadata.get("repeatable"):
             parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
         elif f.type in ("bool", bool):
@@ -280,7 +282,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None,
-                           smooth=args.smooth, timeline=args.timeline)
+                           smooth=args.smooth, timeline=args.timeline, tracks_only=args.tracks_only)
 
 
 def parity_images(data: str | None, count: int) -> tuple[Any, str]:
@@ -311,10 +313,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_writable(Path(args.output))
     # The check's images before the export, so that bad --data stops the command before anything is written.
     images, what = parity_images(args.data, args.check_images) if args.check_images > 0 else (None, "")
-    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset)
+    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset, prior=args.prior)
     _, info = read_export_info(out)
     print(f"wrote {out} ({info['format']}{', opset ' + str(info['opset']) if info.get('opset') else ''}, "
-          f"{info['views']} view{'s' * (info['views'] > 1)}, from {info['source']})")
+          f"{info['views']} view{'s' * (info['views'] > 1)}, {info['prior']} prior, from {info['source']})")
     if images is None:
         return 0
     diff = check_parity(args.weights, out, images)
@@ -492,8 +494,14 @@ def add_predict_parser(commands: Subcommands) -> None:
                               "where the weights carry their class prior)")
     predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help=f"refuse image files with more pixels (default: {DEFAULT_MAX_PIXELS}; 0: no limit)")
-    predict.add_argument("--device", default="auto")
-    predict.add_argument("--batch-size", type=int, default=512)
+    predict.add_argument("--tracks-only", action="store_true",
+                         help="videos: only each track's summary (seen from, until, dominant emotion, shares of "
+                              "time), not a row per sampled frame (table and CSV)")
+    predict.add_argument("--device", default="auto",
+                         help="where the model runs: auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:N "
+                              "or mps (default: auto)")
+    predict.add_argument("--batch-size", type=int, default=512, metavar="N",
+                         help="faces per model call; lower it if a GPU runs out of memory (default: 512)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_old_options(predict, "predict")
     predict.set_defaults(func=cmd_predict)
@@ -506,6 +514,10 @@ def add_export_parser(commands: Subcommands) -> None:
     export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --output suffix)")
     export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
     add_views_argument(export, "test-time views built into the graph: 1, 2 or 10 (default: the weights' own)")
+    export.add_argument("--prior", choices=("uniform", "train"), default="uniform",
+                        help="the class prior of the graph's logits, stored in the file's metadata: uniform "
+                             "(FER-2013's class mix divided out, so the graph's labels are ferkit predict's), or "
+                             "train, as trained (default: uniform, ferkit predict's default)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
     export.add_argument("--check-images", type=int, default=256, metavar="N",

@@ -32,6 +32,10 @@ from .outputs import check_output_file
 from .predict import EmotionRecognizer, FaceResult
 from .tracking import DEFAULT_KEEP, DEFAULT_SMOOTH, FrameResult, Tracking, TrackSummary, summarize_tracks
 
+# FFmpeg (inside OpenCV) prints its own messages about files it cannot read ("moov atom not found") straight to
+# stderr; ferkit reports those files itself, one line each. OpenCV reads this when it first opens a video.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 FOURCC = {".avi": "MJPG", ".mp4": "mp4v"}
 MAX_BAD_FRAMES_IN_A_ROW = 50
