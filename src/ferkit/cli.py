@@ -343,10 +343,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_writable(Path(args.output))
     # The check's images before the export, so that bad --data stops the command before anything is written.
     images, what = parity_images(args.data, args.check_images) if args.check_images > 0 else (None, "")
-    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset)
+    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset, prior=args.prior)
     _, info = read_export_info(out)
     print(f"wrote {out} ({info['format']}{', opset ' + str(info['opset']) if info.get('opset') else ''}, "
-          f"{info['views']} view{'s' * (info['views'] > 1)}, from {info['source']})")
+          f"{info['views']} view{'s' * (info['views'] > 1)}, {info['prior']} prior, from {info['source']})")
     if images is None:
         return 0
     diff = check_parity(args.weights, out, images)
@@ -555,6 +555,10 @@ def add_export_parser(commands: Subcommands) -> None:
     export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --output suffix)")
     export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
     add_views_argument(export, "test-time views built into the graph: 1, 2 or 10 (default: the weights' own)")
+    export.add_argument("--prior", choices=("uniform", "train"), default="uniform",
+                        help="the class prior of the graph's logits, stored in the file's metadata: uniform "
+                             "(FER-2013's class mix divided out, so the graph's labels are ferkit predict's), or "
+                             "train, as trained (default: uniform, ferkit predict's default)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
     export.add_argument("--check-images", type=int, default=256, metavar="N",
