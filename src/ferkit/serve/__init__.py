@@ -44,12 +44,12 @@ from .config import (
     make_recognizer,
     resolve_api_key,
 )
-from .limits import IMAGE_FORMATS, DecodeBudget, RequestError, decode_bytes, decode_image, decode_shares
+from .limits import IMAGE_FORMATS, DecodeBudget, RequestError, decode_bytes, decode_image, decode_share
 from .middleware import HeadAsGet, HostAllowList, allowed_hosts, host_name
 
 __all__ = [
     "API_KEY_ENV", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "LOOPBACK_HOSTS", "MAX_DIGITS", "PRIORS", "DecodeBudget",
     "HeadAsGet", "HostAllowList", "MicroBatcher", "RequestError", "ServeConfig", "allowed_hosts", "create_app",
-    "decode_bytes", "decode_image", "decode_shares", "header_timeout_protocol", "host_name", "make_recognizer",
+    "decode_bytes", "decode_image", "decode_share", "header_timeout_protocol", "host_name", "make_recognizer",
     "require_serve_extra", "resolve_api_key", "serve", "uvicorn_options",
 ]

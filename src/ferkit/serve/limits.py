@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..images import ImageError, decode_image_bytes, read_image_header
+from ..images import ImageError, PixelLimitError, decode_image_bytes, read_image_header
 from .config import ServeConfig
 
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
@@ -47,35 +46,36 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         return decode_image_bytes(data, name, max_pixels, IMAGE_FORMATS)[0]
 
 
-def decode_shares(uploads: Sequence[tuple[str, bytes]], config: ServeConfig) -> list[int]:
-    """The memory each upload takes to decode, read from its header; 413 past the request's or server's budget.
+def decode_share(name: str, data: bytes, config: ServeConfig) -> tuple[int, int]:
+    """(pixels, memory to decode) of one upload, read from its header before anything is decoded.
 
-    Raises `ImageError` for an empty or unreadable header, `PixelLimitError` for an image over `max_pixels`.
+    Raises `ImageError` for an empty or unreadable header, `PixelLimitError` for an image over
+    `max_pixels` or one whose decoding would take more than the server's whole memory budget.
     """
-    shares, pixels = [], 0
-    for name, data in uploads:
-        if not data:
-            raise ImageError(f"{name}: empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            width, height, mode = read_image_header(data, name, config.max_pixels, IMAGE_FORMATS)
-        pixels += width * height
-        shares.append(decode_bytes(width, height, mode))
-        if shares[-1] > config.max_decode_bytes:
-            raise RequestError(413, f"{name}: {width}x{height} ({mode}) takes about {shares[-1] / 2**20:,.0f} MB "
-                                    f"to decode, over the server's memory budget of {config.max_decode_mb:g} MB "
-                                    "(--max-decode-mb)")
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        width, height, mode = read_image_header(data, name, config.max_pixels, IMAGE_FORMATS)
+    share = decode_bytes(width, height, mode)
+    if share > config.max_decode_bytes:
+        raise PixelLimitError(f"{name}: {width}x{height} ({mode}) takes about {share / 2**20:,.0f} MB to decode, "
+                              f"over the server's memory budget of {config.max_decode_mb:g} MB (--max-decode-mb)")
+    return width * height, share
+
+
+def check_request_pixels(pixels: int, config: ServeConfig) -> None:
+    """413 when a request's readable images hold more than `max_request_pixels` in all (a request-level limit)."""
     if pixels > config.max_request_pixels:
         raise RequestError(413, f"the request's images hold {pixels:,} pixels, over the limit of "
                                 f"{config.max_request_pixels:,} a request (--max-request-pixels)")
-    return shares
 
 
 class DecodeBudget:
     """The memory that images being decoded at once may take, shared by all requests (on the event loop).
 
-    An image waits until its share fits beside the others'; `decode_shares` refuses one larger than
-    the whole budget (413) before it waits.
+    An image waits until its share fits beside the others'; `decode_share` refuses one larger than
+    the whole budget before it waits.
     """
 
     def __init__(self, limit_bytes: int) -> None:

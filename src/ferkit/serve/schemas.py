@@ -32,10 +32,11 @@ class FaceRecord(BaseModel):
 class ImageRecord(BaseModel):
     path: str = Field(description="the upload's file name, or images[i] for base64 images")
     faces: list[FaceRecord]
-    error: str | None
+    error: str | None = Field(description="why this file could not be read (its faces are then empty); null when "
+                                          "it was read")
     type: str | None
-    width: int
-    height: int
+    width: int | None = Field(description="the image's width in pixels; null when it could not be read")
+    height: int | None = Field(description="the image's height in pixels; null when it could not be read")
 
 
 class ModelRecord(BaseModel):

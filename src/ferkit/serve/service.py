@@ -22,8 +22,33 @@ from ..predict_files import PROBABILITY_DIGITS, InputItem, InputResult, json_rec
 from ..tracking import Streams
 from .batching import MicroBatcher
 from .config import ServeConfig
-from .limits import DecodeBudget, RequestError, decode_image, decode_shares
+from .limits import DecodeBudget, RequestError, check_request_pixels, decode_image, decode_share
 from .metrics import Metrics
+
+Found = tuple[tuple[int, int], list[Face]]
+"""A read upload: its (width, height) and its faces."""
+
+
+@dataclass(frozen=True)
+class FileError:
+    """An upload that could not be read: its record's `error`, and the status it gets when no upload was read
+    (413 for a limit, 422 for a file that is not a readable image)."""
+
+    status: int
+    message: str
+
+    @classmethod
+    def of(cls, err: ImageError) -> FileError:
+        return cls(413 if isinstance(err, PixelLimitError) else 422, str(err))
+
+    @staticmethod
+    def refusal(errors: Sequence[FileError]) -> RequestError:
+        """The answer to a request none of whose uploads was read: each one's error, 413 if all were limits."""
+        status = 413 if all(e.status == 413 for e in errors) else 422
+        if len(errors) == 1:
+            return RequestError(status, errors[0].message)
+        return RequestError(status, f"none of the {len(errors)} images could be read: "
+                                    + "; ".join(e.message for e in errors))
 
 
 @dataclass(frozen=True)
@@ -97,7 +122,7 @@ class Service:
             self.local.detector = detector
         return detector
 
-    def faces_of(self, data: bytes, name: str, detect: bool) -> tuple[tuple[int, int], list[Face]]:
+    def faces_of(self, data: bytes, name: str, detect: bool) -> Found:
         """Decode one upload and find its faces (on a pool thread): its (width, height) and faces.
 
         The decoded image is dropped here, not kept until the request's answer: faces are small.
@@ -109,8 +134,7 @@ class Service:
             faces = [whole_image_face(image)]
         return (image.shape[1], image.shape[0]), faces
 
-    async def faces_within_budget(self, name: str, data: bytes, detect: bool,
-                                  share: int) -> tuple[tuple[int, int], list[Face]]:
+    async def faces_within_budget(self, name: str, data: bytes, detect: bool, share: int) -> Found:
         """`faces_of` on a pool thread once `share` bytes of the decode budget are free; they are given back
         when the thread is done with the image (not when a timed-out request stops waiting for it)."""
         await self.budget.acquire(share)
@@ -128,22 +152,34 @@ class Service:
         job.add_done_callback(give_back)
         return await asyncio.wrap_future(job)
 
-    async def find_all(self, uploads: Sequence[tuple[str, bytes]], detect: bool
-                       ) -> list[tuple[tuple[int, int], list[Face]]]:
-        """Each upload's (width, height) and faces, in order; a bad image refuses the whole request (413, 422)."""
-        try:
-            shares = decode_shares(uploads, self.config)
-            jobs = [self.faces_within_budget(name, data, detect, share)
-                    for (name, data), share in zip(uploads, shares, strict=True)]
-            found = await asyncio.gather(*jobs, return_exceptions=True)
-            for outcome in found:  # the first failure in upload order; anything but an ImageError is a bug
-                if isinstance(outcome, BaseException):
-                    raise outcome
-        except PixelLimitError as err:
-            raise RequestError(413, str(err)) from None
-        except ImageError as err:
-            raise RequestError(422, str(err)) from None
-        return [outcome for outcome in found if not isinstance(outcome, BaseException)]
+    async def find_all(self, uploads: Sequence[tuple[str, bytes]], detect: bool) -> list[Found | FileError]:
+        """Each upload's (width, height) and faces, or what was wrong with it, in order.
+
+        Headers are read first (a request over `max_request_pixels` is refused as a whole, 413); then
+        the readable images are decoded and their faces found, each within its share of the budget.
+        """
+        shares: list[int | FileError] = []
+        pixels = 0
+        for name, data in uploads:
+            try:
+                count, share = decode_share(name, data, self.config)
+            except ImageError as err:
+                shares.append(FileError.of(err))
+                continue
+            pixels += count
+            shares.append(share)
+        check_request_pixels(pixels, self.config)
+
+        async def one(name: str, data: bytes, share: int | FileError) -> Found | FileError:
+            if isinstance(share, FileError):
+                return share
+            try:
+                return await self.faces_within_budget(name, data, detect, share)
+            except ImageError as err:  # anything else is a bug, and a 500
+                return FileError.of(err)
+
+        return list(await asyncio.gather(*(one(name, data, share)
+                                           for (name, data), share in zip(uploads, shares, strict=True))))
 
     async def classify(self, faces: list[Face], prior: str | None) -> list[FaceResult]:
         """`recognizer.classify(faces, prior=prior)`, its model call shared with other requests' faces."""
@@ -153,20 +189,32 @@ class Service:
         return self.recognizer.results(faces, logits, prior=prior)
 
     async def predict(self, uploads: Sequence[tuple[str, bytes]], options: PredictOptions) -> list[dict[str, Any]]:
-        """`predict --json` records for named image bytes; a bad image refuses the whole request.
+        """`predict --json` records for named image bytes, one per upload in order: its faces, or its `error`.
 
-        With `options.stream`, the one image is the next frame of that stream: its faces get track ids
-        and smoothed labels (`ferkit.tracking`, as `ferkit predict` gives a video's).
+        A request none of whose images could be read is refused (`FileError.refusal`: 413 when each was
+        over a limit, else 422). With `options.stream`, the one image is the next frame of that stream:
+        its faces get track ids and smoothed labels (`ferkit.tracking`, as `ferkit predict` gives a video's).
         """
-        decoded = await self.find_all(uploads, options.detect)
-        results = await self.classify([face for _, faces in decoded for face in faces], options.prior)
+        found = await self.find_all(uploads, options.detect)
+        failed = [outcome for outcome in found if isinstance(outcome, FileError)]
+        if len(failed) == len(found):
+            raise FileError.refusal(failed)
+        read = [outcome for outcome in found if not isinstance(outcome, FileError)]
+        results = await self.classify([face for _, faces in read for face in faces], options.prior)
         if options.stream is not None:
             results = self.streams.update(options.stream, results, options.frame_time)
-        self.metrics.images.inc(len(uploads))
+        self.metrics.images.inc(len(read))
         records, start = [], 0
-        for (name, _), (size, faces) in zip(uploads, decoded, strict=True):
+        for (name, _), outcome in zip(uploads, found, strict=True):
             # The same record `ferkit predict --json` writes for an image file of this name.
-            result = InputResult(InputItem(name, Path(name), "image"), results[start : start + len(faces)], size=size)
-            start += len(faces)
-            records.append(json_record(result, options.digits))
+            item = InputItem(name, Path(name), "image")
+            if isinstance(outcome, FileError):
+                record = json_record(InputResult(item, error=outcome.message), options.digits)
+                record["width"] = record["height"] = None  # the service's records keep one shape
+            else:
+                size, faces = outcome
+                result = InputResult(item, results[start : start + len(faces)], size=size)
+                start += len(faces)
+                record = json_record(result, options.digits)
+            records.append(record)
         return records
