@@ -396,7 +396,8 @@ def _adopt(output: Path, folder: Path) -> None:
     from .writers import read_table
 
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(read_table(output), folder / f"finished-{time.time_ns()}.parquet")
+    if not any(folder.glob("finished-*.parquet")):  # adopted already by a resumed run that did not finish
+        pq.write_table(read_table(output), folder / f"finished-{time.time_ns()}.parquet")
 
 
 def _write_errors(folder: Path, failed: Sequence[tuple[InputItem, Identity]], classes: list[str]) -> None:
