@@ -17,7 +17,7 @@ from PIL import Image
 from fer_photos import fer_faces, photo, read_gray, write_video
 from ferkit import cli
 from ferkit.annotate import COLORS_BGR
-from ferkit.predict_files import ANNOTATED_MARKER
+from ferkit.sources import ANNOTATED_MARKER
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

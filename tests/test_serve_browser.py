@@ -284,10 +284,23 @@ def fractions(box: list[int] | tuple[int, ...], width: int, height: int) -> list
     return [x / width, y / height, w / width, h / height]
 
 
+# Counts the predict requests in flight at once (window.mostInFlight).
+COUNT_IN_FLIGHT = """
+const originalFetch = window.fetch;
+window.inFlight = 0;
+window.mostInFlight = 0;
+window.fetch = async (...args) => {
+  const predict = String(args[0]).includes("/v1/predict");
+  if (predict) window.mostInFlight = Math.max(window.mostInFlight, ++window.inFlight);
+  try { return await originalFetch(...args); } finally { if (predict) window.inFlight -= 1; }
+};
+"""
+
+
 def test_page_boxes_sit_on_every_face_in_the_order_picked(url: str, tmp_path: Path, data_root: Path) -> None:
-    """Three faces in a 4:3, a wide and a tall photo, and a text file named .jpg among them: each photo's
-    card, in the order picked, draws the API's boxes on its faces (within 2% of the image's size), and
-    the bad file's card says why beside them."""
+    """Three faces in a 4:3, a wide and a tall photo (and two more copies), and a text file named .jpg
+    among them: each photo's card, in the order picked, draws the API's boxes on its faces (within 2% of
+    the image's size), the bad file's card says why beside them, and at most 4 requests run at once."""
     sync_playwright = _require_browser()
     faces = three_faces(data_root)
     picked: list[Path] = []
@@ -304,17 +317,24 @@ def test_page_boxes_sit_on_every_face_in_the_order_picked(url: str, tmp_path: Pa
     bad = tmp_path / "notes.jpg"
     bad.write_text("not a photo\n")
     picked.insert(1, bad)
+    for name in ("wide.png", "three.png"):
+        copy = tmp_path / f"again-{name}"
+        shutil.copy(tmp_path / name, copy)
+        expected[copy.name] = {**expected[name], "path": copy.name}
+        picked.append(copy)
     with sync_playwright() as playwright:
         browser = _launch(playwright)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.add_init_script(COUNT_IN_FLIGHT)
             errors: list[str] = []
             page.on("pageerror", lambda err: errors.append(str(err)))
             page.goto(url)
             page.set_input_files("#file-input", [str(p) for p in picked])
-            page.wait_for_function("document.querySelector('#photo-status').textContent.startsWith('4 of 4 read')",
+            page.wait_for_function("document.querySelector('#photo-status').textContent.startsWith('6 of 6 read')",
                                    timeout=60_000)
-            assert page.locator("#photo-status").inner_text() == "4 of 4 read, 1 failed"
+            assert page.locator("#photo-status").inner_text() == "6 of 6 read, 1 failed"
+            assert 2 <= page.evaluate("window.mostInFlight") <= 4
             titles = page.locator(".result h3").all_inner_texts()
             assert [t.split(":")[0] for t in titles] == [p.name for p in picked], titles
             assert page.locator(".result").nth(1).locator(".error").inner_text()  # the server's reason

@@ -280,9 +280,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         run_camera(recognizer, args.camera, args.every, smooth=args.smooth)
         return 0
+    if args.output is not None:
+        return predict_to_table(args, recognizer)
+    for option in ("summary", "resume", "workers"):
+        if getattr(args, option) not in (None, False):
+            raise UsageError(f"--{option} goes with --output FILE (a results table)")
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None,
                            smooth=args.smooth, timeline=args.timeline, tracks_only=args.tracks_only)
+
+
+def predict_to_table(args: argparse.Namespace, recognizer: Any) -> int:
+    """`ferkit predict PATH... --output FILE`: the local engine into a results table."""
+    from .faces import make_detector
+    from .local import predict_table, report
+    from .sources import expand_inputs
+
+    for option in ("annotate", "timeline"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option} goes with the table, --csv or --json on stdout, not --output")
+    if args.tracks_only:
+        raise UsageError("--tracks-only goes with the table on stdout; with --output, --summary FILE holds the tracks")
+    if args.every < 1:
+        raise UsageError(f"--every must be at least 1, not {args.every}")
+    if args.smooth < 0:
+        raise UsageError(f"--smooth must be 0 (off) or more seconds, not {args.smooth}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    detector = ((lambda: make_detector(args.detector, args.min_face, args.detect_max_side or None))
+                if not args.no_detect else (lambda: None))
+    counts = predict_table(recognizer, expand_inputs(args.paths), args.output, summary=args.summary,
+                           resume=args.resume, workers=args.workers, every=args.every, smooth=args.smooth,
+                           make_detector=detector, progress=False if args.no_progress else None)
+    return report(counts, recognizer.detector)
 
 
 def parity_images(data: str | None, count: int) -> tuple[Any, str]:
@@ -471,6 +501,17 @@ def add_predict_parser(commands: Subcommands) -> None:
     output = predict.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="a JSON array, one object per input")
     output.add_argument("--csv", action="store_true", help="CSV, one row per face (or per input without faces)")
+    output.add_argument("--output", "-o", metavar="FILE",
+                        help="a results table, one row per face (per face per frame for videos); the suffix picks the "
+                             "format: .parquet, .csv, .jsonl or .json. Written in parts as it goes (FILE.parts/), "
+                             "merged into FILE at the end")
+    predict.add_argument("--summary", metavar="FILE",
+                         help="with --output: videos' track summaries into this table (same suffixes)")
+    predict.add_argument("--resume", action="store_true",
+                         help="with --output: continue FILE, skipping the inputs it holds (same path, size and "
+                              "modification time); where FILE does not exist yet, start it")
+    predict.add_argument("--workers", type=int, metavar="N",
+                         help="with --output: threads that decode and find faces (default: the cores)")
     predict.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR")
     predict.add_argument("--no-detect", action="store_true", help="inputs are face crops: no face detection")
     predict.add_argument("--every", type=int, default=1, metavar="N", help="videos: every Nth frame (default: 1)")

@@ -1,10 +1,10 @@
-"""`ferkit predict` over many inputs: paths, folders and globs -> one result or error per input.
+"""`ferkit predict` over many inputs to stdout: one result or error per input, as a table, CSV or a JSON array.
 
-Folders are searched recursively for image and video files (hidden ones skipped); a glob is
-expanded here when the shell did not. An input that fails (no such file, not an image, corrupt,
-over the pixel limit, an empty folder, a glob matching nothing) becomes a result with an error and
-the rest go on; a photo without faces is a result with no faces, not an error. Results come out in
-input order as a table, CSV or a JSON array, streamed as they are ready.
+Inputs are found by `ferkit.sources` (folders searched recursively, globs expanded). An input that fails
+(no such file, not an image, corrupt, over the pixel limit, an empty folder, a glob matching nothing)
+becomes a result with an error and the rest go on; a photo without faces is a result with no faces, not
+an error. Results come out in input order, streamed as they are ready. (`--output FILE` writes a results
+table instead: `ferkit.local`.)
 
 A video's faces carry their frame, time and track id (`ferkit.tracking`), its labels are smoothed,
 and each of its tracks is summed up: in the JSON under "tracks", in the CSV as one row per track
@@ -13,16 +13,14 @@ the dominant emotion and the emotion columns each one's share of the time), and 
 A video read only in part (frames that do not decode) is reported with a warning, not an error.
 With `tracks_only`, a video gives only its track summaries (table and CSV), not a row per frame.
 
-An --annotate folder holds a marker file (`ANNOTATED_MARKER`); a folder search skips folders that
-hold one, so annotated copies written inside an input folder are not read as inputs on the next run.
+An --annotate folder holds a marker file (`ferkit.sources.ANNOTATED_MARKER`), so that a folder search skips
+annotated copies written inside an input folder on the next run.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,11 +34,11 @@ from tqdm.auto import tqdm
 from .annotate import annotated_image_path, write_annotated_image
 from .errors import UsageError
 from .faces import Face
-from .images import IMAGE_EXTENSIONS, ImageError
-from .outputs import file_kind
+from .images import ImageError
 from .predict import EmotionRecognizer, FaceResult
+from .sources import ANNOTATED_MARKER, InputItem, expand_inputs
 from .tracking import DEFAULT_SMOOTH, FrameResult, TrackSummary, summarize_tracks
-from .video import VIDEO_EXTENSIONS, VideoError, annotated_video_path, open_video, predict_video
+from .video import VideoError, annotated_video_path, open_video, predict_video
 
 BOX_WIDTH = 25
 """The table's box column: room for 5-digit x and y (an 8000x6000 photo's boxes), then a space before the label."""
@@ -49,19 +47,6 @@ CHUNK = 256
 PROBABILITY_DIGITS = 6
 INPUT_ERRORS = (ImageError, VideoError, OSError, ValueError, cv2.error, MemoryError)
 """What one input may raise without stopping the others."""
-ANNOTATED_MARKER = ".ferkit-annotated"
-"""The file in an --annotate folder that keeps folder searches out of it."""
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input to predict on, or an argument that already failed (`error` set, `path` None)."""
-
-    display: str
-    path: Path | None = None
-    kind: str = "image"  # "image" or "video"
-    relative: Path | None = None  # its annotated copy's place under --annotate
-    error: str | None = None
 
 
 @dataclass
@@ -78,62 +63,6 @@ class InputResult:
     tracks: list[TrackSummary] | None = None
     warnings: list[str] = field(default_factory=list)
     timeline: Path | None = None
-
-
-def _kind(path: Path) -> str:
-    return "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image"
-
-
-def _folder_items(folder: Path, display: str) -> list[InputItem]:
-    files, others = [], 0
-    annotated = {marker.parent for marker in folder.rglob(ANNOTATED_MARKER) if marker.parent != folder}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if annotated and any(parent in annotated for parent in path.parents):
-            continue  # ferkit's own annotated copies, from an earlier run
-        if path.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
-            files.append(InputItem(str(path), path, _kind(path), Path(folder.resolve().name) / relative))
-        else:
-            others += 1
-    if not files:
-        note = f" ({others} other file{'s' * (others != 1)})" if others else ""
-        return [InputItem(display, error=f"{display}: folder holds no images or videos{note}")]
-    return files
-
-
-def _not_a_file(path: Path) -> str:
-    try:
-        return f"not a regular file ({file_kind(path.stat().st_mode)})"
-    except OSError as err:  # a dangling link, a loop of links
-        return f"cannot be opened ({err.strerror or err})"
-
-
-def expand_inputs(arguments: Sequence[str]) -> list[InputItem]:
-    """Files, folders (recursively) and globs -> inputs, in argument order, each folder and glob sorted."""
-    items: list[InputItem] = []
-    for argument in arguments:
-        path = Path(argument).expanduser()
-        if path.is_dir():
-            items += _folder_items(path, argument)
-        elif path.is_file():
-            items.append(InputItem(argument, path, _kind(path), Path(path.name)))
-        elif any(c in argument for c in "*?["):
-            matches = sorted(glob.glob(str(path), recursive=True))
-            if not matches:
-                items.append(InputItem(argument, error=f"{argument}: no files match"))
-            for match in matches:
-                found = Path(match)
-                if found.is_dir():
-                    items += _folder_items(found, match)
-                else:
-                    items.append(InputItem(match, found, _kind(found), Path(found.name)))
-        elif os.path.lexists(path):  # a device, FIFO or socket (or a dangling link): not something to read
-            items.append(InputItem(argument, error=f"{argument}: {_not_a_file(path)}"))
-        else:
-            items.append(InputItem(argument, error=f"{argument}: no such file or folder"))
-    return items
 
 
 class _Annotations:

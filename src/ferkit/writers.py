@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -168,6 +168,71 @@ READERS: dict[str, Callable[[Path], pa.Table]] = {
     ".parquet": _read_parquet, ".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json,
 }
 """Whole-file readers by suffix, each giving a pyarrow Table."""
+
+
+def read_column_names(path: str | Path) -> list[str]:
+    """The columns of a results file, without reading its rows (JSON: the first row's keys)."""
+    path = Path(path)
+    suffix = table_format(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if suffix == ".csv":
+        return _header(path)
+    return next(iter_batches(path)).schema.names
+
+
+BATCH_ROWS = 65536
+
+
+def iter_batches(path: str | Path, names: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """A results file in tables of at most `BATCH_ROWS` rows with the records' dtypes (only `names`, if given);
+    memory bounded by a batch, except for `.json` (one array, read whole)."""
+    import pyarrow as pa
+
+    path = Path(path)
+    suffix = table_format(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        file = pq.ParquetFile(path)
+        wanted = _target_schema(file.schema_arrow.names)
+        for batch in file.iter_batches(BATCH_ROWS, columns=list(names) if names else None):
+            yield _cast(pa.Table.from_batches([batch]), wanted)
+    elif suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        wanted = _target_schema(_header(path))
+        options = pcsv.ConvertOptions(column_types={f.name: f.type for f in wanted}, strings_can_be_null=True,
+                                      include_columns=list(names) if names else None)
+        with pcsv.open_csv(path, convert_options=options) as reader:
+            for batch in reader:
+                yield _cast(pa.Table.from_batches([batch]), wanted)
+    elif suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            rows: list[dict[str, Any]] = []
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+                if len(rows) >= BATCH_ROWS:
+                    yield _rows_table(rows, path).select(list(names) if names else list(rows[0]))
+                    rows = []
+            if rows:
+                yield _rows_table(rows, path).select(list(names) if names else list(rows[0]))
+    else:
+        table = read_table(path)
+        yield table.select(list(names)) if names else table
+
+
+def _cast(table: pa.Table, wanted: pa.Schema) -> pa.Table:
+    return table.cast(pa_schema_subset(wanted, table.schema.names))
+
+
+def pa_schema_subset(wanted: pa.Schema, names: Sequence[str]) -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([wanted.field(name) for name in names])
 
 
 def read_table(path: str | Path) -> pa.Table:

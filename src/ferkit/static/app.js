@@ -11,6 +11,7 @@ const FRAME_INTERVAL_MS = 250; // webcam frames sent a second: at most 4, one in
 // one the server still refuses as too large (413: a lower limit, or too many pixels) is sent again smaller.
 const SEND_MAX_BYTES = 8 * 1024 * 1024;
 const SHRINK_SIDES = [3072, 2048, 1024]; // the longest side of each smaller try, in pixels
+const PHOTOS_IN_FLIGHT = 4; // requests at once: a folder of photos must not fill the server's queue (503)
 
 const $ = (id) => document.getElementById(id);
 
@@ -116,10 +117,9 @@ async function predictFiles(files) {
   // as it is read, and a bad one is reported in its own card beside the others.
   const batch = el("div", "batch");
   $("results").prepend(batch);
-  let done = 0, failed = 0;
-  await Promise.all(images.map(async (file) => {
-    const card = el("article", "result");
-    batch.append(card);
+  const cards = images.map((file) => batch.appendChild(el("article", "result", `${file.name}: waiting…`)));
+  let done = 0, failed = 0, next = 0;
+  const read = async (file, card) => {
     try {
       const { record, sent } = await predictPhoto(file, detect);
       if (record.error) throw new Error(record.error);
@@ -130,7 +130,11 @@ async function predictFiles(files) {
     }
     done += 1;
     status.textContent = `${done} of ${images.length} read` + (failed ? `, ${failed} failed` : "");
-  }));
+  };
+  const worker = async () => {
+    while (next < images.length) { const i = next++; await read(images[i], cards[i]); }
+  };
+  await Promise.all(Array.from({ length: Math.min(PHOTOS_IN_FLIGHT, images.length) }, worker));
 }
 
 // A photo's record, its boxes in the photo's own pixels, and the copy sent (null: the photo itself).
@@ -212,7 +216,7 @@ function renderPhoto(card, file, record, sent) {
     block.append(title, bars);
     faces.append(block);
   });
-  card.append(picture, faces);
+  card.replaceChildren(picture, faces);
 }
 
 // ------------------------------------------------------------------------------------------------
