@@ -577,10 +577,11 @@ def add_export_parser(commands: Subcommands) -> None:
     export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --output suffix)")
     export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
     add_views_argument(export, "test-time views built into the graph: 1, 2 or 10 (default: the weights' own)")
-    export.add_argument("--prior", choices=("uniform", "train"), default="uniform",
+    export.add_argument("--prior", choices=("uniform", "train"),
                         help="the class prior of the graph's logits, stored in the file's metadata: uniform "
-                             "(FER-2013's class mix divided out, so the graph's labels are ferkit predict's), or "
-                             "train, as trained (default: uniform, ferkit predict's default)")
+                             "(FER-2013's class mix divided out), or train, as trained (default: ferkit predict's, "
+                             "so the graph's labels are predict's: uniform where the weights carry their class "
+                             "prior)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
     export.add_argument("--check-images", type=int, default=256, metavar="N",
