@@ -201,7 +201,10 @@ def add_routes(app: FastAPI, config: ServeConfig) -> None:
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status, **extra}, status_code=status, headers=headers)
+    """The JSON error; the connection is closed after it, since a refused request's body may still be coming
+    (a client refused with 401 must not go on sending on that connection)."""
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status,
+                        headers={**(headers or {}), "Connection": "close"})
 
 
 def _validation_message(errors: Sequence[Any]) -> str:
