@@ -45,8 +45,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
     """
     for f in option_fields(config_type):
         flag = "--" + f.name.replace("_", "-")
-        default = "none" if f.default is dataclasses.MISSING else f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        default = "none" if f.default is dataclasses.MISSING or f.default is None else f.default
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help that says its default itself, e.g. "(default: $FERKIT_DATA)"
+            help_text = f"{help_text} (default: {default})".strip()
         if f.metadata.get("repeatable"):
             parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
         elif f.type in ("bool", bool):
@@ -278,9 +280,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         run_camera(recognizer, args.camera, args.every, smooth=args.smooth)
         return 0
+    if args.output is not None:
+        return predict_to_table(args, recognizer)
+    for option in ("summary", "resume", "workers"):
+        if getattr(args, option) not in (None, False):
+            raise UsageError(f"--{option} goes with --output FILE (a results table)")
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None,
-                           smooth=args.smooth, timeline=args.timeline)
+                           smooth=args.smooth, timeline=args.timeline, tracks_only=args.tracks_only)
+
+
+def predict_to_table(args: argparse.Namespace, recognizer: Any) -> int:
+    """`ferkit predict PATH... --output FILE`: the local engine into a results table."""
+    from .faces import make_detector
+    from .local import predict_table, report
+    from .sources import expand_inputs
+
+    for option in ("annotate", "timeline"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option} goes with the table, --csv or --json on stdout, not --output")
+    if args.tracks_only:
+        raise UsageError("--tracks-only goes with the table on stdout; with --output, --summary FILE holds the tracks")
+    if args.every < 1:
+        raise UsageError(f"--every must be at least 1, not {args.every}")
+    if args.smooth < 0:
+        raise UsageError(f"--smooth must be 0 (off) or more seconds, not {args.smooth}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    detector = ((lambda: make_detector(args.detector, args.min_face, args.detect_max_side or None))
+                if not args.no_detect else (lambda: None))
+    counts = predict_table(recognizer, expand_inputs(args.paths), args.output, summary=args.summary,
+                           resume=args.resume, workers=args.workers, every=args.every, smooth=args.smooth,
+                           make_detector=detector, progress=False if args.no_progress else None)
+    return report(counts, recognizer.detector)
 
 
 def parity_images(data: str | None, count: int) -> tuple[Any, str]:
@@ -311,10 +343,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_writable(Path(args.output))
     # The check's images before the export, so that bad --data stops the command before anything is written.
     images, what = parity_images(args.data, args.check_images) if args.check_images > 0 else (None, "")
-    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset)
+    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset, prior=args.prior)
     _, info = read_export_info(out)
     print(f"wrote {out} ({info['format']}{', opset ' + str(info['opset']) if info.get('opset') else ''}, "
-          f"{info['views']} view{'s' * (info['views'] > 1)}, from {info['source']})")
+          f"{info['views']} view{'s' * (info['views'] > 1)}, {info['prior']} prior, from {info['source']})")
     if images is None:
         return 0
     diff = check_parity(args.weights, out, images)
@@ -472,6 +504,17 @@ def add_predict_parser(commands: Subcommands) -> None:
     output = predict.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="a JSON array, one object per input")
     output.add_argument("--csv", action="store_true", help="CSV, one row per face (or per input without faces)")
+    output.add_argument("--output", "-o", metavar="FILE",
+                        help="a results table, one row per face (per face per frame for videos); the suffix picks the "
+                             "format: .parquet, .csv, .jsonl or .json. Written in parts as it goes (FILE.parts/), "
+                             "merged into FILE at the end")
+    predict.add_argument("--summary", metavar="FILE",
+                         help="with --output: videos' track summaries into this table (same suffixes)")
+    predict.add_argument("--resume", action="store_true",
+                         help="with --output: continue FILE, skipping the inputs it holds (same path, size and "
+                              "modification time); where FILE does not exist yet, start it")
+    predict.add_argument("--workers", type=int, metavar="N",
+                         help="with --output: threads that decode and find faces (default: the cores)")
     predict.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR")
     predict.add_argument("--no-detect", action="store_true", help="inputs are face crops: no face detection")
     predict.add_argument("--every", type=int, default=1, metavar="N", help="videos: every Nth frame (default: 1)")
@@ -495,8 +538,14 @@ def add_predict_parser(commands: Subcommands) -> None:
                               "where the weights carry their class prior)")
     predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help=f"refuse image files with more pixels (default: {DEFAULT_MAX_PIXELS}; 0: no limit)")
-    predict.add_argument("--device", default="auto")
-    predict.add_argument("--batch-size", type=int, default=512)
+    predict.add_argument("--tracks-only", action="store_true",
+                         help="videos: only each track's summary (seen from, until, dominant emotion, shares of "
+                              "time), not a row per sampled frame (table and CSV)")
+    predict.add_argument("--device", default="auto",
+                         help="where the model runs: auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:N "
+                              "or mps (default: auto)")
+    predict.add_argument("--batch-size", type=int, default=512, metavar="N",
+                         help="faces per model call; lower it if a GPU runs out of memory (default: 512)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_old_options(predict, "predict")
     predict.set_defaults(func=cmd_predict)
@@ -509,6 +558,11 @@ def add_export_parser(commands: Subcommands) -> None:
     export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --output suffix)")
     export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
     add_views_argument(export, "test-time views built into the graph: 1, 2 or 10 (default: the weights' own)")
+    export.add_argument("--prior", choices=("uniform", "train"),
+                        help="the class prior of the graph's logits, stored in the file's metadata: uniform "
+                             "(FER-2013's class mix divided out), or train, as trained (default: ferkit predict's, "
+                             "so the graph's labels are predict's: uniform where the weights carry their class "
+                             "prior)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
     export.add_argument("--check-images", type=int, default=256, metavar="N",
