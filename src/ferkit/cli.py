@@ -272,6 +272,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if (args.camera is None) == (not args.paths):
         raise UsageError("give image or video PATHs, or --camera INDEX (not both)")
+    if args.engine == "ray":
+        return predict_on_ray(args)
     recognizer = EmotionRecognizer(args.weights, device=args.device, detect=not args.no_detect, detector=args.detector,
                                    min_face=args.min_face, detect_max_side=args.detect_max_side or None,
                                    max_pixels=args.max_pixels or None, batch_size=args.batch_size, prior=args.prior)
@@ -288,6 +290,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None,
                            smooth=args.smooth, timeline=args.timeline, tracks_only=args.tracks_only)
+
+
+def predict_on_ray(args: argparse.Namespace) -> int:
+    """`ferkit predict PATH... --engine ray --output OUT`: the Ray engine (`ferkit.scale`), which imports Ray."""
+    from .scale import ray_command
+
+    for option in ("annotate", "timeline"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option} is not done by --engine ray; leave it out, or use the local engine")
+    options = {"weights": args.weights, "device": args.device, "detect": not args.no_detect, "detector": args.detector,
+               "min_face": args.min_face, "detect_max_side": args.detect_max_side or None,
+               "max_pixels": args.max_pixels or None, "batch_size": args.batch_size, "prior": args.prior}
+    return ray_command(args.paths, args.output, progress=False if args.no_progress else None,
+                       recognizer_options=options, summary=args.summary, resume=args.resume,
+                       concurrency=args.workers, address=args.ray_address, every=args.every, smooth=args.smooth)
 
 
 def predict_to_table(args: argparse.Namespace, recognizer: Any) -> int:
@@ -515,6 +532,11 @@ def add_predict_parser(commands: Subcommands) -> None:
                               "modification time); where FILE does not exist yet, start it")
     predict.add_argument("--workers", type=int, metavar="N",
                          help="with --output: threads that decode and find faces (default: the cores)")
+    predict.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help="with --output: local (this machine, the default) or ray (Ray Data, on a local Ray or "
+                              "the cluster of --ray-address; needs the ray extra; see docs/scale.md)")
+    predict.add_argument("--ray-address", metavar="ADDR",
+                         help="--engine ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     predict.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR")
     predict.add_argument("--no-detect", action="store_true", help="inputs are face crops: no face detection")
     predict.add_argument("--every", type=int, default=1, metavar="N", help="videos: every Nth frame (default: 1)")
