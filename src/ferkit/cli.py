@@ -389,7 +389,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_batch=args.max_batch, max_pending=args.max_pending, timeout_s=args.timeout,
                          max_request_pixels=args.max_request_pixels, max_decode_mb=args.max_decode_mb,
                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
-                         allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()))
+                         allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
+                         decode_timeout_s=args.decode_timeout, max_inflight_mb=args.max_inflight_mb,
+                         limit_concurrency=args.limit_concurrency, max_streams_per_client=args.max_streams,
+                         forwarded_allow_ips=tuple(h.strip() for h in args.forwarded_allow_ips.split(",") if h.strip()))
     problem = config.problem()
     if problem:
         raise UsageError(problem)
@@ -680,6 +683,19 @@ def add_serve_parser(commands: Subcommands) -> None:
     serve.add_argument("--allowed-hosts", default="", metavar="NAMES",
                        help="without an API key, Host names answered besides localhost and --host, comma-separated "
                             "('*': any)")
+    serve.add_argument("--decode-timeout", type=float, default=defaults.decode_timeout_s, metavar="S",
+                       help="seconds an image may take to decode and search for faces; its worker process is then "
+                            f"killed and replaced (default: {defaults.decode_timeout_s:g})")
+    serve.add_argument("--max-inflight-mb", type=float, default=defaults.max_inflight_mb, metavar="MB",
+                       help="memory request bodies being read and parsed may take in all; more get 503 "
+                            f"(default: {defaults.max_inflight_mb:g})")
+    serve.add_argument("--limit-concurrency", type=int, default=defaults.limit_concurrency, metavar="N",
+                       help="open connections; past it the longest idle one is closed, or the new one gets 503 "
+                            f"(default: {defaults.limit_concurrency})")
+    serve.add_argument("--max-streams", type=int, default=defaults.max_streams_per_client, metavar="N",
+                       help=f"webcam streams a client may hold open (default: {defaults.max_streams_per_client})")
+    serve.add_argument("--forwarded-allow-ips", default="", metavar="IPS",
+                       help="proxies whose X-Forwarded-For/-Proto are believed, comma-separated (default: none)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
 
