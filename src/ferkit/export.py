@@ -94,25 +94,27 @@ class _WithPrior(nn.Module):
 
 def export_model(
     weights: str | os.PathLike[str] | None, output: str | os.PathLike[str], fmt: str | None = None,
-    views: int | None = None, opset: int | None = None, prior: str = DEFAULT_PRIOR,
+    views: int | None = None, opset: int | None = None, prior: str | None = None,
 ) -> Path:
     """Write `weights` (a file, run folder or shipped name) as ONNX or TorchScript to `output`.
 
     `views`: test-time views built into the graph (default: the weights' own); the metadata
-    inside the exported file says how many. `prior`: "uniform" (the default, as `ferkit predict`'s:
-    the graph subtracts the log training class prior, so its argmax is predict's label) or "train"
-    (probabilities under FER-2013's class mix, as trained); the export record holds it.
+    inside the exported file says how many. `prior`: "uniform" (the graph subtracts the log training
+    class prior) or "train" (probabilities under FER-2013's class mix, as trained); None, the default:
+    `ferkit predict`'s for these weights ("uniform" where they carry a class prior, else "train"), so
+    the graph's argmax is predict's label. The export record holds it.
     """
     fmt = format_for(output, fmt)
     if views is not None and views not in VIEW_COUNTS:
         raise UsageError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
-    if prior not in PRIORS:
+    if prior is not None and prior not in PRIORS:
         raise UsageError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
     out = Path(output)
     check_writable(out)  # before the export, which takes seconds to minutes, not after it
     source = resolve_weights(weights)
     model, meta = load_model(source, "cpu")
     pre = meta.preprocessing.with_views(views)
+    prior = prior or (DEFAULT_PRIOR if pre.class_prior is not None else "train")
     if prior == "uniform" and pre.class_prior is None:
         raise UsageError(f"{source.name} carries no training class prior to divide out: export with --prior train")
     wrapped: nn.Module = InferenceModel(model, pre, channels_last=False, calibrate=True).eval()

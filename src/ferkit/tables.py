@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .parts import parts_folder, whole_tables
-from .records import schema, to_pandas
+from .records import classes_of, schema, to_pandas
 from .writers import read_table
 
 if TYPE_CHECKING:
@@ -24,6 +24,12 @@ def read_results(path: str | os.PathLike[str]) -> pd.DataFrame:
     `path`, or after one was killed, the whole inputs done so far are read from its parts (`PATH.parts/`).
     """
     path = Path(path)
+    if path.is_dir():  # the Ray engine's folder output: write_parquet's parts (`ferkit.scale`)
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return to_pandas(table.select(schema(classes_of(table.schema.names)).names).cast(
+            schema(classes_of(table.schema.names))))
     folder = parts_folder(path)
     if not folder.is_dir():
         if not path.is_file():
