@@ -60,8 +60,8 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
         print(json.dumps({"seconds": seconds, "faces": [[int(v) for v in f["box"]] for f in faces]}))
     elif command == "photos":
-        paths = open(args[0]).read().split("\n")
-        paths = [p for p in paths if p]
+        with open(args[0]) as f:
+            paths = [line.strip() for line in f if line.strip()]
         found = {}
         detector.detect_emotions(cv2.imread(paths[0], cv2.IMREAD_COLOR))  # warm-up, as the timing of `photo`
         start, cpu = time.perf_counter(), time.process_time()
