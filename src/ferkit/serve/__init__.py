@@ -33,7 +33,7 @@ Modules: `config` (settings), `limits` (what a request may cost), `uploads` (req
 from __future__ import annotations
 
 from ..inference import PRIORS
-from .app import create_app, header_timeout_protocol, require_serve_extra, serve, uvicorn_options
+from .app import create_app, require_serve_extra, serve, uvicorn_options
 from .batching import MicroBatcher
 from .config import (
     API_KEY_ENV,
@@ -46,10 +46,11 @@ from .config import (
 )
 from .limits import IMAGE_FORMATS, DecodeBudget, RequestError, decode_bytes, decode_image, decode_share
 from .middleware import HeadAsGet, HostAllowList, allowed_hosts, host_name
+from .protocol import guarded_protocol
 
 __all__ = [
     "API_KEY_ENV", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS", "LOOPBACK_HOSTS", "MAX_DIGITS", "PRIORS", "DecodeBudget",
     "HeadAsGet", "HostAllowList", "MicroBatcher", "RequestError", "ServeConfig", "allowed_hosts", "create_app",
-    "decode_bytes", "decode_image", "decode_share", "header_timeout_protocol", "host_name", "make_recognizer",
+    "decode_bytes", "decode_image", "decode_share", "guarded_protocol", "host_name", "make_recognizer",
     "require_serve_extra", "resolve_api_key", "serve", "uvicorn_options",
 ]

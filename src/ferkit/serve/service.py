@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,15 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from ..faces import Face, FaceDetector, make_detector, whole_image_face
+from ..faces import Face, whole_image_face
 from ..images import ImageError, PixelLimitError
 from ..predict import EmotionRecognizer, FaceResult
 from ..predict_files import PROBABILITY_DIGITS, InputItem, InputResult, json_record
-from ..tracking import Streams
 from .batching import MicroBatcher
 from .config import ServeConfig
-from .limits import DecodeBudget, RequestError, check_request_pixels, decode_image, decode_share
+from .decoding import DecodeWorker, WorkerSettings, give_back_worker, take_worker
+from .limits import IMAGE_FORMATS, DecodeBudget, RequestError, check_request_pixels, decode_share
 from .metrics import Metrics
+from .streams import Client, StreamRegistry
+from .uploads import InflightBudget
 
 Found = tuple[tuple[int, int], list[Face]]
 """A read upload: its (width, height) and its faces."""
@@ -64,6 +67,7 @@ class PredictOptions:
     prior: str | None = None
     stream: str | None = None
     frame_time: float | None = None
+    client: Client | None = None
 
 
 class Service:
@@ -78,15 +82,23 @@ class Service:
         self.recognizer, self.config = recognizer, config
         self.local = threading.local()
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="ferkit-detect")
+        settings = WorkerSettings(config.detector, config.min_face, config.detect_max_side, config.max_pixels,
+                                  IMAGE_FORMATS)
+        self.workers = [take_worker(settings) for _ in range(config.workers)]  # one process a pool thread
+        self.idle_workers: queue.SimpleQueue[DecodeWorker] = queue.SimpleQueue()
+        for worker in self.workers:
+            self.idle_workers.put(worker)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="ferkit-model")
         self.pending = 0
         self.budget = DecodeBudget(config.max_decode_bytes)
+        self.inflight = InflightBudget(config.max_inflight_bytes)
         self.ready = False
         self.warmup_error: str | None = None
         self.metrics = Metrics(lambda: self.pending)
         self.batcher = MicroBatcher(recognizer.logits, self.model_thread, config.batch_window_ms / 1000,
                                     config.max_batch, self.metrics.observe_batch)
-        self.streams = Streams(recognizer.classes)  # the webcam pages' tracks and smoothing, by stream id
+        # The webcam pages' tracks and smoothing, by a key only their client can name.
+        self.streams = StreamRegistry(recognizer.classes, per_client=config.max_streams_per_client)
 
     def warm_up(self) -> None:
         """One detection and one model call, so the first request pays for no lazy set-up."""
@@ -96,8 +108,11 @@ class Service:
 
     async def start(self) -> None:
         self.batcher.start()
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(self.model_thread, self.warm_up)
+            # The decode workers start beside the model's warm-up: ready means both.
+            await asyncio.gather(loop.run_in_executor(self.model_thread, self.warm_up),
+                                 *(loop.run_in_executor(self.pool, worker.start) for worker in self.workers))
             self.ready = True
         except Exception as err:  # reported by /readyz; the process stays up to say so
             self.warmup_error = f"{type(err).__name__}: {err}"
@@ -106,6 +121,14 @@ class Service:
         await self.batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.model_thread.shutdown(wait=False, cancel_futures=True)
+        for worker in self.workers:
+            give_back_worker(worker)
+
+    def stream_key(self, options: PredictOptions) -> str | None:
+        """The registry key of the request's stream (`StreamRegistry.resolve`); 404 before any work for a stream
+        that is not this client's."""
+        client = options.client or Client("unknown")
+        return None if options.stream is None else self.streams.resolve(options.stream, client)
 
     def check_prior(self, prior: str | None) -> None:
         """422 for a prior the recognizer cannot apply (not one, or 'uniform' on weights without a class prior)."""
@@ -114,43 +137,42 @@ class Service:
         except ValueError as err:
             raise RequestError(422, str(err)) from None
 
-    def thread_detector(self) -> FaceDetector:
-        """This pool thread's own face detector, made from the config on the thread's first image."""
-        detector: FaceDetector | None = getattr(self.local, "detector", None)
-        if detector is None:
-            detector = make_detector(self.config.detector, self.config.min_face, self.config.detect_max_side)
-            self.local.detector = detector
-        return detector
-
-    def faces_of(self, data: bytes, name: str, detect: bool) -> Found:
-        """Decode one upload and find its faces (on a pool thread): its (width, height) and faces.
-
-        The decoded image is dropped here, not kept until the request's answer: faces are small.
-        """
-        image = decode_image(data, name, self.config.max_pixels)
-        if detect and self.recognizer.detect:
-            faces = self.recognizer.find_faces(image, detector=self.thread_detector())
-        else:
-            faces = [whole_image_face(image)]
-        return (image.shape[1], image.shape[0]), faces
+    def faces_of(self, data: bytes, name: str, detect: bool, share: int, abandoned: threading.Event) -> Found:
+        """Decode one upload and find its faces (on a pool thread, in its worker process): its (width, height)
+        and faces. The decoded image never leaves the worker: faces are small."""
+        worker = self.idle_workers.get()  # as many workers as pool threads: one is always free here
+        try:
+            decoded = worker.decode(data, name, detect and self.recognizer.detect, share,
+                                    self.config.decode_timeout_s, abandoned)
+        finally:
+            self.idle_workers.put(worker)
+        self.metrics.decode_peak.observe(decoded.peak_rss_bytes / 2**20)
+        return decoded.size, decoded.faces
 
     async def faces_within_budget(self, name: str, data: bytes, detect: bool, share: int) -> Found:
         """`faces_of` on a pool thread once `share` bytes of the decode budget are free; they are given back
-        when the thread is done with the image (not when a timed-out request stops waiting for it)."""
+        when the worker is done with the image. A request that stops waiting (its timeout, its client gone)
+        stops the worker too."""
         await self.budget.acquire(share)
         loop = asyncio.get_running_loop()
+        abandoned = threading.Event()
 
         def give_back(_: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed first: the server is stopping
                 loop.call_soon_threadsafe(self.budget.release, share)
 
         try:
-            job = self.pool.submit(self.faces_of, data, name, detect)
+            job = self.pool.submit(self.faces_of, data, name, detect, share, abandoned)
         except BaseException:
             self.budget.release(share)
             raise
         job.add_done_callback(give_back)
-        return await asyncio.wrap_future(job)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            abandoned.set()
+            job.cancel()
+            raise
 
     async def find_all(self, uploads: Sequence[tuple[str, bytes]], detect: bool) -> list[Found | FileError]:
         """Each upload's (width, height) and faces, or what was wrong with it, in order.
@@ -188,21 +210,23 @@ class Service:
         logits = await self.batcher.submit(np.stack([face.crop for face in faces]))
         return self.recognizer.results(faces, logits, prior=prior)
 
-    async def predict(self, uploads: Sequence[tuple[str, bytes]], options: PredictOptions) -> list[dict[str, Any]]:
+    async def predict(self, uploads: Sequence[tuple[str, bytes]], options: PredictOptions,
+                      stream: str | None = None) -> list[dict[str, Any]]:
         """`predict --json` records for named image bytes, one per upload in order: its faces, or its `error`.
 
         A request none of whose images could be read is refused (`FileError.refusal`: 413 when each was
         over a limit, else 422). With `options.stream`, the one image is the next frame of that stream:
         its faces get track ids and smoothed labels (`ferkit.tracking`, as `ferkit predict` gives a video's).
         """
+        stream = self.stream_key(options) if stream is None else stream  # an unknown one is refused before any work
         found = await self.find_all(uploads, options.detect)
         failed = [outcome for outcome in found if isinstance(outcome, FileError)]
         if len(failed) == len(found):
             raise FileError.refusal(failed)
         read = [outcome for outcome in found if not isinstance(outcome, FileError)]
         results = await self.classify([face for _, faces in read for face in faces], options.prior)
-        if options.stream is not None:
-            results = self.streams.update(options.stream, results, options.frame_time)
+        if stream is not None:
+            results = self.streams.update(stream, options.client or Client("unknown"), results, options.frame_time)
         self.metrics.images.inc(len(read))
         records, start = [], 0
         for (name, _), outcome in zip(uploads, found, strict=True):
