@@ -168,3 +168,34 @@ def test_killed_at_three_moments_and_resumed_equals_one_run(corpus: Path, weight
     pd.testing.assert_frame_equal(_sorted(ferkit.read_results(out)), reference)
     tracks = ferkit.read_results(str(out) + ".tracks.parquet")
     pd.testing.assert_frame_equal(tracks, ferkit.read_results(str(reference_out) + ".tracks.parquet"))
+
+
+def test_a_kill_between_the_merge_and_the_cleanup_merges_nothing_twice(
+        corpus: Path, recognizer: EmotionRecognizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = expand_inputs([str(corpus / "set1")])
+    out = tmp_path / "out.parquet"
+
+    def killed(path: Path) -> None:
+        raise KeyboardInterrupt  # stands for the kill: the table is renamed into place, its parts are still there
+
+    with monkeypatch.context() as patch:
+        patch.setattr("ferkit.parts.shutil.rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            predict_table(recognizer, items, out, part_rows=3)
+    assert parts_folder(out).is_dir()
+    once = ferkit.read_results(out)
+    assert not once.duplicated(KEY).any()
+    counts = predict_table(recognizer, items, out, resume=True)
+    assert counts.skipped == len(items) and not parts_folder(out).exists()
+    pd.testing.assert_frame_equal(ferkit.read_results(out), once)
+
+
+def test_progress_only_where_asked(corpus: Path, recognizer: EmotionRecognizer, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ferkit.progress.DELAY", 0.0)
+    items = expand_inputs([str(corpus / "set0"), str(corpus / "clip.avi")])
+    predict_table(recognizer, items, tmp_path / "quiet.parquet")  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
+    predict_table(recognizer, items, tmp_path / "shown.parquet", progress=True)
+    err = capsys.readouterr().err
+    assert f"{len(items)}/{len(items)} inputs" in err and "90 frames" in err and "faces/s" in err

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import DataError
 from .deprecations import RENAMES, OldNameWarning, resolve, views_from_tta
 from .errors import EXIT_USAGE, FerkitError, RunError, UsageError
 from .labels import SPLITS
@@ -100,7 +99,7 @@ def add_old_options(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def add_views_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
-    from .inference import VIEW_COUNTS
+    from .preprocessing import VIEW_COUNTS
 
     parser.add_argument("--views", type=int, choices=VIEW_COUNTS, help=help_text)
 
@@ -242,7 +241,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .catalog import describe_shipped_models
 
-    rows = describe_shipped_models(speed_seconds=args.speed_seconds)
+    seconds = args.speed_seconds if args.speed_seconds is not None else 1.0 if args.speed else 0.0
+    rows = describe_shipped_models(speed_seconds=seconds)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -259,8 +259,10 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"{r['macs'] / 1e6:>8.1f}M{r['views']:>6}{len(r['classes']):>8}{pct('test_accuracy'):>10}"
               f"{pct('test_balanced_accuracy'):>10}{ece:>7}{pct('mean_corruption_accuracy'):>10}{crops:>9}"
               f"  {r['benchmark']}")
-    print("Accuracies on each model's test set, from each file's metadata" + ("; crops/s measured now, on this machine "
-          "(PyTorch, batches of 256)." if args.speed_seconds else "."))
+    stored = next((r["speed_machine"] for r in rows if r["speed_source"] == "stored"), None)
+    speed = ("crops/s measured now, on this machine" if seconds else f"crops/s as measured once, on {stored} "
+             "(--speed: measure here)" if stored else "crops/s measured here")
+    print(f"Accuracies on each model's test set, from each file's metadata; {speed} (PyTorch, batches of 256).")
     default = next(r for r in rows if r["default"])
     print(f"* the default, {default['name']}: {default['default_reason']}")
     return 0
@@ -283,6 +285,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         run_camera(recognizer, args.camera, args.every, smooth=args.smooth)
         return 0
     if args.output is not None:
+        if args.tracks_only:
+            raise UsageError("--tracks-only is for the printed table and CSV; with --output, --summary FILE writes "
+                             "the track summaries")
         return predict_to_table(args, recognizer)
     for option in ("summary", "resume", "workers"):
         if getattr(args, option) not in (None, False):
@@ -338,7 +343,7 @@ def parity_images(data: str | None, count: int) -> tuple[Any, str]:
     Without data (no --data, no $FERKIT_DATA, no ./data/fer2013), seeded synthetic crops, with a note
     saying so; data that was named but does not load is an error, as in every other command.
     """
-    from .data import load_fer2013
+    from .data import DataError, load_fer2013
     from .export import synthetic_crops
 
     try:
@@ -409,21 +414,50 @@ EXIT_STATUS = ("exit status: 0 success; 1 some input failed (predict) or a parit
                "interrupted")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`ferkit`'s arguments: one subparser per command, each built by its own function below."""
+COMMAND_HELP = {
+    "data": "inspect a FER-2013 source",
+    "train": "train a model",
+    "evaluate": "score weights on a split",
+    "calibrate": "fit a calibration map on the validation split into the weights",
+    "models": "the shipped models: size, speed, accuracy, calibration, robustness",
+    "predict": "emotions of the faces in photos, folders, videos or a camera",
+    "export": "export weights to ONNX or TorchScript",
+    "serve": "the HTTP API and a web page (needs the serve extra)",
+}
+"""Each command's line in `ferkit --help`, known without building (or importing) the command."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """`ferkit`'s arguments: one subparser per command, each built by its own function below.
+
+    `only`: build that command's options alone (the others are listed by name and help; "": none): each command's
+    options import what it needs (training's config, the detector's defaults, the service), and a command
+    should pay only for its own, so that `ferkit --help` and `ferkit predict` answer at once.
+    """
     parser = argparse.ArgumentParser(prog="ferkit", description=__doc__, epilog=EXIT_STATUS)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of any error (also: {DEBUG_ENV}=1); put it before the command")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_data_parser, add_train_parser, add_evaluate_parser, add_calibrate_parser, add_models_parser,
-                add_predict_parser, add_export_parser, add_serve_parser):
-        add(commands)
+    adders = {"data": add_data_parser, "train": add_train_parser, "evaluate": add_evaluate_parser,
+              "calibrate": add_calibrate_parser, "models": add_models_parser, "predict": add_predict_parser,
+              "export": add_export_parser, "serve": add_serve_parser}
+    for name, add in adders.items():
+        if only is None or name == only:
+            add(commands)
+        else:
+            commands.add_parser(name, help=COMMAND_HELP[name])
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (the first argument that is not an option), if it is one of ferkit's."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in COMMAND_HELP else None
 
 
 def add_data_parser(commands: Subcommands) -> None:
     """`ferkit data info`."""
-    data_parser = commands.add_parser("data", help="inspect a FER-2013 source")
+    data_parser = commands.add_parser("data", help=COMMAND_HELP["data"])
     data = data_parser.add_subparsers(dest="data_command", required=True)
     info = data.add_parser("info", help="per-split, per-class counts and duplicates")
     info.add_argument("--data", help="FER-2013 or FER+ source (default: $FERKIT_DATA or ./data/fer2013)")
@@ -437,7 +471,7 @@ def add_train_parser(commands: Subcommands) -> None:
     """`ferkit train`: one option per `TrainConfig` field."""
     from .train import TrainConfig
 
-    train = commands.add_parser("train", help="train a model")
+    train = commands.add_parser("train", help=COMMAND_HELP["train"])
     add_dataclass_arguments(train, TrainConfig)
     add_old_options(train, "train")
     train.set_defaults(func=cmd_train)
@@ -445,9 +479,9 @@ def add_train_parser(commands: Subcommands) -> None:
 
 def add_evaluate_parser(commands: Subcommands) -> None:
     """`ferkit evaluate`."""
-    from .inference import PRIORS
+    from .preprocessing import PRIORS
 
-    evaluate = commands.add_parser("evaluate", help="score weights on a split")
+    evaluate = commands.add_parser("evaluate", help=COMMAND_HELP["evaluate"])
     evaluate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     evaluate.add_argument("--data", help="FER-2013 or FER+ source (default: $FERKIT_DATA or ./data/fer2013)")
     evaluate.add_argument("--votes", help="FER+'s fer2013new.csv, joined by row position with a fer2013.csv --data")
@@ -477,7 +511,7 @@ def add_evaluate_parser(commands: Subcommands) -> None:
 
 def add_calibrate_parser(commands: Subcommands) -> None:
     """`ferkit calibrate`."""
-    calibrate = commands.add_parser("calibrate", help="fit a calibration map on the validation split into the weights")
+    calibrate = commands.add_parser("calibrate", help=COMMAND_HELP["calibrate"])
     calibrate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     calibrate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
     calibrate.add_argument("--output", metavar="FILE", help="write the calibrated weights here (default: in place; "
@@ -499,9 +533,12 @@ def add_calibrate_parser(commands: Subcommands) -> None:
 
 def add_models_parser(commands: Subcommands) -> None:
     """`ferkit models`."""
-    models = commands.add_parser("models", help="the shipped models: size, speed, accuracy, calibration, robustness")
-    models.add_argument("--speed-seconds", type=float, default=1.0, metavar="S",
-                        help="time spent measuring each model's crops/s here (default: 1; 0: skip)")
+    models = commands.add_parser("models", help=COMMAND_HELP["models"])
+    models.add_argument("--speed", action="store_true",
+                        help="measure each model's crops/s on this machine now (takes seconds: it loads PyTorch and "
+                             "every model); without it, the speeds measured once and stored with ferkit")
+    models.add_argument("--speed-seconds", type=float, metavar="S",
+                        help="with --speed: time spent measuring each model (default: 1; 0: the stored speeds)")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
 
@@ -510,10 +547,10 @@ def add_predict_parser(commands: Subcommands) -> None:
     """`ferkit predict`."""
     from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_DETECTOR, DEFAULT_MIN_FACE
     from .images import DEFAULT_MAX_PIXELS
-    from .inference import DEFAULT_PRIOR, PRIORS
+    from .preprocessing import DEFAULT_PRIOR, PRIORS
     from .tracking import DEFAULT_SMOOTH
 
-    predict = commands.add_parser("predict", help="emotions of the faces in photos, folders, videos or a camera",
+    predict = commands.add_parser("predict", help=COMMAND_HELP["predict"],
                                   description="Exit status: 0 all inputs read, 1 some input failed, 2 usage error.")
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image or video files, folders (recursive), globs")
     predict.add_argument("--weights", default="default",
@@ -575,7 +612,7 @@ def add_predict_parser(commands: Subcommands) -> None:
 
 def add_export_parser(commands: Subcommands) -> None:
     """`ferkit export`."""
-    export = commands.add_parser("export", help="export weights to ONNX or TorchScript")
+    export = commands.add_parser("export", help=COMMAND_HELP["export"])
     export.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --output suffix)")
     export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
@@ -598,7 +635,7 @@ def add_serve_parser(commands: Subcommands) -> None:
     from .serve import API_KEY_ENV, ServeConfig
 
     defaults = ServeConfig()
-    serve = commands.add_parser("serve", help="the HTTP API and a web page (needs the serve extra)",
+    serve = commands.add_parser("serve", help=COMMAND_HELP["serve"],
                                 description="Serves POST /v1/predict, GET /v1/models, /healthz, /readyz, /metrics, "
                                             "/docs and the page at /. Exit status: 2 bad usage or weights.")
     serve.add_argument("--host", default=defaults.host, help=f"address to bind (default: {defaults.host}, this "
@@ -733,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status (1 or 2), Ctrl-C with 130; anything else is a bug: one line that says so and exit 70. `--debug` or
     FERKIT_DEBUG=1 adds the traceback to either."""
     with old_names_as_lines():
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(command_of(argv) or "").parse_args(argv)  # no command named: none built
         debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
         try:
             return int(args.func(args))

@@ -163,11 +163,12 @@ def predict_table(
     (default: `pool.shared_detector`); `resume`: continue the table, skipping inputs it holds already;
     `progress`: a progress line on stderr (None: when stderr is a terminal); `part_rows`: rows a part holds.
     """
-    staging = Staging(output, recognizer.classes, resume, summary, part_rows)
+    staging = Staging(output, resume, summary, part_rows)
     todo = [(item, identity) for item in items if not staging.is_done(identity := item.identity())]
     counts_work = sum(1 if item.kind == "image" or item.error else _sampled_frames(item, every) for item, _ in todo)
-    with Workers(workers or default_workers(), make_detector or shared_detector(recognizer)) as pool, \
-            Progress(len(todo), counts_work, progress) as bar:
+    detectors = make_detector or shared_detector(recognizer)
+    with Workers(workers or default_workers(), detectors) as pool, Progress(len(todo), counts_work, progress) as bar:
+        staging.start(recognizer.classes)
         engine = LocalEngine(recognizer, staging, pool, bar, every, smooth)
         engine.counts.inputs, engine.counts.skipped = len(items), len(items) - len(todo)
         for is_video, group in itertools.groupby(todo, key=lambda pair: pair[0].kind == "video" and not pair[0].error):

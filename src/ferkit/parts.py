@@ -163,7 +163,7 @@ def whole_tables(output: Path) -> Iterator[pa.Table]:
 class Staging:
     """One run's parts of `output` (and of its track summaries): what is done, rows as they come, the merge."""
 
-    def __init__(self, output: str | os.PathLike[str], classes: Sequence[str], resume: bool = False,
+    def __init__(self, output: str | os.PathLike[str], resume: bool = False,
                  summary: str | os.PathLike[str] | None = None, part_rows: int = PART_ROWS) -> None:
         self.output = check_output_file(output)
         table_format(self.output)
@@ -172,25 +172,22 @@ class Staging:
             table_format(self.summary)
             if self.summary.resolve() == self.output.resolve():
                 raise UsageError(f"{summary}: --summary and --output must be two files")
-        self.classes, self.part_rows = list(classes), part_rows
+        self.part_rows, self.resume = part_rows, resume
         self.folder = parts_folder(self.output)
         if self.folder.exists() and not resume:
             raise UsageError(f"{self.folder}: an interrupted run of {self.output} is there; add --resume to continue "
                              "it, or delete that folder to start over")
         if self.folder.is_dir() and _merged_already(self.folder, self.output):
             shutil.rmtree(self.folder)
-        if not self.folder.is_dir():
-            self.folder.mkdir(parents=True)
-            _write_json(self.folder / "table.json", {"classes": self.classes,
-                                                    "keeps_output": resume and self.output.is_file()})
-        for stale in self.folder.iterdir():
-            if stale.name.startswith("."):  # a part or run file a kill left half-written
-                stale.unlink()
-        self.keeps_output = _keeps_output(self.folder)
-        self._check_classes()
+        if self.folder.is_dir():
+            for stale in self.folder.iterdir():
+                if stale.name.startswith("."):  # a part or run file a kill left half-written
+                    stale.unlink()
+        self.keeps_output = _keeps_output(self.folder) if self.folder.is_dir() else resume and self.output.is_file()
         plan = _Plan(self.folder)
         self.run = max([part.run for part in plan.parts] + list(plan.redone) + [0]) + 1
         self.done = self._done(plan)
+        self.classes: list[str] | None = None
         self.rows: list[Row] = []
         self.tracks: list[Row] = []
         self.completed: list[tuple[str, int | None, int | None, str]] = []
@@ -199,7 +196,12 @@ class Staging:
         self.run_file_written = False
         self.redo: list[str] = []
 
-    def _check_classes(self) -> None:
+    def start(self, classes: Sequence[str]) -> None:
+        """Begin writing rows of these classes (the model's): the parts folder is made, or checked against them."""
+        self.classes = list(classes)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True)
+            _write_json(self.folder / "table.json", {"classes": self.classes, "keeps_output": self.keeps_output})
         written = json.loads((self.folder / "table.json").read_text()).get("classes")
         if written != self.classes:
             raise UsageError(f"{self.output}: its parts hold the classes {written}, this model's are "
@@ -242,6 +244,7 @@ class Staging:
 
     def flush(self) -> None:
         """The rows held so far as whole parts: track summaries first, then the faces that complete them."""
+        assert self.classes is not None, "Staging.start(classes) comes first"
         if not self.run_file_written:
             _write_json(self.folder / f"run-{self.run:04d}.json", {"redo": self.redo})
             self.run_file_written = True
@@ -253,6 +256,7 @@ class Staging:
         self.last_write = time.monotonic()
 
     def _write(self, kind: str, table: pa.Table, done: list[Any]) -> None:
+        """One part, whole: written to a temporary name, then renamed."""
         import pyarrow.parquet as pq
 
         self.count += 1
@@ -265,6 +269,7 @@ class Staging:
     def finish(self) -> None:
         """Merge everything into the output (and the summary file), then remove the parts."""
         self.flush()
+        assert self.classes is not None
         # The summaries first: the faces' rename marks the run merged (`merged.json`), after which a resume
         # removes the parts.
         if self.summary is not None:

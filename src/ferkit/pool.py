@@ -32,14 +32,35 @@ def default_workers() -> int:
 
 
 def shared_detector(recognizer: EmotionRecognizer) -> Callable[[], FaceDetector | None]:
-    """Each worker's detector: the recognizer's YuNet (an onnxruntime session, safe to run from many threads), or
-    None for another kind (the recognizer's own, under its lock: OpenCV's detectors keep state between calls)."""
+    """Each worker's detector: the recognizer's YuNet (`Workers` gives each worker a session of its own), or None
+    for another kind (the recognizer's own, under its lock: OpenCV's detectors keep state between calls)."""
     detector = recognizer.detector
     return (lambda: detector) if isinstance(detector, YuNetDetector) else (lambda: None)
 
 
+def single_threaded(detector: FaceDetector | None) -> FaceDetector | None:
+    """`detector` for one worker of many: a YuNet detector gets its own onnxruntime session on one intra-op thread
+    (N workers, N sessions, N cores: a session's own threads would only wait for each other and for the other
+    workers'); any other detector is returned as it is."""
+    model = getattr(getattr(detector, "session", None), "_model_bytes", None)  # the graph YuNetDetector built
+    if not isinstance(detector, YuNetDetector) or not isinstance(model, bytes):
+        return detector
+    import copy
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    single = copy.copy(detector)
+    single.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return single
+
+
 class Workers:
-    """A pool of `count` threads, each with its own detector from `make_detector` (made once, in the thread)."""
+    """A pool of `count` threads, each with its own detector from `make_detector` (made once, in the thread; with
+    several workers, `single_threaded`)."""
 
     def __init__(self, count: int, make_detector: Callable[[], FaceDetector | None]) -> None:
         self.count = max(1, count)
@@ -50,7 +71,8 @@ class Workers:
     def detector(self) -> FaceDetector | None:
         """The calling worker's detector."""
         if not hasattr(self.local, "detector"):
-            self.local.detector = self.make_detector()
+            made = self.make_detector()
+            self.local.detector = single_threaded(made) if self.count > 1 else made
         detector: FaceDetector | None = self.local.detector
         return detector
 

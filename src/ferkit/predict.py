@@ -44,9 +44,9 @@ from .faces import (
     whole_image_face,
 )
 from .images import DEFAULT_MAX_PIXELS, ColorOrder, ImageError, ImageInput, load_image
-from .inference import DEFAULT_PRIOR, PRIORS, adjusted_logits, softmax
 from .labels import IMAGE_SIZE
-from .weights import WeightsError, WeightsMeta
+from .metadata import WeightsError, WeightsMeta
+from .preprocessing import DEFAULT_PRIOR, PRIORS, adjusted_logits, softmax
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike[str], device: str = "auto", batch_size: int = 512) -> None:
-        from .weights import EXPORT_KEY, METADATA_KEY, meta_from_json, parse_json_object
+        from .metadata import EXPORT_KEY, METADATA_KEY, meta_from_json, parse_json_object
 
         try:
             import onnxruntime as ort
@@ -242,17 +242,37 @@ def open_backend(weights: str | os.PathLike[str] | None, device: str = "auto", b
     return TorchBackend(weights, device, batch_size)
 
 
-def _cpu_twin(weights: str | os.PathLike[str] | None, device: str) -> Path | None:
+def _torch_device(name: str) -> str:
     from .devices import pick_device
-    from .weights import default_model, shipped_models, shipped_onnx_twin
+
+    return pick_device(name).type
+
+
+def surely_cpu_only() -> bool:
+    """Whether this machine surely has no GPU that torch could run on, told without importing torch (which takes
+    seconds), so that `device="auto"` on a CPU machine runs the ONNX twin at once.
+
+    Only where it can be told for certain: on Linux, no NVIDIA driver (/proc/driver/nvidia, /dev/nvidiactl), no
+    ROCm (/dev/kfd) and no WSL GPU (/dev/dxg); elsewhere (macOS's MPS, Windows) torch is asked.
+    """
+    import sys
+
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+
+
+def _cpu_twin(weights: str | os.PathLike[str] | None, device: str) -> Path | None:
+    from .metadata import default_model, shipped_models, shipped_onnx_twin
 
     name = default_model() if weights is None or str(weights) == "default" else str(weights)
     if name not in shipped_models() or Path(name).exists():
         return None
     twin = shipped_onnx_twin(name)
-    if twin is None or (device != "cpu" and pick_device(device).type != "cpu"):
+    if twin is None:
         return None
-    return twin
+    on_cpu = device == "cpu" or (device == "auto" and surely_cpu_only()) or _torch_device(device) == "cpu"
+    return twin if on_cpu else None
 
 
 class EmotionRecognizer:

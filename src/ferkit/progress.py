@@ -14,6 +14,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+DELAY = 1.0
+"""Seconds before the line first shows: short work stays quiet."""
+
 
 class Progress:
     """Counts inputs, frames and faces done of `inputs` inputs and `work` units (photos + frames to sample)."""
@@ -22,7 +25,7 @@ class Progress:
         self.inputs, self.done, self.frames, self.faces = inputs, 0, 0, 0
         self.start = time.monotonic()
         enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar: Any = tqdm(total=work or inputs, unit="item", file=sys.stderr, disable=not enabled, delay=1.0,
+        self.bar: Any = tqdm(total=work or inputs, unit="item", file=sys.stderr, disable=not enabled, delay=DELAY,
                              dynamic_ncols=True, bar_format="{desc} {bar} [{elapsed}<{remaining}]")
         self._describe()
 
