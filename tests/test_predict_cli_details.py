@@ -101,6 +101,8 @@ def test_tracks_only_gives_each_videos_summary_alone(clip: Path, weights: Path,
     assert status == 0 and rows and all(r["face"] == "summary" for r in rows)
     status, _, err = _run(["--tracks-only", "--json", *base], capsys)
     assert status == 2 and "--tracks-only is for the table and CSV" in err
+    status, _, err = _run(["--tracks-only", "--output", str(clip.with_name("rows.csv")), *base], capsys)
+    assert status == 2 and "--summary FILE writes the track summaries" in err
 
 
 def test_timeline_with_only_photos_warns_once(faces: list[np.ndarray], tmp_path: Path, weights: Path,

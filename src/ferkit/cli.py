@@ -285,6 +285,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         run_camera(recognizer, args.camera, args.every, smooth=args.smooth)
         return 0
     if args.output is not None:
+        if args.tracks_only:
+            raise UsageError("--tracks-only is for the printed table and CSV; with --output, --summary FILE writes "
+                             "the track summaries")
         return predict_to_table(args, recognizer)
     for option in ("summary", "resume", "workers"):
         if getattr(args, option) not in (None, False):

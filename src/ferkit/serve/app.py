@@ -18,7 +18,7 @@ from ..predict import EmotionRecognizer
 from .config import ServeConfig, make_recognizer
 from .logs import guard_logs
 from .middleware import HeadAsGet, HostAllowList, allowed_hosts
-from .protocol import guarded_protocol, raise_file_limit
+from .protocol import BACKLOG, guarded_protocol, raise_file_limit
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -108,6 +108,6 @@ def serve(config: ServeConfig, recognizer: EmotionRecognizer | None = None, log_
 def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
     """uvicorn's settings for `ferkit serve`: the guarded httptools protocol (`protocol.guarded_protocol`), short
     keep-alive, and proxy headers (`X-Forwarded-For`) believed only from `--forwarded-allow-ips` (none by default)."""
-    return {"http": guarded_protocol(config), "timeout_keep_alive": 5,
+    return {"http": guarded_protocol(config), "timeout_keep_alive": 5, "backlog": BACKLOG,
             "proxy_headers": bool(config.forwarded_allow_ips),
             "forwarded_allow_ips": list(config.forwarded_allow_ips), "ws": "none"}

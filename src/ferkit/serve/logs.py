@@ -24,7 +24,8 @@ class RateLimit(logging.Filter):
         self.windows: dict[tuple[str, str], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg))
+        # Some messages come formatted already (asyncio's "Exception in callback <handle>"): their start is the kind.
+        key = (record.name, str(record.msg)[:40])
         now = time.monotonic()
         start, count = self.windows.get(key, (now, 0))
         if now - start > WINDOW_S:

@@ -29,8 +29,11 @@ MAX_SMALL_PIECES = 1024
 """Pieces a body may arrive in before their average size is checked."""
 MIN_PIECE_BYTES = 256
 """The average piece of a body in more than `MAX_SMALL_PIECES` pieces must hold this many bytes."""
-FD_RESERVE = 128
-"""File descriptors kept free of connections: for the log, the decode workers' pipes, spooled uploads."""
+FD_RESERVE = 256
+"""File descriptors kept free of connections: for the log, the decode workers' pipes, spooled uploads, and the
+connections accepted in one go (`BACKLOG`) before the longest idle ones are closed to make room."""
+BACKLOG = 64
+"""The listening socket's backlog: asyncio accepts up to this many connections at once."""
 
 
 def raise_file_limit() -> int:

@@ -221,7 +221,7 @@ def add_routes(app: FastAPI, config: ServeConfig) -> None:
     app.add_api_route("/v1/predict", predict, methods=["POST"], tags=["api"], dependencies=keyed,
                       openapi_extra={"requestBody": predict_body(config.max_files)},
                       responses={200: {"model": list[ImageRecord], "description": "one record per image, in order"},
-                                 **error_responses(400, 401, 408, 413, 415, 422, 500, 503, 504)})
+                                 **error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)})
     app.add_api_route("/v1/models", models, methods=["GET"], tags=["api"], dependencies=keyed,
                       responses={200: {"model": list[ModelRecord]}, **error_responses(401)})
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"], response_model=Health)

@@ -180,17 +180,8 @@ class Service:
         Headers are read first (a request over `max_request_pixels` is refused as a whole, 413); then
         the readable images are decoded and their faces found, each within its share of the budget.
         """
-        shares: list[int | FileError] = []
-        pixels = 0
-        for name, data in uploads:
-            try:
-                count, share = decode_share(name, data, self.config)
-            except ImageError as err:
-                shares.append(FileError.of(err))
-                continue
-            pixels += count
-            shares.append(share)
-        check_request_pixels(pixels, self.config)
+        shares = await asyncio.to_thread(self.shares_of, uploads)  # headers and JPEG scans: off the event loop
+        check_request_pixels(sum(pixels for pixels, _ in shares), self.config)
 
         async def one(name: str, data: bytes, share: int | FileError) -> Found | FileError:
             if isinstance(share, FileError):
@@ -201,7 +192,17 @@ class Service:
                 return FileError.of(err)
 
         return list(await asyncio.gather(*(one(name, data, share)
-                                           for (name, data), share in zip(uploads, shares, strict=True))))
+                                           for (name, data), (_, share) in zip(uploads, shares, strict=True))))
+
+    def shares_of(self, uploads: Sequence[tuple[str, bytes]]) -> list[tuple[int, int | FileError]]:
+        """(pixels, memory to decode) of each upload from its header, or (0, what was wrong with it)."""
+        shares: list[tuple[int, int | FileError]] = []
+        for name, data in uploads:
+            try:
+                shares.append(decode_share(name, data, self.config))
+            except ImageError as err:
+                shares.append((0, FileError.of(err)))
+        return shares
 
     async def classify(self, faces: list[Face], prior: str | None) -> list[FaceResult]:
         """`recognizer.classify(faces, prior=prior)`, its model call shared with other requests' faces."""
