@@ -49,6 +49,8 @@ ROWS_PER_TABLE = 4096
 LIGHT_TASKS: dict[str, Any] = {"ray_remote_args": {"num_cpus": 0}, "concurrency": 1}
 """Reading files and writing parts: no CPU reserved (the actors may take every CPU without starving them, which
 deadlocks), and one task at a time, else Ray starts a worker process for each task it can run at once."""
+ACTORS_START_S = 600
+"""How long the pool may take to start (a cluster scaling up for it) before the run fails."""
 OBJECT_STORE_BYTES = 256 * 1024**2
 """The object store of a Ray started here: photos in flight and rows, not the whole corpus."""
 
@@ -455,6 +457,9 @@ def _run(work: Sequence[tuple[InputItem, Identity]], folder: Path, report: Corpu
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ferkit's own line below says what a user needs
         context.print_on_execution_start = False
+        # The work starts when the whole pool is up: otherwise the first actor to load takes the batches of a
+        # small corpus alone while the others are still loading.
+        context.wait_for_min_actors_s = ACTORS_START_S
         pool = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
         counter_name = f"ferkit-progress-{os.getpid()}-{time.time_ns()}"
         counter = ray.remote(num_cpus=0)(Progress).options(name=counter_name).remote()
@@ -468,7 +473,7 @@ def _run(work: Sequence[tuple[InputItem, Identity]], folder: Path, report: Corpu
         common = {"compute": ray.data.ActorPoolStrategy(size=pool), "num_cpus": num_cpus, "batch_format": "numpy"}
         with _progress_line(ray, counter, len(work), terminal if progress else None):
             if images:
-                dataset = ray.data.read_binary_files(images, include_paths=True, **LIGHT_TASKS)
+                dataset = ray.data.read_binary_files(images, include_paths=True, num_cpus=0, concurrency=1)
                 dataset.map_batches(RowMaker, batch_size=batch_size, fn_constructor_kwargs=maker_args,
                                     **common).write_parquet(str(folder), **LIGHT_TASKS)
             if videos:
