@@ -18,8 +18,8 @@ PublicTest faces only (the validation split: these figures choose settings); Pri
   the same photo turned 15-35 degrees one way or the other about its centre; `EmotionRecognizer().predict`
   (the default model, detector and prior, as `ferkit predict` runs) on both: faces found (a face whose box
   is centred within half the pasted side of the face's centre) and labelled right, upright against tilted.
-- `cost`: the median time of `EmotionRecognizer().predict` on `scenes`' upright and tilted photos (run it
-  alone: `cpu-alone`).
+- `cost`: the median and mean time of `EmotionRecognizer().predict` on `scenes`' upright and tilted photos
+  and on as many of `rates`' one-face photos (run it alone: `cpu-alone`).
 
     .venv/bin/python benchmarks/detection.py rates --data ../shared/data/fer2013 \\
         --output docs/results/detection/detection.json > docs/results/detection/detection.txt
@@ -278,17 +278,19 @@ def cost(data: Path, count: int = 300, seed: int = 0, repeats: int = 3) -> dict[
     from ferkit.predict import EmotionRecognizer
 
     recognizer = EmotionRecognizer()
-    photos = scene_photos(data, count, seed)
-    result: dict[str, Any] = {"photos": len(photos), "repeats": repeats, "weights": recognizer.backend.path.name}
-    for kind in ("upright", "tilted"):
-        for scene in photos[:5]:
-            recognizer.predict(scene[kind])  # warm-up
+    scenes = scene_photos(data, count, seed)
+    photos = {kind: [scene[kind] for scene in scenes] for kind in ("upright", "tilted")}
+    photos["one face"] = [image for image, _ in face_photos(data, len(scenes), seed)[0]]
+    result: dict[str, Any] = {"photos": len(scenes), "repeats": repeats, "weights": recognizer.backend.path.name}
+    for kind, images in photos.items():
+        for image in images[:5]:
+            recognizer.predict(image)  # warm-up
         times = []
-        for scene in photos:
+        for image in images:
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                recognizer.predict(scene[kind])
+                recognizer.predict(image)
                 best = min(best, time.perf_counter() - start)
             times.append(1000 * best)
         result[kind] = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
@@ -328,9 +330,10 @@ def main() -> None:
                   f"({100 * r['right'] / result['faces']:.2f}%) | {r['faces_elsewhere']} |")
     elif args.what == "cost":
         result = cost(args.data, args.count or 300)
-        print(f"EmotionRecognizer().predict on {result['photos']} photos of {SCENE_FACES} faces ({result['weights']}),"
-              f" each photo's fastest of {result['repeats']}:")
-        for kind in ("upright", "tilted"):
+        print(f"EmotionRecognizer().predict ({result['weights']}) on {result['photos']} photos of {SCENE_FACES} "
+              f"faces, upright and tilted, and {result['photos']} photos of one face (`rates`' first), each photo's "
+              f"fastest of {result['repeats']}:")
+        for kind in ("upright", "tilted", "one face"):
             r = result[kind]
             print(f"{kind}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, mean {r['mean_ms']:.1f} ms")
     else:
