@@ -49,6 +49,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from ferkit.faces import DEFAULT_DETECTOR
 from ferkit.inference import VIEW_COUNTS
 from ferkit.weights import DEFAULT_MODEL, load_model, save_weights
 
@@ -274,8 +275,11 @@ def main() -> None:
     print(f"cpu: {cpu_info('model name')}, {os.cpu_count()} cores; load average {os.getloadavg()}")
     print(f"{workload}: {', '.join(name for name, _ in uploads)}; {args.clients} clients, {args.requests} requests "
           f"a mode, time cap {args.time_cap:g} s")
+    serve_args = args.serve_args.split()
+    detector = serve_args[serve_args.index("--detector") + 1] if "--detector" in serve_args[:-1] else DEFAULT_DETECTOR
     report: dict[str, Any] = {
         "command": " ".join(["benchmarks/bench_serve.py", *sys.argv[1:]]), "weights": args.weights,
+        "detector": None if args.crops else detector,
         "views": args.views, "workload": workload, "detect": not args.crops, "clients": args.clients,
         "requests": args.requests, "rounds": args.rounds, "time_cap_s": args.time_cap,
         "uploads": [name for name, _ in uploads],
@@ -290,7 +294,7 @@ def main() -> None:
         try:
             for mode, batching in modes.items():
                 port = free_port()
-                servers[mode] = port, start_server(weights, port, batching, args.serve_args.split())
+                servers[mode] = port, start_server(weights, port, batching, serve_args)
                 asyncio.run(load(port, uploads, not args.crops, args.clients, args.warmup, 60, Tally()))
             loaded = next(m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json() if m["loaded"])
             report["model"] = {k: loaded[k] for k in ("name", "arch", "views_per_face", "accuracy")}

@@ -1,4 +1,4 @@
-"""`ferkit models`: what the shipped files hold, their size and cost, and speed measured here."""
+"""`ferkit models`: what the shipped files hold, their size and cost, and speed: stored, or measured here."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_models_prints_what_the_files_hold(capsys: pytest.CaptureFixture[str]) -
         expected = SHIPPED[row["name"]]
         got = {key: row[key] for key in expected}
         assert got == pytest.approx(expected, abs=5e-5), row["name"]
-        assert row["crops_per_s"] is None
+        assert row["crops_per_s"] > 0 and row["speed_source"] == "stored"  # measured once (catalog.json)
 
     assert cli.main(["models", "--speed-seconds", "0"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -65,12 +65,14 @@ def test_models_prints_what_the_files_hold(capsys: pytest.CaptureFixture[str]) -
     # Which model is the default, and why: the rule's PublicTest figure from the file's metadata.
     assert [r["default"] for r in rows] == [True] + [False] * (len(rows) - 1)
     assert table[-1].startswith("* the default, ferkit-resnet-robust-v2: one view; PublicTest accuracy 69.49%, ")
+    assert "crops/s as measured once, on " in table[-2] and "(--speed: measure here)" in table[-2]
     assert rows[0]["default_reason"] == table[-1].split(": ", 1)[1]
 
 
 @pytest.mark.slow
 def test_models_measures_speed_on_this_machine() -> None:
     rows = describe_shipped_models(speed_seconds=0.2)
+    assert all(r["speed_source"] == "measured here" for r in rows)
     speeds = {r["name"]: r["crops_per_s"] for r in rows}
     assert all(s > 0 for s in speeds.values())
     # The reference CNN, one view of 33 M multiply-adds, outruns the ResNet's ten views of 79 M each; the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +90,8 @@ def test_onnx_carries_the_weights_metadata(onnx_file: Path, weights: Path) -> No
 
 
 def test_onnx_runs_on_onnxruntime_and_numpy_alone(onnx_file: Path, weights: Path, faces: np.ndarray) -> None:
-    """What docs/cli.md shows: uint8 crops in, calibrated logits out; normalisation, views and calibration are in
-    the graph; the uniform prior is the log class prior subtracted."""
-    import json
+    """What docs/cli.md shows: uint8 crops in, calibrated logits out; normalisation, views, calibration and the
+    uniform prior (the log class prior subtracted) are in the graph."""
 
     import onnxruntime as ort
 
@@ -99,16 +99,46 @@ def test_onnx_runs_on_onnxruntime_and_numpy_alone(onnx_file: Path, weights: Path
     assert [(i.name, i.type, i.shape[1:]) for i in session.get_inputs()] == [("input", "tensor(uint8)", [1, 48, 48])]
     meta = json.loads(session.get_modelmeta().custom_metadata_map["ferkit"])
     assert meta["preprocessing"]["temperature"] == 1.0 and meta["preprocessing"]["calibration_matrix"] is None
+    assert json.loads(session.get_modelmeta().custom_metadata_map["ferkit_export"])["prior"] == "uniform"
     for prior in ("train", "uniform"):
-        logits = session.run(None, {"input": faces[:, None]})[0]
-        if prior == "uniform":
-            logits = logits - np.log(meta["preprocessing"]["class_prior"])
+        logits = session.run(None, {"input": faces[:, None]})[0]  # under the uniform prior, predict's default
+        if prior == "train":
+            logits = logits + np.log(meta["preprocessing"]["class_prior"])
         probabilities = np.exp(logits - logits.max(1, keepdims=True))
         probabilities /= probabilities.sum(1, keepdims=True)
         recognizer = EmotionRecognizer(weights, device="cpu", detect=False, prior=prior)
         expected = [r[0] for r in recognizer.predict_batch(list(faces))]
         assert [meta["classes"][k] for k in probabilities.argmax(1)] == [r.label for r in expected]
         np.testing.assert_allclose(probabilities, [list(r.probabilities.values()) for r in expected], atol=1e-5)
+
+
+def test_the_exported_default_gives_predicts_labels_on_1000_privatetest_crops(
+    onnx_file: Path, weights: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ferkit export`'s default prior is `ferkit predict`'s: the graph's argmax, with onnxruntime and numpy alone,
+    is the label `ferkit predict --no-detect` prints, on 1,000 PrivateTest crops (every class)."""
+    import onnxruntime as ort
+
+    files = sorted((data_root / "test").glob("*/PrivateTest_*.jpg"))
+    files = files[:: len(files) // 1000][:1000]
+    crops = np.stack([read_gray(p) for p in files])
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    classes = json.loads(session.get_modelmeta().custom_metadata_map["ferkit"])["classes"]
+    exported = [classes[k] for k in session.run(None, {"input": crops[:, None]})[0].argmax(1)]
+    assert cli.main(["predict", "--no-detect", "--no-progress", "--json", "--weights", str(weights),
+                     *map(str, files)]) == 0
+    predicted = [record["faces"][0]["label"] for record in json.loads(capsys.readouterr().out)]
+    assert len(set(exported)) == len(EMOTIONS)
+    assert exported == predicted
+
+
+def test_an_export_under_the_training_prior(weights: Path, faces: np.ndarray, tmp_path: Path) -> None:
+    out = export_model(weights, tmp_path / "train.onnx", prior="train")
+    assert read_export_info(out)[1]["prior"] == "train"
+    model, meta = load_model(weights)
+    reference = calibrated_by_hand(predict_logits(model, faces, preprocessing=meta.preprocessing).numpy(), meta)
+    assert np.abs(exported_logits(out, faces, graph=True) - reference).max() <= PARITY_TOLERANCE
+    assert check_parity(weights, out, faces) <= PARITY_TOLERANCE
 
 
 def test_recognizer_on_onnx_runs_no_torch_code(

@@ -57,7 +57,9 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_module_imports_one_that_imports_it_back() -> None:
     graph = {name: _imports(path) - {name} for name, path in _modules().items()}
-    assert graph["inference"] <= {"labels", "errors"}, "the inference core must stay free of the rest of ferkit"
+    assert graph["inference"] <= {"labels", "errors", "preprocessing"}, "the inference core must stay free of the " \
+        "rest of ferkit"
+    assert graph["preprocessing"] <= {"labels", "errors"}
     assert "train" not in graph["evaluate"] and "evaluate" not in graph["models"]
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph) or [])
 
@@ -130,3 +132,27 @@ def test_nothing_patches_objects_through_vars() -> None:
              for line in _vars_calls(ast.parse(path.read_text()))]
     assert not found, found
     assert _vars_calls(ast.parse("vars(view)['prior'] = p\nenvvars(x)\n")) == [1]
+
+
+def _imports_ray(path: Path) -> bool:
+    return any(_imports_ray_node(node) for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def test_only_the_ray_engine_imports_ray() -> None:
+    """Ray is an optional extra: `ferkit.scale` alone imports it (inside its functions), never the local path.
+    tests/test_scale.py runs the local engine and finds no `ray` in sys.modules."""
+    importing = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if _imports_ray(p))
+    assert importing == ["scale.py"], importing
+    top_level = [node for node in ast.parse((PACKAGE / "scale.py").read_text()).body
+                 if isinstance(node, (ast.Import, ast.ImportFrom)) and _imports_ray_node(node)]
+    assert not top_level, "scale.py imports ray at module level: `import ferkit.scale` must work without it"
+    assert _imports_ray_node(ast.parse("import ray.data").body[0])
+    assert not _imports_ray_node(ast.parse("import rayon").body[0])
+
+
+def _imports_ray_node(node: ast.stmt) -> bool:
+    tree = ast.Module(body=[node], type_ignores=[])
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+    return any(name == "ray" or name.startswith("ray.") for name in names)

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ferkit
+import ferkit.images
 from by_hand import calibrated_by_hand, confidence_step_by_hand
 from fer_photos import ASTRONAUT_FACE, background, fer_faces, iou, photo, read_gray
 from ferkit.faces import find_faces
@@ -83,6 +84,31 @@ def test_predict_batch_equals_predict(recognizer: EmotionRecognizer, astronaut: 
     assert len(batch) == 4 and batch[2] == []
     for image, results in zip(images, batch, strict=True):
         _same(results, recognizer.predict(image), atol=1e-6)
+
+
+def test_predict_batch_one_bad_file_among_good_ones(recognizer: EmotionRecognizer, data_root: Path, tmp_path: Path
+                                                   ) -> None:
+    """The default records a bad file's error and returns the good files' faces; errors="raise" raises."""
+    faces = [read_gray(p) for p in fer_faces(data_root, "happy")[:3]]
+    good = [tmp_path / "two.jpg", tmp_path / "one.png"]
+    Image.fromarray(photo(faces[:2], [(40, 60, 150, 150), (360, 150, 180, 180)])).save(good[0], quality=95)
+    Image.fromarray(photo(faces[2:], [(220, 110, 170, 170)], seed=2)).save(good[1])
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("a text file named .jpg\n")
+    missing = tmp_path / "gone.jpg"
+    batch = recognizer.predict_batch([good[0], bad, good[1], missing])
+    assert [len(faces) for faces in batch] == [2, 0, 1, 0]
+    assert batch[0].error is None and batch[2].error is None
+    assert batch[1].error is not None and str(bad) in batch[1].error and "not an image" in batch[1].error
+    assert batch[3].error is not None and str(missing) in batch[3].error
+    for path, results in zip(good, (batch[0], batch[2]), strict=True):
+        _same(results, recognizer.predict(path), atol=1e-6)
+    frame = batch[1].to_pandas()
+    assert len(frame) == 1 and "not an image" in frame["error"].iloc[0]
+    with pytest.raises(ferkit.images.ImageError, match="not an image"):
+        recognizer.predict_batch([good[0], bad], errors="raise")
+    with pytest.raises(ValueError, match="choose 'record' or 'raise'"):
+        recognizer.predict_batch([good[0]], errors="skip")
 
 
 def test_no_face_is_an_empty_result_not_an_error(recognizer: EmotionRecognizer) -> None:

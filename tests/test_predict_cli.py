@@ -20,7 +20,8 @@ from ferkit import cli
 from ferkit.inference import predict_logits
 from ferkit.labels import EMOTIONS
 from ferkit.predict import EmotionRecognizer
-from ferkit.predict_files import expand_inputs, predict_command
+from ferkit.predict_files import predict_command
+from ferkit.sources import expand_inputs
 from ferkit.video import VideoError, run_camera
 from ferkit.weights import load_model
 

@@ -402,10 +402,11 @@ def test_the_service_tracks_and_smooths_the_frames_of_a_stream(two_faces_clip: P
         assert ok
         jpegs.append(cv2.imencode(".jpg", frame)[1].tobytes())
     offline = VideoRecognizer(video_recognizer).stream()
-    with live_server(create_app(ServeConfig(), video_recognizer)) as base:
+    # A client that keeps the session cookie (as a browser does): its own stream names are scoped to it.
+    with live_server(create_app(ServeConfig(), video_recognizer)) as base, httpx.Client() as session:
         def send(stream: str, i: int, extra: str = "") -> Any:
-            return httpx.post(f"{base}/v1/predict?stream={stream}&time={i / 10}{extra}",
-                              files={"files": (f"{i}.jpg", jpegs[i])}, timeout=60)
+            return session.post(f"{base}/v1/predict?stream={stream}&time={i / 10}{extra}",
+                                files={"files": (f"{i}.jpg", jpegs[i])}, timeout=60)
 
         records = [send("cam-1", i).json()[0] for i in range(6)]
         assert send("other", 0).json()[0]["faces"][0]["track"] == 1  # each stream has its own tracks

@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
-__all__ = ["EmotionRecognizer", "FaceResult", "VideoRecognizer", "__version__"]
+__all__ = ["EmotionRecognizer", "FaceResult", "VideoRecognizer", "__version__", "read_results"]
 
 if TYPE_CHECKING:
     from .predict import EmotionRecognizer, FaceResult
+    from .tables import read_results
     from .video import VideoRecognizer
 
 
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from .video import VideoRecognizer
 
         return VideoRecognizer
+    if name == "read_results":
+        from .tables import read_results
+
+        return read_results
     raise AttributeError(f"module 'ferkit' has no attribute {name!r}")

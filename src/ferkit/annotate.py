@@ -34,13 +34,25 @@ def draw_results(bgr: np.ndarray, results: Sequence[FaceResult]) -> np.ndarray:
         text = f"{result.label} {result.probabilities[result.label]:.0%}"
         if result.track is not None:
             text = f"#{result.track} {text}"
-        scale = max(0.4, min(w / 160, 1.5))
-        (text_w, text_h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-        top = y - text_h - base - 2 if y - text_h - base - 2 >= 0 else y + h  # above the box, else below it
-        cv2.rectangle(bgr, (x, top), (x + text_w + 4, top + text_h + base + 2), color, cv2.FILLED)
-        cv2.putText(bgr, text, (x + 2, top + text_h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness,
+        scale = label_scale(height, width, w)
+        # Strokes as thick as the font is large, not as the box's line: a thick stroke on a small font is a blob.
+        stroke = max(1, round(scale * 1.5))
+        (text_w, text_h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, stroke)
+        pad = max(2, round(text_h / 6))
+        top = y - text_h - base - pad if y - text_h - base - pad >= 0 else y + h  # above the box, else below it
+        cv2.rectangle(bgr, (x, top), (x + text_w + 2 * pad, top + text_h + base + pad), color, cv2.FILLED)
+        cv2.putText(bgr, text, (x + pad, top + text_h + pad // 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), stroke,
                     cv2.LINE_AA)
     return bgr
+
+
+def label_scale(height: int, width: int, box_width: int) -> float:
+    """The font scale of a label: with the face's box (a small face, a small label) but at least 1.6% of the
+    image's shorter side tall, so that a label stays readable on a large photo seen whole (an 8000x6000 photo:
+    about 96 px), and never over 4% of it. OpenCV's font scale 1 is about 22 px tall."""
+    shorter = min(height, width)
+    smallest, largest = max(0.4, 0.016 * shorter / 22), max(0.4, 0.04 * shorter / 22)
+    return min(max(box_width / 160, smallest), largest)
 
 
 def annotated_image_path(out: str | os.PathLike[str]) -> Path:

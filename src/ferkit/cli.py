@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import DataError
 from .deprecations import RENAMES, OldNameWarning, resolve, views_from_tta
 from .errors import EXIT_USAGE, FerkitError, RunError, UsageError
 from .labels import SPLITS
@@ -45,8 +44,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type) 
     """
     for f in option_fields(config_type):
         flag = "--" + f.name.replace("_", "-")
-        default = "none" if f.default is dataclasses.MISSING else f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        default = "none" if f.default is dataclasses.MISSING or f.default is None else f.default
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help that says its default itself, e.g. "(default: $FERKIT_DATA)"
+            help_text = f"{help_text} (default: {default})".strip()
         if f.metadata.get("repeatable"):
             parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
         elif f.type in ("bool", bool):
@@ -98,7 +99,7 @@ def add_old_options(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def add_views_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
-    from .inference import VIEW_COUNTS
+    from .preprocessing import VIEW_COUNTS
 
     parser.add_argument("--views", type=int, choices=VIEW_COUNTS, help=help_text)
 
@@ -240,7 +241,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .catalog import describe_shipped_models
 
-    rows = describe_shipped_models(speed_seconds=args.speed_seconds)
+    seconds = args.speed_seconds if args.speed_seconds is not None else 1.0 if args.speed else 0.0
+    rows = describe_shipped_models(speed_seconds=seconds)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -257,8 +259,10 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"{r['macs'] / 1e6:>8.1f}M{r['views']:>6}{len(r['classes']):>8}{pct('test_accuracy'):>10}"
               f"{pct('test_balanced_accuracy'):>10}{ece:>7}{pct('mean_corruption_accuracy'):>10}{crops:>9}"
               f"  {r['benchmark']}")
-    print("Accuracies on each model's test set, from each file's metadata" + ("; crops/s measured now, on this machine "
-          "(PyTorch, batches of 256)." if args.speed_seconds else "."))
+    stored = next((r["speed_machine"] for r in rows if r["speed_source"] == "stored"), None)
+    speed = ("crops/s measured now, on this machine" if seconds else f"crops/s as measured once, on {stored} "
+             "(--speed: measure here)" if stored else "crops/s measured here")
+    print(f"Accuracies on each model's test set, from each file's metadata; {speed} (PyTorch, batches of 256).")
     default = next(r for r in rows if r["default"])
     print(f"* the default, {default['name']}: {default['default_reason']}")
     return 0
@@ -270,6 +274,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if (args.camera is None) == (not args.paths):
         raise UsageError("give image or video PATHs, or --camera INDEX (not both)")
+    if args.engine == "ray":
+        return predict_on_ray(args)
     recognizer = EmotionRecognizer(args.weights, device=args.device, detect=not args.no_detect, detector=args.detector,
                                    min_face=args.min_face, detect_max_side=args.detect_max_side or None,
                                    max_pixels=args.max_pixels or None, batch_size=args.batch_size, prior=args.prior)
@@ -278,9 +284,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         run_camera(recognizer, args.camera, args.every, smooth=args.smooth)
         return 0
+    if args.output is not None:
+        if args.tracks_only:
+            raise UsageError("--tracks-only is for the printed table and CSV; with --output, --summary FILE writes "
+                             "the track summaries")
+        return predict_to_table(args, recognizer)
+    for option in ("summary", "resume", "workers"):
+        if getattr(args, option) not in (None, False):
+            raise UsageError(f"--{option} goes with --output FILE (a results table)")
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return predict_command(recognizer, args.paths, fmt, args.every, args.annotate, False if args.no_progress else None,
-                           smooth=args.smooth, timeline=args.timeline)
+                           smooth=args.smooth, timeline=args.timeline, tracks_only=args.tracks_only)
+
+
+def predict_on_ray(args: argparse.Namespace) -> int:
+    """`ferkit predict PATH... --engine ray --output OUT`: the Ray engine (`ferkit.scale`), which imports Ray."""
+    from .scale import ray_command
+
+    for option in ("annotate", "timeline"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option} is not done by --engine ray; leave it out, or use the local engine")
+    options = {"weights": args.weights, "device": args.device, "detect": not args.no_detect, "detector": args.detector,
+               "min_face": args.min_face, "detect_max_side": args.detect_max_side or None,
+               "max_pixels": args.max_pixels or None, "batch_size": args.batch_size, "prior": args.prior}
+    return ray_command(args.paths, args.output, progress=False if args.no_progress else None,
+                       recognizer_options=options, summary=args.summary, resume=args.resume,
+                       concurrency=args.workers, address=args.ray_address, every=args.every, smooth=args.smooth)
+
+
+def predict_to_table(args: argparse.Namespace, recognizer: Any) -> int:
+    """`ferkit predict PATH... --output FILE`: the local engine into a results table."""
+    from .faces import make_detector
+    from .local import predict_table, report
+    from .sources import expand_inputs
+
+    for option in ("annotate", "timeline"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option} goes with the table, --csv or --json on stdout, not --output")
+    if args.tracks_only:
+        raise UsageError("--tracks-only goes with the table on stdout; with --output, --summary FILE holds the tracks")
+    if args.every < 1:
+        raise UsageError(f"--every must be at least 1, not {args.every}")
+    if args.smooth < 0:
+        raise UsageError(f"--smooth must be 0 (off) or more seconds, not {args.smooth}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    detector = ((lambda: make_detector(args.detector, args.min_face, args.detect_max_side or None))
+                if not args.no_detect else (lambda: None))
+    counts = predict_table(recognizer, expand_inputs(args.paths), args.output, summary=args.summary,
+                           resume=args.resume, workers=args.workers, every=args.every, smooth=args.smooth,
+                           make_detector=detector, progress=False if args.no_progress else None)
+    return report(counts, recognizer.detector)
 
 
 def parity_images(data: str | None, count: int) -> tuple[Any, str]:
@@ -289,7 +343,7 @@ def parity_images(data: str | None, count: int) -> tuple[Any, str]:
     Without data (no --data, no $FERKIT_DATA, no ./data/fer2013), seeded synthetic crops, with a note
     saying so; data that was named but does not load is an error, as in every other command.
     """
-    from .data import load_fer2013
+    from .data import DataError, load_fer2013
     from .export import synthetic_crops
 
     try:
@@ -311,10 +365,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_writable(Path(args.output))
     # The check's images before the export, so that bad --data stops the command before anything is written.
     images, what = parity_images(args.data, args.check_images) if args.check_images > 0 else (None, "")
-    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset)
+    out = export_model(args.weights, args.output, args.format, views=args.views, opset=args.opset, prior=args.prior)
     _, info = read_export_info(out)
     print(f"wrote {out} ({info['format']}{', opset ' + str(info['opset']) if info.get('opset') else ''}, "
-          f"{info['views']} view{'s' * (info['views'] > 1)}, from {info['source']})")
+          f"{info['views']} view{'s' * (info['views'] > 1)}, {info['prior']} prior, from {info['source']})")
     if images is None:
         return 0
     diff = check_parity(args.weights, out, images)
@@ -338,7 +392,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_batch=args.max_batch, max_pending=args.max_pending, timeout_s=args.timeout,
                          max_request_pixels=args.max_request_pixels, max_decode_mb=args.max_decode_mb,
                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
-                         allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()))
+                         allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
+                         decode_timeout_s=args.decode_timeout, max_inflight_mb=args.max_inflight_mb,
+                         limit_concurrency=args.limit_concurrency, max_streams_per_client=args.max_streams,
+                         forwarded_allow_ips=tuple(h.strip() for h in args.forwarded_allow_ips.split(",") if h.strip()))
     problem = config.problem()
     if problem:
         raise UsageError(problem)
@@ -357,21 +414,50 @@ EXIT_STATUS = ("exit status: 0 success; 1 some input failed (predict) or a parit
                "interrupted")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`ferkit`'s arguments: one subparser per command, each built by its own function below."""
+COMMAND_HELP = {
+    "data": "inspect a FER-2013 source",
+    "train": "train a model",
+    "evaluate": "score weights on a split",
+    "calibrate": "fit a calibration map on the validation split into the weights",
+    "models": "the shipped models: size, speed, accuracy, calibration, robustness",
+    "predict": "emotions of the faces in photos, folders, videos or a camera",
+    "export": "export weights to ONNX or TorchScript",
+    "serve": "the HTTP API and a web page (needs the serve extra)",
+}
+"""Each command's line in `ferkit --help`, known without building (or importing) the command."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """`ferkit`'s arguments: one subparser per command, each built by its own function below.
+
+    `only`: build that command's options alone (the others are listed by name and help; "": none): each command's
+    options import what it needs (training's config, the detector's defaults, the service), and a command
+    should pay only for its own, so that `ferkit --help` and `ferkit predict` answer at once.
+    """
     parser = argparse.ArgumentParser(prog="ferkit", description=__doc__, epilog=EXIT_STATUS)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of any error (also: {DEBUG_ENV}=1); put it before the command")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_data_parser, add_train_parser, add_evaluate_parser, add_calibrate_parser, add_models_parser,
-                add_predict_parser, add_export_parser, add_serve_parser):
-        add(commands)
+    adders = {"data": add_data_parser, "train": add_train_parser, "evaluate": add_evaluate_parser,
+              "calibrate": add_calibrate_parser, "models": add_models_parser, "predict": add_predict_parser,
+              "export": add_export_parser, "serve": add_serve_parser}
+    for name, add in adders.items():
+        if only is None or name == only:
+            add(commands)
+        else:
+            commands.add_parser(name, help=COMMAND_HELP[name])
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (the first argument that is not an option), if it is one of ferkit's."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in COMMAND_HELP else None
 
 
 def add_data_parser(commands: Subcommands) -> None:
     """`ferkit data info`."""
-    data_parser = commands.add_parser("data", help="inspect a FER-2013 source")
+    data_parser = commands.add_parser("data", help=COMMAND_HELP["data"])
     data = data_parser.add_subparsers(dest="data_command", required=True)
     info = data.add_parser("info", help="per-split, per-class counts and duplicates")
     info.add_argument("--data", help="FER-2013 or FER+ source (default: $FERKIT_DATA or ./data/fer2013)")
@@ -385,7 +471,7 @@ def add_train_parser(commands: Subcommands) -> None:
     """`ferkit train`: one option per `TrainConfig` field."""
     from .train import TrainConfig
 
-    train = commands.add_parser("train", help="train a model")
+    train = commands.add_parser("train", help=COMMAND_HELP["train"])
     add_dataclass_arguments(train, TrainConfig)
     add_old_options(train, "train")
     train.set_defaults(func=cmd_train)
@@ -393,9 +479,9 @@ def add_train_parser(commands: Subcommands) -> None:
 
 def add_evaluate_parser(commands: Subcommands) -> None:
     """`ferkit evaluate`."""
-    from .inference import PRIORS
+    from .preprocessing import PRIORS
 
-    evaluate = commands.add_parser("evaluate", help="score weights on a split")
+    evaluate = commands.add_parser("evaluate", help=COMMAND_HELP["evaluate"])
     evaluate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     evaluate.add_argument("--data", help="FER-2013 or FER+ source (default: $FERKIT_DATA or ./data/fer2013)")
     evaluate.add_argument("--votes", help="FER+'s fer2013new.csv, joined by row position with a fer2013.csv --data")
@@ -425,7 +511,7 @@ def add_evaluate_parser(commands: Subcommands) -> None:
 
 def add_calibrate_parser(commands: Subcommands) -> None:
     """`ferkit calibrate`."""
-    calibrate = commands.add_parser("calibrate", help="fit a calibration map on the validation split into the weights")
+    calibrate = commands.add_parser("calibrate", help=COMMAND_HELP["calibrate"])
     calibrate.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     calibrate.add_argument("--data", help="FER-2013 source (default: $FERKIT_DATA or ./data/fer2013)")
     calibrate.add_argument("--output", metavar="FILE", help="write the calibrated weights here (default: in place; "
@@ -447,9 +533,12 @@ def add_calibrate_parser(commands: Subcommands) -> None:
 
 def add_models_parser(commands: Subcommands) -> None:
     """`ferkit models`."""
-    models = commands.add_parser("models", help="the shipped models: size, speed, accuracy, calibration, robustness")
-    models.add_argument("--speed-seconds", type=float, default=1.0, metavar="S",
-                        help="time spent measuring each model's crops/s here (default: 1; 0: skip)")
+    models = commands.add_parser("models", help=COMMAND_HELP["models"])
+    models.add_argument("--speed", action="store_true",
+                        help="measure each model's crops/s on this machine now (takes seconds: it loads PyTorch and "
+                             "every model); without it, the speeds measured once and stored with ferkit")
+    models.add_argument("--speed-seconds", type=float, metavar="S",
+                        help="with --speed: time spent measuring each model (default: 1; 0: the stored speeds)")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
 
@@ -458,10 +547,10 @@ def add_predict_parser(commands: Subcommands) -> None:
     """`ferkit predict`."""
     from .faces import DEFAULT_DETECT_MAX_SIDE, DEFAULT_DETECTOR, DEFAULT_MIN_FACE
     from .images import DEFAULT_MAX_PIXELS
-    from .inference import DEFAULT_PRIOR, PRIORS
+    from .preprocessing import DEFAULT_PRIOR, PRIORS
     from .tracking import DEFAULT_SMOOTH
 
-    predict = commands.add_parser("predict", help="emotions of the faces in photos, folders, videos or a camera",
+    predict = commands.add_parser("predict", help=COMMAND_HELP["predict"],
                                   description="Exit status: 0 all inputs read, 1 some input failed, 2 usage error.")
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image or video files, folders (recursive), globs")
     predict.add_argument("--weights", default="default",
@@ -469,6 +558,22 @@ def add_predict_parser(commands: Subcommands) -> None:
     output = predict.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="a JSON array, one object per input")
     output.add_argument("--csv", action="store_true", help="CSV, one row per face (or per input without faces)")
+    output.add_argument("--output", "-o", metavar="FILE",
+                        help="a results table, one row per face (per face per frame for videos); the suffix picks the "
+                             "format: .parquet, .csv, .jsonl or .json. Written in parts as it goes (FILE.parts/), "
+                             "merged into FILE at the end")
+    predict.add_argument("--summary", metavar="FILE",
+                         help="with --output: videos' track summaries into this table (same suffixes)")
+    predict.add_argument("--resume", action="store_true",
+                         help="with --output: continue FILE, skipping the inputs it holds (same path, size and "
+                              "modification time); where FILE does not exist yet, start it")
+    predict.add_argument("--workers", type=int, metavar="N",
+                         help="with --output: threads that decode and find faces (default: the cores)")
+    predict.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help="with --output: local (this machine, the default) or ray (Ray Data, on a local Ray or "
+                              "the cluster of --ray-address; needs the ray extra; see docs/scale.md)")
+    predict.add_argument("--ray-address", metavar="ADDR",
+                         help="--engine ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     predict.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn into DIR")
     predict.add_argument("--no-detect", action="store_true", help="inputs are face crops: no face detection")
     predict.add_argument("--every", type=int, default=1, metavar="N", help="videos: every Nth frame (default: 1)")
@@ -492,8 +597,14 @@ def add_predict_parser(commands: Subcommands) -> None:
                               "where the weights carry their class prior)")
     predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help=f"refuse image files with more pixels (default: {DEFAULT_MAX_PIXELS}; 0: no limit)")
-    predict.add_argument("--device", default="auto")
-    predict.add_argument("--batch-size", type=int, default=512)
+    predict.add_argument("--tracks-only", action="store_true",
+                         help="videos: only each track's summary (seen from, until, dominant emotion, shares of "
+                              "time), not a row per sampled frame (table and CSV)")
+    predict.add_argument("--device", default="auto",
+                         help="where the model runs: auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:N "
+                              "or mps (default: auto)")
+    predict.add_argument("--batch-size", type=int, default=512, metavar="N",
+                         help="faces per model call; lower it if a GPU runs out of memory (default: 512)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_old_options(predict, "predict")
     predict.set_defaults(func=cmd_predict)
@@ -501,11 +612,16 @@ def add_predict_parser(commands: Subcommands) -> None:
 
 def add_export_parser(commands: Subcommands) -> None:
     """`ferkit export`."""
-    export = commands.add_parser("export", help="export weights to ONNX or TorchScript")
+    export = commands.add_parser("export", help=COMMAND_HELP["export"])
     export.add_argument("--weights", default="default", help="weights file, run folder or shipped model name")
     export.add_argument("--format", choices=["onnx", "torchscript"], help="(default: from the --output suffix)")
     export.add_argument("--output", metavar="FILE", help="the file to write (.onnx, .pt); required")
     add_views_argument(export, "test-time views built into the graph: 1, 2 or 10 (default: the weights' own)")
+    export.add_argument("--prior", choices=("uniform", "train"),
+                        help="the class prior of the graph's logits, stored in the file's metadata: uniform "
+                             "(FER-2013's class mix divided out), or train, as trained (default: ferkit predict's, "
+                             "so the graph's labels are predict's: uniform where the weights carry their class "
+                             "prior)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--data", help="FER-2013 source for the parity check (default: $FERKIT_DATA)")
     export.add_argument("--check-images", type=int, default=256, metavar="N",
@@ -519,7 +635,7 @@ def add_serve_parser(commands: Subcommands) -> None:
     from .serve import API_KEY_ENV, ServeConfig
 
     defaults = ServeConfig()
-    serve = commands.add_parser("serve", help="the HTTP API and a web page (needs the serve extra)",
+    serve = commands.add_parser("serve", help=COMMAND_HELP["serve"],
                                 description="Serves POST /v1/predict, GET /v1/models, /healthz, /readyz, /metrics, "
                                             "/docs and the page at /. Exit status: 2 bad usage or weights.")
     serve.add_argument("--host", default=defaults.host, help=f"address to bind (default: {defaults.host}, this "
@@ -570,6 +686,19 @@ def add_serve_parser(commands: Subcommands) -> None:
     serve.add_argument("--allowed-hosts", default="", metavar="NAMES",
                        help="without an API key, Host names answered besides localhost and --host, comma-separated "
                             "('*': any)")
+    serve.add_argument("--decode-timeout", type=float, default=defaults.decode_timeout_s, metavar="S",
+                       help="seconds an image may take to decode and search for faces; its worker process is then "
+                            f"killed and replaced (default: {defaults.decode_timeout_s:g})")
+    serve.add_argument("--max-inflight-mb", type=float, default=defaults.max_inflight_mb, metavar="MB",
+                       help="memory request bodies being read and parsed may take in all; more get 503 "
+                            f"(default: {defaults.max_inflight_mb:g})")
+    serve.add_argument("--limit-concurrency", type=int, default=defaults.limit_concurrency, metavar="N",
+                       help="open connections; past it the longest idle one is closed, or the new one gets 503 "
+                            f"(default: {defaults.limit_concurrency})")
+    serve.add_argument("--max-streams", type=int, default=defaults.max_streams_per_client, metavar="N",
+                       help=f"webcam streams a client may hold open (default: {defaults.max_streams_per_client})")
+    serve.add_argument("--forwarded-allow-ips", default="", metavar="IPS",
+                       help="proxies whose X-Forwarded-For/-Proto are believed, comma-separated (default: none)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
 
@@ -641,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status (1 or 2), Ctrl-C with 130; anything else is a bug: one line that says so and exit 70. `--debug` or
     FERKIT_DEBUG=1 adds the traceback to either."""
     with old_names_as_lines():
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(command_of(argv) or "").parse_args(argv)  # no command named: none built
         debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
         try:
             return int(args.func(args))

@@ -1,10 +1,14 @@
-"""Which device to run on and which reduced precision it computes natively; imports only torch."""
+"""Which device to run on and which reduced precision it computes natively; imports only torch, and that when
+first asked (so that `DeviceError` costs no torch import: the ONNX path raises it too)."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
@@ -16,6 +20,8 @@ class DeviceError(UsageError):
 
 def available_devices() -> list[str]:
     """The devices this machine and this torch build can run on: cpu, then cuda:0.., then mps."""
+    import torch
+
     names = ["cpu"]
     if torch.cuda.is_available():
         names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -30,6 +36,8 @@ def pick_device(name: str = "auto") -> torch.device:
     A name that is no device (`gpu`) or a device this machine lacks (`cuda` on a CPU-only torch,
     `cuda:3` with two GPUs) raises a one-line DeviceError that lists the devices this machine has.
     """
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -52,6 +60,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def _missing(device: torch.device) -> str | None:
     """Why this machine cannot run on `device`, or None if it can."""
+    import torch
+
     if device.type == "cuda":
         hip = getattr(torch.version, "hip", None)  # ROCm builds run AMD GPUs through torch.cuda
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {hip}" if hip else None
@@ -69,6 +79,8 @@ def _missing(device: torch.device) -> str | None:
 
 def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
     """bf16 where the hardware computes it natively, else None (stay in float32)."""
+    import torch
+
     if not enabled:
         return None
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -79,6 +91,8 @@ def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | 
 
 
 def _cpu_has_bf16() -> bool:
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

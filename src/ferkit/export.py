@@ -2,11 +2,13 @@
 
 An exported model is `inference.InferenceModel` as a graph: uint8 face crops (N, 1, 48, 48) in,
 (N, classes) float32 calibrated logits out, the batch size free. Normalisation, the test-time views
-(the weights' own, or `views=`) and the calibration (temperature and map) are inside the graph, so
-it computes what `inference.adjusted_logits` makes of `inference.predict_logits` under the training
-prior, as `ferkit evaluate` scores, and a program using it needs only the crop and a softmax (and,
-for the uniform prior, to subtract the log class prior the metadata holds). The metadata inside
-says so: its temperature is 1 and it has no map, as they are already applied.
+(the weights' own, or `views=`), the calibration (temperature, map, confidence step) and the prior are
+inside the graph, so it computes what `inference.adjusted_logits` makes of `inference.predict_logits`
+under `prior` (default "uniform", `ferkit predict`'s default: the log class prior subtracted; "train":
+as `ferkit evaluate` scores), and a program using it needs only the crop and a softmax to get the
+labels and probabilities `ferkit predict` gives. The metadata inside says so: its temperature is 1 and
+it has no map, as they are already applied, and the export record's `prior` names the graph's prior
+(files written before it was recorded hold the training prior).
 
 ONNX files carry the weights' metadata as JSON in their metadata_props under `ferkit`, and what the
 export did under `ferkit_export`; TorchScript files carry the same as extra files `ferkit.json` and
@@ -31,7 +33,15 @@ from torch import nn
 
 from . import __version__
 from .errors import UsageError
-from .inference import VIEW_COUNTS, InferenceModel, adjusted_logits, predict_logits, to_tensor
+from .inference import (
+    DEFAULT_PRIOR,
+    PRIORS,
+    VIEW_COUNTS,
+    InferenceModel,
+    adjusted_logits,
+    predict_logits,
+    to_tensor,
+)
 from .labels import IMAGE_SIZE
 from .outputs import OutputPathError, atomic_write, check_output_file
 from .weights import (
@@ -68,28 +78,53 @@ def format_for(path: str | os.PathLike[str], fmt: str | None = None) -> str:
     raise UsageError(f"{path}: cannot tell the format from the suffix; pass --format onnx or torchscript")
 
 
+class _WithPrior(nn.Module):
+    """Calibrated logits minus the log training class prior: the uniform prior, in the graph."""
+
+    log_prior: torch.Tensor
+
+    def __init__(self, model: nn.Module, class_prior: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("log_prior", torch.log(torch.tensor(class_prior, dtype=torch.float32)), persistent=False)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.model(crops) - self.log_prior
+
+
 def export_model(
     weights: str | os.PathLike[str] | None, output: str | os.PathLike[str], fmt: str | None = None,
-    views: int | None = None, opset: int | None = None,
+    views: int | None = None, opset: int | None = None, prior: str | None = None,
 ) -> Path:
     """Write `weights` (a file, run folder or shipped name) as ONNX or TorchScript to `output`.
 
     `views`: test-time views built into the graph (default: the weights' own); the metadata
-    inside the exported file says how many.
+    inside the exported file says how many. `prior`: "uniform" (the graph subtracts the log training
+    class prior) or "train" (probabilities under FER-2013's class mix, as trained); None, the default:
+    `ferkit predict`'s for these weights ("uniform" where they carry a class prior, else "train"), so
+    the graph's argmax is predict's label. The export record holds it.
     """
     fmt = format_for(output, fmt)
     if views is not None and views not in VIEW_COUNTS:
         raise UsageError(f"views {views}: choose one of {', '.join(map(str, VIEW_COUNTS))}")
+    if prior is not None and prior not in PRIORS:
+        raise UsageError(f"prior {prior!r}: choose one of {', '.join(PRIORS)}")
     out = Path(output)
     check_writable(out)  # before the export, which takes seconds to minutes, not after it
     source = resolve_weights(weights)
     model, meta = load_model(source, "cpu")
     pre = meta.preprocessing.with_views(views)
-    wrapped = InferenceModel(model, pre, channels_last=False, calibrate=True).eval()
+    prior = prior or (DEFAULT_PRIOR if pre.class_prior is not None else "train")
+    if prior == "uniform" and pre.class_prior is None:
+        raise UsageError(f"{source.name} carries no training class prior to divide out: export with --prior train")
+    wrapped: nn.Module = InferenceModel(model, pre, channels_last=False, calibrate=True).eval()
+    if prior == "uniform":
+        assert pre.class_prior is not None
+        wrapped = _WithPrior(wrapped, pre.class_prior).eval()
     # The graph applies the calibration, so the metadata inside the export must not apply it again.
     meta = dataclasses.replace(meta, preprocessing=pre.without_calibration())
     info = {"format": fmt, "views": meta.views, "source": source.name, "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "calibrated": True, "ferkit_version": __version__}
+            "calibrated": True, "prior": prior, "ferkit_version": __version__}
     with atomic_write(out) as tmp:  # which checks `out` again before its rename: the export took a while
         if fmt == "onnx":
             _write_onnx(wrapped, meta, info, tmp, opset)
@@ -169,9 +204,12 @@ def _write_onnx(model: nn.Module, meta: WeightsMeta, info: dict[str, Any], path:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     size = meta.preprocessing.image_size
+    how = ("the uniform prior applied (the log training class prior subtracted), as ferkit predict reports them"
+           if info["prior"] == "uniform" else "under the training class prior; softmax(logits - log(class_prior)) "
+           "for the uniform prior ferkit predict reports")
     proto.doc_string = (f"ferkit {meta.arch}: uint8 face crops (N, 1, {size}, {size}) -> (N, {len(meta.classes)}) "
                         f"calibrated logits over {', '.join(meta.classes)}; {meta.views} view(s) averaged; "
-                        "probabilities = softmax(logits), or softmax(logits - log(class_prior)) for a uniform prior")
+                        f"probabilities = softmax(logits), {how}")
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(path))
 
@@ -204,27 +242,41 @@ def read_export_info(path: str | os.PathLike[str]) -> tuple[WeightsMeta, dict[st
     return meta_from_json(props.get(METADATA_KEY), path), parse_json_object(props.get(EXPORT_KEY))
 
 
-def exported_logits(path: str | os.PathLike[str], images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def exported_logits(path: str | os.PathLike[str], images: np.ndarray, batch_size: int = 256, graph: bool = False
+                    ) -> np.ndarray:
     """Run an exported model on uint8 crops (N, 48, 48): ONNX through ferkit's onnxruntime backend, TorchScript on
-    torch.jit (which ferkit loads only here, for files it has just written)."""
+    torch.jit (which ferkit loads only here, for files it has just written). The calibrated logits under the
+    training prior, as the backend gives them, or with `graph` the graph's own output (under its prior)."""
     if format_for(path) == "onnx":
         from .predict import OnnxBackend
 
-        return OnnxBackend(path, "cpu", batch_size).logits(images)
+        backend = OnnxBackend(path, "cpu", batch_size)
+        return backend.graph_logits(images) if graph else backend.logits(images)
     with _quiet_exporter():
         module = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         outputs = [module(to_tensor(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+    logits = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+    meta, info = read_export_info(path)
+    if graph or graph_prior(info) == "train" or meta.preprocessing.class_prior is None:
+        return logits
+    return logits + np.log(np.asarray(meta.preprocessing.class_prior, dtype=np.float32))
+
+
+def graph_prior(info: dict[str, Any]) -> str:
+    """The prior an exported graph's logits are under, from its export record (older files: "train")."""
+    prior = info.get("prior", "train")
+    return prior if prior in PRIORS else "train"
 
 
 def check_parity(
     weights: str | os.PathLike[str] | None, exported: str | os.PathLike[str], images: np.ndarray
 ) -> float:
-    """Largest absolute difference between the logits ferkit reports (training prior) through the exported model
-    and through PyTorch, on uint8 crops."""
+    """Largest absolute difference between the logits ferkit reports (under the graph's prior) through the exported
+    model's graph and through PyTorch, on uint8 crops."""
     model, source = load_model(resolve_weights(weights), "cpu")
-    meta, _ = read_export_info(exported)
+    meta, info = read_export_info(exported)
+    prior = graph_prior(info)
     reference = adjusted_logits(predict_logits(model, images, "cpu", preprocessing=meta.preprocessing).numpy(),
-                                source.preprocessing.with_views(meta.views))
-    return float(np.abs(adjusted_logits(exported_logits(exported, images), meta.preprocessing) - reference).max())
+                                source.preprocessing.with_views(meta.views), prior)
+    return float(np.abs(exported_logits(exported, images, graph=True) - reference).max())

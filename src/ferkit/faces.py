@@ -29,6 +29,7 @@ Chosen on PublicTest faces three to a photo, upright and turned 15-35 degrees (d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -288,11 +289,34 @@ def _yunet_session(model: Path) -> Any:
     """An onnxruntime session for a YuNet file. The 2023mar file declares a fixed 640x640 input, though its
     graph works at any size that is a multiple of 32; the declared sizes are freed in memory, so the
     file itself stays as shipped."""
-    import onnx
     import onnxruntime as ort
 
+    freed = _freed_yunet(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Spinning idle threads would steal the cores the emotion model runs on next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        graph = onnx.load(str(model))
+        return ort.InferenceSession(freed, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's errors derive from Exception only
+        raise DetectorError(f"{model}: not a YuNet model onnxruntime can load ({err})") from None
+
+
+def _freed_yunet(model: Path) -> bytes:
+    """The YuNet file's bytes with its input sizes freed; kept in ferkit's cache folder ($FERKIT_CACHE), keyed by
+    the file's contents, because the `onnx` package that edits the graph takes most of a second to import (a
+    one-photo `ferkit predict` should not pay for it every time)."""
+    import hashlib
+
+    blob = Path(model).read_bytes()
+    cache = Path(os.environ.get("FERKIT_CACHE") or Path.home() / ".cache" / "ferkit")
+    cached = cache / f"yunet-free-{hashlib.sha256(blob).hexdigest()[:16]}.onnx"
+    if cached.is_file():
+        return cached.read_bytes()
+    import onnx
+
+    try:
+        graph = onnx.load_from_string(blob)
     except Exception as err:  # onnx raises DecodeError and others, all plain Exceptions
         raise DetectorError(f"{model}: not a YuNet model (not ONNX: {err})") from None
     if len(graph.graph.input) != 1 or len(graph.graph.input[0].type.tensor_type.shape.dim) != 4:
@@ -301,14 +325,13 @@ def _yunet_session(model: Path) -> Any:
     dims[2].dim_param, dims[3].dim_param = "height", "width"
     for output in graph.graph.output:
         output.type.tensor_type.ClearField("shape")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Spinning idle threads would steal the cores the emotion model runs on next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime's errors derive from Exception only
-        raise DetectorError(f"{model}: not a YuNet model onnxruntime can load ({err})") from None
+    freed: bytes = graph.SerializeToString()
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs the next run time, nothing else
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
+        partial.write_bytes(freed)
+        partial.replace(cached)
+    return freed
 
 
 def make_detector(

@@ -25,6 +25,7 @@ import stat
 import struct
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, Union
 
@@ -53,6 +54,13 @@ class ImageError(InputError):
 
 class PixelLimitError(ImageError):
     """An image over the pixel limit (a decompression-bomb guard)."""
+
+
+MAX_JPEG_SCANS = 100
+"""Scans a JPEG may hold (libjpeg-turbo's `-maxscans`): a progressive photo has about 10, and each scan of a
+progressive image is a pass over all of it, so thousands of tiny scans make a small file decode for minutes."""
+MAX_JPEG_SCAN_PIXELS = 1_000_000_000
+"""Scans times pixels a JPEG may cost to decode: 20 scans of a 50-megapixel photo."""
 
 
 class NotRegularFileError(OSError):
@@ -142,9 +150,18 @@ def read_image_header(
 
     The same checks and errors as `decode_image_bytes` up to the decoding (not an image, over `max_pixels`).
     """
+    width, height, mode, _ = read_image_format(blob, where, max_pixels, formats)
+    return width, height, mode
+
+
+def read_image_format(
+    blob: bytes, where: str, max_pixels: int | None = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None
+) -> tuple[int, int, str, str]:
+    """`read_image_header` and the file's Pillow format ("JPEG", "PNG", ...), for estimating what decoding costs."""
     with _image_errors(where), Image.open(io.BytesIO(blob), formats=formats) as image:
         _check_pixels(image, where, max_pixels)
-        return image.size[0], image.size[1], image.mode
+        _check_layout(image, where)
+        return image.size[0], image.size[1], image.mode, image.format or ""
 
 
 def _check_pixels(image: Image.Image, where: str, max_pixels: int | None) -> None:
@@ -161,7 +178,104 @@ def _decode(
 ) -> tuple[np.ndarray, str]:
     with _image_errors(where), Image.open(open_file(), formats=formats) as image:
         _check_pixels(image, where, max_pixels)
+        _check_layout(image, where)
         return from_pil(image), image.mode
+
+
+def _check_layout(image: Image.Image, where: str) -> None:
+    """What decoding will cost, from the file's layout (a JPEG's scans), checked before it is decoded."""
+    fp = getattr(image, "fp", None)  # an ImageFile's file, still open while the image is lazy
+    if image.format != "JPEG" or fp is None:
+        return
+    position = fp.tell()
+    fp.seek(0)
+    data = fp.read()
+    fp.seek(position)
+    check_jpeg_layout(jpeg_layout(data), image.size, where)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class JpegLayout:
+    """A JPEG's structure, read from its markers without decoding: its frame type (SOFn), the sampling factors
+    of its components, its scans and the bytes of entropy-coded data they hold."""
+
+    frame: int | None
+    sampling: tuple[tuple[int, int], ...]
+    scans: int
+    entropy_bytes: int
+
+
+def jpeg_layout(data: bytes) -> JpegLayout:
+    """The layout of JPEG bytes, walking its markers (the entropy-coded data is skipped with bytes.find, in C)."""
+    frame: int | None = None
+    sampling: tuple[tuple[int, int], ...] = ()
+    scans = entropy = 0
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill bytes
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : pos + 2 + length]
+        pos += 2 + length
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF) and frame is None:
+            frame = marker
+            count = segment[5] if len(segment) > 5 else 0
+            sampling = tuple((segment[7 + 3 * i] >> 4, segment[7 + 3 * i] & 15) for i in range(count)
+                             if 8 + 3 * i <= len(segment))
+        elif marker == 0xDA:
+            scans += 1
+            start = pos
+            while True:  # entropy-coded data up to the next marker that is not a stuffed 0xFF00 or a restart
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= end:
+                    pos = end
+                    break
+                following = data[pos + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:
+                    pos += 2
+                    continue
+                if following == 0xFF:
+                    pos += 1
+                    continue
+                break
+            entropy += pos - start
+    return JpegLayout(frame, sampling, scans, entropy)
+
+
+def check_jpeg_layout(layout: JpegLayout, size: tuple[int, int], where: str) -> None:
+    """`PixelLimitError` for a JPEG whose scans would cost more than `MAX_JPEG_SCANS` or `MAX_JPEG_SCAN_PIXELS`;
+    `ImageError` for one holding too little data for the size it declares (a truncated file, or a small image
+    declared huge): every 8x8 block of the first component needs at least one bit in a Huffman-coded JPEG."""
+    width, height = size
+    if layout.scans > MAX_JPEG_SCANS:
+        raise PixelLimitError(f"{where}: a JPEG of {layout.scans:,} scans, over the limit of {MAX_JPEG_SCANS} "
+                              "(each scan is a pass over the whole image; a photo has about 10)")
+    if layout.scans * width * height > MAX_JPEG_SCAN_PIXELS:
+        raise PixelLimitError(f"{where}: {layout.scans} scans of {width}x{height} pixels would cost "
+                              f"{layout.scans * width * height:,} pixel passes to decode, over the limit of "
+                              f"{MAX_JPEG_SCAN_PIXELS:,}")
+    if layout.frame in (0xC0, 0xC1, 0xC2) and layout.sampling:  # Huffman-coded: at least one bit a block
+        h_max = max(h for h, _ in layout.sampling) or 1
+        v_max = max(v for _, v in layout.sampling) or 1
+        h, v = layout.sampling[0]
+        blocks = _ceil(_ceil(width * h, h_max), 8) * _ceil(_ceil(height * v, v_max), 8)
+        needed = blocks // 8
+        if layout.entropy_bytes < needed:
+            raise ImageError(f"{where}: corrupt or truncated image (a {width}x{height} JPEG needs at least "
+                             f"{needed:,} bytes of image data, this one holds {layout.entropy_bytes:,})")
 
 
 @contextlib.contextmanager

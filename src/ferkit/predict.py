@@ -43,10 +43,10 @@ from .faces import (
     make_detector,
     whole_image_face,
 )
-from .images import DEFAULT_MAX_PIXELS, ColorOrder, ImageInput, load_image
-from .inference import DEFAULT_PRIOR, PRIORS, adjusted_logits, softmax
+from .images import DEFAULT_MAX_PIXELS, ColorOrder, ImageError, ImageInput, load_image
 from .labels import IMAGE_SIZE
-from .weights import WeightsError, WeightsMeta
+from .metadata import WeightsError, WeightsMeta
+from .preprocessing import DEFAULT_PRIOR, PRIORS, adjusted_logits, softmax
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,40 @@ class FaceResult:
     tilt: float = 0.0
 
     def to_dict(self, digits: int | None = None) -> dict[str, Any]:
-        """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}, optionally rounded."""
+        """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}; probabilities and score optionally
+        rounded to `digits`."""
         def rounded(values: dict[str, float]) -> dict[str, float]:
             return {k: (round(v, digits) if digits is not None else v) for k, v in values.items()}
 
+        score = self.score if self.score is None or digits is None else round(self.score, digits)
         record = {"box": list(self.box), "label": self.label, "probabilities": rounded(self.probabilities),
-                  "score": self.score}
+                  "score": score}
         if self.track is not None:
             record = {"track": self.track, **record}
         if self.raw_probabilities is not None:
             record["raw_probabilities"] = rounded(self.raw_probabilities)
         return record
+
+
+class FaceResults(list[FaceResult]):
+    """The faces of one image (a list), with `to_pandas()`: one row per face in the columns of `ferkit.records`.
+
+    `error`: why the image could not be read (`predict_batch(errors="record")`), its faces then empty; else None.
+    """
+
+    def __init__(self, faces: Iterable[FaceResult] = (), classes: Sequence[str] = (), path: str | None = None,
+                 error: str | None = None) -> None:
+        super().__init__(faces)
+        self.classes, self.path, self.error = list(classes), path, error
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per face (one row with empty face columns when there is none, with the
+        error where the image could not be read)."""
+        from .records import error_row, face_rows, path_identity, rows_frame
+
+        identity = path_identity(self.path)
+        rows = [error_row(identity, self.error)] if self.error is not None else face_rows(identity, self)
+        return rows_frame(rows, self.classes)
 
 
 class Backend(Protocol):
@@ -133,7 +156,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike[str], device: str = "auto", batch_size: int = 512) -> None:
-        from .weights import EXPORT_KEY, METADATA_KEY, meta_from_json, parse_json_object
+        from .metadata import EXPORT_KEY, METADATA_KEY, meta_from_json, parse_json_object
 
         try:
             import onnxruntime as ort
@@ -162,12 +185,23 @@ class OnnxBackend:
                                f"(N, 1, {size}, {size}); models exported before ferkit 0.2 took floats: export again")
         if list(outputs[0].shape)[1:] != [len(self.meta.classes)]:
             raise WeightsError(f"{path}: outputs {outputs[0].shape} do not fit {len(self.meta.classes)} classes")
+        # The prior the graph's logits are under (files exported before it was recorded: the training prior).
+        prior = self.meta.preprocessing.class_prior
+        uniform = self.export_info.get("prior") == "uniform" and prior is not None
+        self.log_prior = np.log(np.asarray(prior, dtype=np.float32)) if uniform else None
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
         self.batch_size = batch_size
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
-        """The graph takes the uint8 crops as they are: normalisation and views are inside it."""
+        """Calibrated logits under the training prior, as every backend gives them (`results` applies the call's
+        prior): a graph exported under the uniform prior (`ferkit export --prior uniform`, the default) has the
+        log class prior added back."""
+        logits = self.graph_logits(crops)
+        return logits if self.log_prior is None else logits + self.log_prior
+
+    def graph_logits(self, crops: np.ndarray) -> np.ndarray:
+        """The graph's own output; it takes the uint8 crops as they are: normalisation and views are inside it."""
         outputs = [
             self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch[:, None])})[0]
             for batch in (crops[i : i + self.batch_size] for i in range(0, len(crops), self.batch_size))
@@ -211,17 +245,37 @@ def open_backend(weights: str | os.PathLike[str] | None, device: str = "auto", b
     return TorchBackend(weights, device, batch_size)
 
 
-def _cpu_twin(weights: str | os.PathLike[str] | None, device: str) -> Path | None:
+def _torch_device(name: str) -> str:
     from .devices import pick_device
-    from .weights import default_model, shipped_models, shipped_onnx_twin
+
+    return pick_device(name).type
+
+
+def surely_cpu_only() -> bool:
+    """Whether this machine surely has no GPU that torch could run on, told without importing torch (which takes
+    seconds), so that `device="auto"` on a CPU machine runs the ONNX twin at once.
+
+    Only where it can be told for certain: on Linux, no NVIDIA driver (/proc/driver/nvidia, /dev/nvidiactl), no
+    ROCm (/dev/kfd) and no WSL GPU (/dev/dxg); elsewhere (macOS's MPS, Windows) torch is asked.
+    """
+    import sys
+
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+
+
+def _cpu_twin(weights: str | os.PathLike[str] | None, device: str) -> Path | None:
+    from .metadata import default_model, shipped_models, shipped_onnx_twin
 
     name = default_model() if weights is None or str(weights) == "default" else str(weights)
     if name not in shipped_models() or Path(name).exists():
         return None
     twin = shipped_onnx_twin(name)
-    if twin is None or (device != "cpu" and pick_device(device).type != "cpu"):
+    if twin is None:
         return None
-    return twin
+    on_cpu = device == "cpu" or (device == "auto" and surely_cpu_only()) or _torch_device(device) == "cpu"
+    return twin if on_cpu else None
 
 
 class EmotionRecognizer:
@@ -370,22 +424,59 @@ class EmotionRecognizer:
         ]
 
     def predict(self, image: ImageInput, *, color_order: ColorOrder = "rgb", prior: str | None = None,
-                top_k: int | None = None, detector: FaceDetector | None = None) -> list[FaceResult]:
+                top_k: int | None = None, detector: FaceDetector | None = None) -> FaceResults:
         """One result per face found in `image` (a path, PIL image or numpy array), largest face first.
 
         No face is not an error: the list is empty. Unreadable input raises `ferkit.images.ImageError`.
+        The list's `to_pandas()` gives its faces as table rows (`ferkit.records`).
         `color_order="bgr"` for 3- or 4-channel numpy arrays from OpenCV. `prior`, `top_k`, `detector`:
         this call's options (see the class docstring).
         """
-        return self.classify(self.find_faces(self.load(image, color_order), detector=detector), prior=prior,
-                             top_k=top_k)
+        faces = self.classify(self.find_faces(self.load(image, color_order), detector=detector), prior=prior,
+                              top_k=top_k)
+        return FaceResults(faces, self.classes, _path_of(image))
 
     def predict_batch(
         self, images: Iterable[ImageInput], *, color_order: ColorOrder = "rgb", prior: str | None = None,
-        top_k: int | None = None, detector: FaceDetector | None = None,
-    ) -> list[list[FaceResult]]:
-        """`predict` for many images, with one batched model call for all their faces."""
+        top_k: int | None = None, detector: FaceDetector | None = None, errors: str = "record",
+    ) -> list[FaceResults]:
+        """`predict` for many images, with one batched model call for all their faces; one result per image, in order.
+
+        `errors="record"` (the default): an image that cannot be read (not an image, truncated, over
+        `max_pixels`, a missing file: `ImageError` or `OSError`) gives an empty `FaceResults` whose
+        `error` says why, and the other images' faces are still returned. It is the default because a batch
+        is usually a folder of other people's files, where one bad file is to be expected and should not cost
+        the good ones their results; `ferkit predict` and `ferkit serve` record errors the same way. Check
+        `.error` (an image without faces has none). `errors="raise"`: the first unreadable image raises, as
+        `predict` does, and nothing is returned.
+        """
+        if errors not in ("record", "raise"):
+            raise ValueError(f"errors {errors!r}: choose 'record' or 'raise'")
         prior, top_k = self.resolve_prior(prior), self.check_top_k(top_k)  # refused before any image is read
-        per_image = [self.find_faces(self.load(image, color_order), detector=detector) for image in images]
+        images = list(images)
+        per_image: list[list[Face]] = []
+        failures: dict[int, str] = {}
+        for i, image in enumerate(images):
+            try:
+                per_image.append(self.find_faces(self.load(image, color_order), detector=detector))
+            except (ImageError, OSError) as err:
+                if errors == "raise":
+                    raise
+                per_image.append([])
+                failures[i] = _error_text(image, err)
         results = iter(self.classify([face for faces in per_image for face in faces], prior=prior, top_k=top_k))
-        return [[next(results) for _ in faces] for faces in per_image]
+        return [FaceResults([next(results) for _ in faces], self.classes, _path_of(image), failures.get(i))
+                for i, (faces, image) in enumerate(zip(per_image, images, strict=True))]
+
+
+def _path_of(image: ImageInput) -> str | None:
+    return str(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+def _error_text(image: ImageInput, err: BaseException) -> str:
+    """An unreadable image's error as one line naming it (ImageError's messages name the file already)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    text = str(err) or type(err).__name__
+    path = _path_of(image)
+    return text if path is None or text.startswith(path) else f"{path}: {text}"

@@ -1,24 +1,26 @@
-"""`ferkit predict` over many inputs: paths, folders and globs -> one result or error per input.
+"""`ferkit predict` over many inputs to stdout: one result or error per input, as a table, CSV or a JSON array.
 
-Folders are searched recursively for image and video files (hidden ones skipped); a glob is
-expanded here when the shell did not. An input that fails (no such file, not an image, corrupt,
-over the pixel limit, an empty folder, a glob matching nothing) becomes a result with an error and
-the rest go on; a photo without faces is a result with no faces, not an error. Results come out in
-input order as a table, CSV or a JSON array, streamed as they are ready.
+Inputs are found by `ferkit.sources` (folders searched recursively, globs expanded). An input that fails
+(no such file, not an image, corrupt, over the pixel limit, an empty folder, a glob matching nothing)
+becomes a result with an error and the rest go on; a photo without faces is a result with no faces, not
+an error. Results come out in input order, streamed as they are ready. (`--output FILE` writes a results
+table instead: `ferkit.local`.)
 
 A video's faces carry their frame, time and track id (`ferkit.tracking`), its labels are smoothed,
 and each of its tracks is summed up: in the JSON under "tracks", in the CSV as one row per track
 after the video's faces (`face` "summary", with `first_seen`, `last_seen` and `seconds`; `label`
 the dominant emotion and the emotion columns each one's share of the time), and as a table.
 A video read only in part (frames that do not decode) is reported with a warning, not an error.
+With `tracks_only`, a video gives only its track summaries (table and CSV), not a row per frame.
+
+An --annotate folder holds a marker file (`ferkit.sources.ANNOTATED_MARKER`), so that a folder search skips
+annotated copies written inside an input folder on the next run.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,28 +34,19 @@ from tqdm.auto import tqdm
 from .annotate import annotated_image_path, write_annotated_image
 from .errors import UsageError
 from .faces import Face
-from .images import IMAGE_EXTENSIONS, ImageError
-from .outputs import file_kind
+from .images import ImageError
 from .predict import EmotionRecognizer, FaceResult
+from .sources import ANNOTATED_MARKER, InputItem, expand_inputs
 from .tracking import DEFAULT_SMOOTH, FrameResult, TrackSummary, summarize_tracks
-from .video import VIDEO_EXTENSIONS, VideoError, annotated_video_path, open_video, predict_video
+from .video import VideoError, annotated_video_path, open_video, predict_video
 
+BOX_WIDTH = 25
+"""The table's box column: room for 5-digit x and y (an 8000x6000 photo's boxes), then a space before the label."""
 CHUNK = 256
 """Images whose faces go through the model together."""
 PROBABILITY_DIGITS = 6
 INPUT_ERRORS = (ImageError, VideoError, OSError, ValueError, cv2.error, MemoryError)
 """What one input may raise without stopping the others."""
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input to predict on, or an argument that already failed (`error` set, `path` None)."""
-
-    display: str
-    path: Path | None = None
-    kind: str = "image"  # "image" or "video"
-    relative: Path | None = None  # its annotated copy's place under --annotate
-    error: str | None = None
 
 
 @dataclass
@@ -70,59 +63,6 @@ class InputResult:
     tracks: list[TrackSummary] | None = None
     warnings: list[str] = field(default_factory=list)
     timeline: Path | None = None
-
-
-def _kind(path: Path) -> str:
-    return "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image"
-
-
-def _folder_items(folder: Path, display: str) -> list[InputItem]:
-    files, others = [], 0
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
-            files.append(InputItem(str(path), path, _kind(path), Path(folder.resolve().name) / relative))
-        else:
-            others += 1
-    if not files:
-        note = f" ({others} other file{'s' * (others != 1)})" if others else ""
-        return [InputItem(display, error=f"{display}: folder holds no images or videos{note}")]
-    return files
-
-
-def _not_a_file(path: Path) -> str:
-    try:
-        return f"not a regular file ({file_kind(path.stat().st_mode)})"
-    except OSError as err:  # a dangling link, a loop of links
-        return f"cannot be opened ({err.strerror or err})"
-
-
-def expand_inputs(arguments: Sequence[str]) -> list[InputItem]:
-    """Files, folders (recursively) and globs -> inputs, in argument order, each folder and glob sorted."""
-    items: list[InputItem] = []
-    for argument in arguments:
-        path = Path(argument).expanduser()
-        if path.is_dir():
-            items += _folder_items(path, argument)
-        elif path.is_file():
-            items.append(InputItem(argument, path, _kind(path), Path(path.name)))
-        elif any(c in argument for c in "*?["):
-            matches = sorted(glob.glob(str(path), recursive=True))
-            if not matches:
-                items.append(InputItem(argument, error=f"{argument}: no files match"))
-            for match in matches:
-                found = Path(match)
-                if found.is_dir():
-                    items += _folder_items(found, match)
-                else:
-                    items.append(InputItem(match, found, _kind(found), Path(found.name)))
-        elif os.path.lexists(path):  # a device, FIFO or socket (or a dangling link): not something to read
-            items.append(InputItem(argument, error=f"{argument}: {_not_a_file(path)}"))
-        else:
-            items.append(InputItem(argument, error=f"{argument}: no such file or folder"))
-    return items
 
 
 class _Annotations:
@@ -308,8 +248,9 @@ class Writer:
     """Streams results to `out` as a table, CSV or a JSON array."""
 
     def __init__(self, out: TextIO, fmt: str, classes: Sequence[str], items: Sequence[InputItem],
-                 emit: Callable[[str], None] | None = None) -> None:
+                 emit: Callable[[str], None] | None = None, tracks_only: bool = False) -> None:
         self.out, self.fmt, self.classes = out, fmt, list(classes)
+        self.tracks_only = tracks_only
         self.emit = emit or (lambda line: print(line, file=out))
         self.count = 0
         self.path_width = min(max([len(i.display) for i in items] + [4]), 60)
@@ -325,7 +266,7 @@ class Writer:
                                "score", *self.classes, "error", *summary])
         else:
             frame = f"{'frame':>7} {'track':>5} " if self.has_video else ""
-            self.emit(f"{'path':<{self.path_width}} {frame}{'face':>4}  {'box (x, y, w, h)':<22} {'label':<9} "
+            self.emit(f"{'path':<{self.path_width}} {frame}{'face':>4}  {'box (x, y, w, h)':<{BOX_WIDTH}} {'label':<9} "
                       f"{'p':>5} {'score':>6}")
 
     def add(self, result: InputResult) -> None:
@@ -334,13 +275,17 @@ class Writer:
             self.out.write(("\n" if self.count == 0 else ",\n") + text)
             self.out.flush()
         elif self.fmt == "csv":
-            for frame, number, face in _rows(result):
+            for frame, number, face in self._face_rows(result):
                 self.csv.writerow(self._csv_row(result, frame, number, face))
             for summary in result.tracks or []:
                 self.csv.writerow(self._csv_summary(result, summary))
             self.out.flush()
         else:
-            for frame, number, face in _rows(result):
+            if self._summary_only(result):
+                sampled = len(result.frames or [])
+                self.emit(f"{self._head(result, None, None)}{'-':>4}  {sampled} frame{'s' * (sampled != 1)} read, "
+                          f"{len(result.tracks or [])} track{'s' * (len(result.tracks or []) != 1)}")
+            for frame, number, face in self._face_rows(result):
                 self.emit(self._table_row(result, frame, number, face))
             if result.tracks:
                 for line in summary_table(result.tracks, self.classes):
@@ -352,6 +297,13 @@ class Writer:
             self.out.write("\n]\n" if self.count else "]\n")
             self.out.flush()
 
+    def _summary_only(self, result: InputResult) -> bool:
+        return self.tracks_only and result.frames is not None and result.error is None
+
+    def _face_rows(self, result: InputResult) -> Iterator[tuple[FrameResult | None, int, FaceResult | None]]:
+        """`_rows`, or none for a video whose track summaries alone are wanted (`tracks_only`)."""
+        return iter(()) if self._summary_only(result) else _rows(result)
+
     def _csv_row(self, result: InputResult, frame: FrameResult | None, number: int, face: FaceResult | None
                  ) -> list[Any]:
         row: list[Any] = [result.item.display, "" if frame is None else frame.frame,
@@ -361,7 +313,7 @@ class Writer:
             row += [""] * (8 + len(self.classes))
         else:
             row += [number, *face.box, face.label, round(face.probabilities[face.label], PROBABILITY_DIGITS),
-                    "" if face.score is None else face.score,
+                    "" if face.score is None else round(face.score, PROBABILITY_DIGITS),
                     *(round(face.probabilities[c], PROBABILITY_DIGITS) for c in self.classes)]
         return [*row, result.error or "", *([""] * 3 if self.has_video else [])]
 
@@ -371,21 +323,24 @@ class Writer:
                 round(track.shares[track.dominant], PROBABILITY_DIGITS), "", *shares, "",
                 round(track.first_seen, 3), round(track.last_seen, 3), round(track.seconds, 3)]
 
-    def _table_row(self, result: InputResult, frame: FrameResult | None, number: int, face: FaceResult | None
-                   ) -> str:
+    def _head(self, result: InputResult, frame: FrameResult | None, face: FaceResult | None) -> str:
         path = result.item.display
         if len(path) > self.path_width:
             path = "..." + path[-(self.path_width - 3):]
         track = "" if face is None or face.track is None else face.track
-        head = f"{path:<{self.path_width}} " + (f"{'' if frame is None else frame.frame:>7} {track:>5} "
+        return f"{path:<{self.path_width}} " + (f"{'' if frame is None else frame.frame:>7} {track:>5} "
                                                 if self.has_video else "")
+
+    def _table_row(self, result: InputResult, frame: FrameResult | None, number: int, face: FaceResult | None
+                   ) -> str:
+        head = self._head(result, frame, face)
         if result.error is not None:
             return f"{head}{'-':>4}  error: {result.error}"
         if face is None:
             return f"{head}{'-':>4}  no face"
         box = ", ".join(map(str, face.box))
         score = "" if face.score is None else f"{face.score:.2f}"
-        return (f"{head}{number:>4}  {box:<22} {face.label:<9} {face.probabilities[face.label]:>5.2f} "
+        return (f"{head}{number:>4}  {box:<{BOX_WIDTH}} {face.label:<9} {face.probabilities[face.label]:>5.2f} "
                 f"{score:>6}")
 
 
@@ -410,22 +365,31 @@ def predict_command(
     out: TextIO | None = None,
     smooth: float = DEFAULT_SMOOTH,
     timeline: str | None = None,
+    tracks_only: bool = False,
 ) -> int:
     """`ferkit predict PATH...`: write every input's result to `out`; 1 if any input failed, else 0.
 
     Failures also go to stderr, one line each, when stdout is for machines (CSV, JSON); warnings
-    (a video read only in part) always do.
+    (a video read only in part, --timeline without a video) and a hint where photos had no face found
+    always do, once each.
     """
     if every < 1:
         raise UsageError(f"--every must be at least 1, not {every}")
     if smooth < 0:
         raise UsageError(f"--smooth must be 0 (off) or more seconds, not {smooth}")
+    if tracks_only and fmt == "json":
+        raise UsageError("--tracks-only is for the table and CSV; the JSON records always hold the tracks")
+    if annotate is not None:
+        prepare_annotate_folder(Path(annotate))
     out = out or sys.stdout
     items = expand_inputs(arguments)
+    if timeline is not None and not any(item.kind == "video" and item.error is None for item in items):
+        print("ferkit: warning: --timeline draws videos' tracks, and no input is a video: no timeline is written",
+              file=sys.stderr)
     show_progress = sys.stderr.isatty() if progress is None else progress
     emit = (lambda line: tqdm.write(line, file=out)) if show_progress else None
-    writer = Writer(out, fmt, recognizer.classes, items, emit)
-    failed = 0
+    writer = Writer(out, fmt, recognizer.classes, items, emit, tracks_only)
+    failed = faceless = 0
     writer.start()
     try:
         for result in run_inputs(recognizer, items, every, annotate, show_progress, smooth, timeline):
@@ -436,8 +400,37 @@ def predict_command(
                 failed += 1
                 if fmt != "table":
                     print(f"ferkit: {result.error}", file=sys.stderr)
+            elif result.frames is None and not result.faces:
+                faceless += 1
     finally:
         writer.finish()
+    if faceless and recognizer.detector is not None:
+        print(small_faces_hint(faceless, recognizer.detector), file=sys.stderr)
     if failed:
         print(f"ferkit: {failed} of {len(items)} input{'s' * (len(items) != 1)} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def prepare_annotate_folder(folder: Path) -> None:
+    """Make the --annotate folder with its marker (`ANNOTATED_MARKER`), or UsageError before any work: a file
+    there, or a folder that cannot be made."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--annotate {folder}: a file is there; give a folder for the annotated copies")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ANNOTATED_MARKER).touch()
+    except OSError as err:
+        raise UsageError(f"--annotate {folder}: cannot write there ({err.strerror or err})") from None
+
+
+def small_faces_hint(faceless: int, detector: object) -> str:
+    """One note for all the photos without a face: small faces are missed, and the options that find them."""
+    photos = f"{faceless} photo{'s' * (faceless != 1)}"
+    min_face = getattr(detector, "min_face", None)
+    if min_face is None:  # a detector of the caller's own, whose settings are not ours to name
+        return f"ferkit: note: no face found in {photos}"
+    max_side = getattr(detector, "detect_max_side", None)
+    shrink = (f" or a larger --detect-max-side (now {max_side}: photos are searched shrunk to this longer side; 0: "
+              "at full size)") if max_side else ""
+    return (f"ferkit: note: no face found in {photos}; if the faces are small, try a lower --min-face (now {min_face} "
+            f"px: smaller faces are dropped){shrink}")

@@ -260,21 +260,67 @@ def frame_durations(frames: Sequence[FrameResult]) -> list[float]:
 
 def summarize_tracks(frames: Sequence[FrameResult], classes: Sequence[str]) -> list[TrackSummary]:
     """Per-track summaries of tracked frames, by track id."""
-    seen: dict[int, list[tuple[float, float, str]]] = {}
-    for frame, duration in zip(frames, frame_durations(frames), strict=True):
+    summarizer = TrackSummarizer(classes)
+    for frame in frames:
+        summarizer.add(frame)
+    return summarizer.summaries()
+
+
+@dataclass
+class _Seen:
+    first: float
+    last: float
+    frames: int = 0
+    seconds: float = 0.0
+    label_seconds: dict[str, float] = field(default_factory=dict)
+    label_frames: dict[str, int] = field(default_factory=dict)
+
+
+class TrackSummarizer:
+    """`summarize_tracks` one frame at a time, in memory per track rather than per frame (a long video streams).
+
+    A frame stands for the time until the next one, so each frame is counted when the next arrives; the
+    last one, in `summaries`, for as long as the one before it (`frame_durations`).
+    """
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.classes = list(classes)
+        self.seen: dict[int, _Seen] = {}
+        self.pending: FrameResult | None = None
+        self.last_gap: float | None = None
+
+    def add(self, frame: FrameResult) -> None:
+        if self.pending is not None:
+            self.last_gap = max(frame.time - self.pending.time, 0.0)
+            self._count(self.pending, self.last_gap)
+        self.pending = frame
+
+    def _count(self, frame: FrameResult, duration: float) -> None:
         for face in frame.faces:
-            if face.track is not None:
-                seen.setdefault(face.track, []).append((frame.time, duration, face.label))
-    summaries = []
-    for track, rows in sorted(seen.items()):
-        total = sum(d for _, d, _ in rows)
-        weights = [d for _, d, _ in rows] if total > 0 else [1.0] * len(rows)
-        shares = dict.fromkeys(classes, 0.0)
-        for (_, _, label), weight in zip(rows, weights, strict=True):
-            shares[label] += weight / sum(weights)
-        dominant = max(classes, key=lambda c: shares[c])
-        summaries.append(TrackSummary(track, rows[0][0], rows[-1][0], len(rows), total, shares, dominant))
-    return summaries
+            if face.track is None:
+                continue
+            seen = self.seen.setdefault(face.track, _Seen(frame.time, frame.time))
+            seen.last, seen.frames, seen.seconds = frame.time, seen.frames + 1, seen.seconds + duration
+            seen.label_seconds[face.label] = seen.label_seconds.get(face.label, 0.0) + duration
+            seen.label_frames[face.label] = seen.label_frames.get(face.label, 0) + 1
+
+    def summaries(self) -> list[TrackSummary]:
+        """The summaries of the frames added so far, by track id (the last frame counted once, here)."""
+        seen = self.seen
+        if self.pending is not None:
+            saved = {k: replace(v, label_seconds=dict(v.label_seconds), label_frames=dict(v.label_frames))
+                     for k, v in seen.items()}
+            self._count(self.pending, self.last_gap or 0.0)
+            seen, self.seen = self.seen, saved
+        result = []
+        for track, s in sorted(seen.items()):
+            by_time = s.seconds > 0
+            total = s.seconds if by_time else s.frames
+            shares = {c: (s.label_seconds.get(c, 0.0) if by_time else s.label_frames.get(c, 0)) / total
+                      for c in self.classes}
+            result.append(TrackSummary(track, s.first, s.last, s.frames, s.seconds, shares,
+                                       max(self.classes, key=lambda c: shares[c])))
+        return result
 
 
 class Streams:

@@ -32,6 +32,10 @@ from .outputs import check_output_file
 from .predict import EmotionRecognizer, FaceResult
 from .tracking import DEFAULT_KEEP, DEFAULT_SMOOTH, FrameResult, Tracking, TrackSummary, summarize_tracks
 
+# FFmpeg (inside OpenCV) prints its own messages about files it cannot read ("moov atom not found") straight to
+# stderr; ferkit reports those files itself, one line each. OpenCV reads this when it first opens a video.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 FOURCC = {".avi": "MJPG", ".mp4": "mp4v"}
 MAX_BAD_FRAMES_IN_A_ROW = 50
@@ -206,6 +210,20 @@ class VideoResult:
     frames: list[FrameResult]
     tracks: list[TrackSummary]
     warnings: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    path: str | None = None
+
+    def to_pandas(self) -> Any:
+        """The frames as a pandas DataFrame: one row per face per sampled frame (`ferkit.records`' columns)."""
+        from .records import frame_rows, path_identity, rows_frame
+
+        return rows_frame(frame_rows(path_identity(self.path), self.frames), self.classes)
+
+    def tracks_to_pandas(self) -> Any:
+        """The track summaries as a pandas DataFrame, one row per track."""
+        from .records import path_identity, rows_frame, summary_rows
+
+        return rows_frame(summary_rows(path_identity(self.path), self.tracks), self.classes, summary=True)
 
 
 class FaceStream:
@@ -262,7 +280,7 @@ class VideoRecognizer:
             _warn(message)
 
         frames = list(self.frames(path, every, annotate, warn))
-        return VideoResult(frames, summarize_tracks(frames, self.classes), lost)
+        return VideoResult(frames, summarize_tracks(frames, self.classes), lost, list(self.classes), str(path))
 
     def stream(self) -> FaceStream:
         """A new live stream with its own tracks."""

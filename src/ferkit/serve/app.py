@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..predict import EmotionRecognizer
 from .config import ServeConfig, make_recognizer
+from .logs import guard_logs
 from .middleware import HeadAsGet, HostAllowList, allowed_hosts
+from .protocol import BACKLOG, guarded_protocol, raise_file_limit
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -40,6 +41,7 @@ def require_serve_extra() -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """The app's life: the model warms up in the background (/readyz says when), the threads stop at the end."""
     service = app.state.service
+    guard_logs()
     warm = asyncio.create_task(service.start())
     try:
         yield
@@ -96,61 +98,16 @@ def serve(config: ServeConfig, recognizer: EmotionRecognizer | None = None, log_
     app = create_app(config, recognizer)
     import uvicorn
 
+    raise_file_limit()
+    guard_logs()
+
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5,
                 **uvicorn_options(config))
 
 
 def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
-    """uvicorn's settings for `ferkit serve`: its h11 protocol with a timeout on the request headers."""
-    return {"http": header_timeout_protocol(config.header_timeout_s), "timeout_keep_alive": 5}
-
-
-def header_timeout_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol, answering 408 and closing a connection whose request headers take longer than
-    `seconds` (uvicorn times out idle connections only, and each byte that trickles in restarts that timer)."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    body = json.dumps({"error": f"the request headers did not arrive within {seconds:g} s (--header-timeout)",
-                       "status": 408}).encode()
-    timeout_response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
-
-    class HeaderTimeoutH11(H11Protocol):
-        header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the headers are in
-                self._disarm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()  # for the next request's headers on this connection
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            self._disarm()
-            self.header_timer = self.loop.call_later(seconds, self._headers_too_slow)
-
-        def _disarm(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-                self.header_timer = None
-
-        def _headers_too_slow(self) -> None:
-            self.header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                if self.conn.our_state is h11.IDLE:  # between requests: nothing of ours is half sent
-                    self.transport.write(timeout_response)
-                self.transport.close()
-
-    return HeaderTimeoutH11
+    """uvicorn's settings for `ferkit serve`: the guarded httptools protocol (`protocol.guarded_protocol`), short
+    keep-alive, and proxy headers (`X-Forwarded-For`) believed only from `--forwarded-allow-ips` (none by default)."""
+    return {"http": guarded_protocol(config), "timeout_keep_alive": 5, "backlog": BACKLOG,
+            "proxy_headers": bool(config.forwarded_allow_ips),
+            "forwarded_allow_ips": list(config.forwarded_allow_ips), "ws": "none"}

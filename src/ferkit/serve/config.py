@@ -48,14 +48,19 @@ class ServeConfig:
     body_timeout_s: float = 10.0
     header_timeout_s: float = 10.0
     allowed_hosts: tuple[str, ...] = ()
+    decode_timeout_s: float = 10.0
+    max_inflight_mb: float = 768.0
+    limit_concurrency: int = 1000
+    forwarded_allow_ips: tuple[str, ...] = ()
+    max_streams_per_client: int = 4
 
     def problem(self) -> str | None:
         """What is wrong with these settings, or None."""
         for name in ("workers", "max_file_bytes", "max_pixels", "max_files", "max_batch", "max_pending",
-                     "max_request_pixels"):
+                     "max_request_pixels", "limit_concurrency", "max_streams_per_client"):
             if getattr(self, name) < 1:
                 return f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}"
-        for name in ("max_decode_mb", "body_timeout_s", "header_timeout_s"):
+        for name in ("max_decode_mb", "body_timeout_s", "header_timeout_s", "decode_timeout_s", "max_inflight_mb"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 return f"{name.removesuffix('_s').replace('_', '-')} must be positive, not {value}"
@@ -71,6 +76,11 @@ class ServeConfig:
     def max_body_bytes(self) -> int:
         """The largest request body read: every file at its limit, base64-encoded, plus room for framing."""
         return self.max_files * (self.max_file_bytes * 4 // 3 + 4) + 64 * 1024
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        """`max_inflight_mb` in bytes: the memory request bodies being read and parsed at once may take in all."""
+        return round(self.max_inflight_mb * 2**20)
 
     @property
     def max_decode_bytes(self) -> int:

@@ -38,6 +38,9 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.model_seconds = Histogram("ferkit_model_call_seconds", "Time of one model call on the model thread",
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.decode_peak = Histogram("ferkit_decode_peak_mb", "Memory an image's decoding and face search took in "
+                                     "its worker process, in MB", buckets=(8, 32, 64, 128, 256, 512, 1024),
+                                     registry=self.registry)
         self.pending = Gauge("ferkit_pending_requests", "Predict requests admitted and not yet answered",
                              registry=self.registry)
         self.pending.set_function(pending)

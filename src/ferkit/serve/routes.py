@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
@@ -29,10 +30,12 @@ from .config import API_KEY_ENV, MAX_DIGITS, ServeConfig
 from .limits import RequestError
 from .schemas import Health, ImageRecord, ModelRecord, Readiness, error_responses, list_models, predict_body
 from .service import PredictOptions, Service
-from .uploads import json_uploads, multipart_uploads, read_body
+from .streams import NEW, SESSION_COOKIE, Client, StreamRegistry
+from .uploads import Reservation, json_uploads, multipart_uploads, read_body
 
 log = logging.getLogger("ferkit.serve")
 CONTENT_TYPES = ("multipart/form-data", "application/json")
+VALID_SESSION = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 def get_service(request: Request) -> Service:
@@ -94,8 +97,10 @@ async def predict(
                                                     "the server's")] = None,
     stream: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
                                         description="frames of a live stream (a webcam): one image, the stream's "
-                                                    "next frame; faces get track ids and labels smoothed over time")
-                      ] = None,
+                                                    "next frame; faces get track ids and labels smoothed over time. "
+                                                    "'new' opens one under a server-drawn id (the X-Stream-Id "
+                                                    "header) to name in the next frames; another name is scoped "
+                                                    "to the client's session cookie")] = None,
     frame_time: Annotated[float | None, Query(alias="time", ge=0, le=1e7,
                                               description="with stream: the frame's time in seconds (default: the "
                                                           "server's clock)")] = None,
@@ -114,35 +119,63 @@ async def predict(
     config = service.config
     # The body is read before the request takes a pending slot, within a time of its own: a client
     # that sends slowly (or less than its Content-Length) holds a connection, never the queue.
+    # Its bytes are counted against the inflight budget as they arrive (503 past it), and held until the answer.
+    reservation = Reservation(service.inflight)
     try:
-        body = await asyncio.wait_for(read_body(request, config.max_body_bytes), config.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
-                                "(--body-timeout)", {"Connection": "close"}) from None
-    if service.pending >= config.max_pending:
-        raise RequestError(503, f"busy: {service.pending} requests in progress, the most it queues; retry soon",
-                           {"Retry-After": "1"})
-    service.pending += 1
-    try:
-        options = PredictOptions(detect, digits, prior, stream, frame_time)
-        records = await asyncio.wait_for(_answer(request, service, content_type, body, options), config.timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(504, f"the request took longer than the {config.timeout_s:g} s limit") from None
+        try:
+            body = await asyncio.wait_for(read_body(request, config.max_body_bytes, reservation),
+                                          config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {config.body_timeout_s:g} s "
+                                    "(--body-timeout)", {"Connection": "close"}) from None
+        if service.pending >= config.max_pending:
+            raise RequestError(503, f"busy: {service.pending} requests in progress, the most it queues; retry soon",
+                               {"Retry-After": "1"})
+        service.pending += 1
+        try:
+            options = PredictOptions(detect, digits, prior, stream, frame_time, client_of(request, stream))
+            records, headers = await asyncio.wait_for(_answer(request, service, content_type, body, options),
+                                                      config.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"the request took longer than the {config.timeout_s:g} s limit") from None
+        finally:
+            service.pending -= 1
     finally:
-        service.pending -= 1
-    return JSONResponse(records)
+        reservation.release()
+    return JSONResponse(records, headers=headers)
 
 
 async def _answer(request: Request, service: Service, content_type: str, body: bytes, options: PredictOptions
-                  ) -> list[dict[str, Any]]:
+                  ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The records of a request whose body is in: its images read from the body, then predicted."""
-    if content_type == "application/json":
-        uploads = json_uploads(body, service.config)
+    if content_type == "application/json":  # parsing and base64 on a thread: the event loop stays free
+        uploads = await asyncio.to_thread(json_uploads, body, service.config)
     else:
         uploads = await multipart_uploads(request, body, service.config)
     if options.stream is not None and len(uploads) != 1:
         raise RequestError(422, f"stream: send one frame a request, not {len(uploads)} images")
-    return await service.predict(uploads, options)
+    stream = service.stream_key(options)  # before the work: 404 for a stream that is not this client's
+    records = await service.predict(uploads, options, stream)
+    headers = {}
+    if stream is not None and options.client is not None:
+        if options.client.session != request.cookies.get(SESSION_COOKIE):
+            headers["Set-Cookie"] = session_cookie(options.client.session)
+        if options.stream == NEW:
+            headers["X-Stream-Id"] = stream
+    return records, headers
+
+
+def client_of(request: Request, stream: str | None) -> Client:
+    """Who sent the request: its address, and its session cookie (a new one drawn for a stream without one)."""
+    session = request.cookies.get(SESSION_COOKIE)
+    if stream is not None and (session is None or not VALID_SESSION.fullmatch(session)):
+        session = StreamRegistry.new_session()
+    host = request.client.host if request.client is not None else "unknown"
+    return Client(host, session)
+
+
+def session_cookie(session: str | None) -> str:
+    return f"{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age=86400"
 
 
 async def models(service: ServiceDep) -> Response:
@@ -172,8 +205,13 @@ def static_folder() -> Path:
     return Path(str(resources.files("ferkit") / "static"))
 
 
-async def page() -> HTMLResponse:
-    return HTMLResponse((static_folder() / "index.html").read_text(encoding="utf-8"))
+async def page(request: Request) -> HTMLResponse:
+    """The page, with a session cookie of its own: its webcam stream is then this browser's alone."""
+    response = HTMLResponse((static_folder() / "index.html").read_text(encoding="utf-8"))
+    session = request.cookies.get(SESSION_COOKIE)
+    if session is None or not VALID_SESSION.fullmatch(session):
+        response.headers["Set-Cookie"] = session_cookie(StreamRegistry.new_session())
+    return response
 
 
 def add_routes(app: FastAPI, config: ServeConfig) -> None:
@@ -183,7 +221,7 @@ def add_routes(app: FastAPI, config: ServeConfig) -> None:
     app.add_api_route("/v1/predict", predict, methods=["POST"], tags=["api"], dependencies=keyed,
                       openapi_extra={"requestBody": predict_body(config.max_files)},
                       responses={200: {"model": list[ImageRecord], "description": "one record per image, in order"},
-                                 **error_responses(400, 401, 408, 413, 415, 422, 500, 503, 504)})
+                                 **error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)})
     app.add_api_route("/v1/models", models, methods=["GET"], tags=["api"], dependencies=keyed,
                       responses={200: {"model": list[ModelRecord]}, **error_responses(401)})
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"], response_model=Health)
@@ -201,7 +239,10 @@ def add_routes(app: FastAPI, config: ServeConfig) -> None:
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status, **extra}, status_code=status, headers=headers)
+    """The JSON error; the connection is closed after it, since a refused request's body may still be coming
+    (a client refused with 401 must not go on sending on that connection)."""
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status,
+                        headers={**(headers or {}), "Connection": "close"})
 
 
 def _validation_message(errors: Sequence[Any]) -> str:

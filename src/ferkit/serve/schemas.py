@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,11 @@ class FaceRecord(BaseModel):
 class ImageRecord(BaseModel):
     path: str = Field(description="the upload's file name, or images[i] for base64 images")
     faces: list[FaceRecord]
-    error: str | None
+    error: str | None = Field(description="why this file could not be read (its faces are then empty); null when "
+                                          "it was read")
     type: str | None
-    width: int
-    height: int
+    width: int | None = Field(description="the image's width in pixels; null when it could not be read")
+    height: int | None = Field(description="the image's height in pixels; null when it could not be read")
 
 
 class ModelRecord(BaseModel):
@@ -80,10 +82,24 @@ def predict_body(max_files: int) -> dict[str, Any]:
     }}
 
 
+PATH_LIKE = re.compile(r"^(?![a-z][a-z0-9+.-]*://)[^\s]*[/\\][^\s]*$", re.IGNORECASE)
+"""A string without spaces holding a slash or backslash, not a URL: a file or folder of the training machine."""
+
+
+def without_paths(value: Any) -> Any:
+    """`value` (parsed JSON) without the entries whose value is a path: the data, run folders and files of the
+    machine that trained the weights are not the business of the service's clients."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items() if not (isinstance(v, str) and PATH_LIKE.match(v))}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value if not (isinstance(v, str) and PATH_LIKE.match(v))]
+    return value
+
+
 def model_info(name: str, path: Path, meta: WeightsMeta, *, loaded: bool, default: bool) -> dict[str, Any]:
     """One model as GET /v1/models lists it (a `ModelRecord`): name, architecture, classes, accuracy, views
-    per face, metadata."""
-    metadata = json.loads(json.dumps(dataclasses.asdict(meta), default=str))
+    per face, metadata (without the training machine's paths)."""
+    metadata = without_paths(json.loads(json.dumps(dataclasses.asdict(meta), default=str)))
     metrics = metadata.get("metrics") or {}
     return {
         "name": name, "file": path.name, "loaded": loaded, "default": default,

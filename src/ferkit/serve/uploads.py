@@ -1,11 +1,15 @@
-"""Request bodies -> named image bytes: the raw body within its size limit, multipart files in the field
-`files`, or base64 images in a JSON body `{"images": [...]}`; every refusal a `RequestError`."""
+"""Request bodies -> named image bytes: the raw body within its size limit and the inflight budget, multipart
+files in the field `files`, or base64 images in a JSON body `{"images": [...]}`; every refusal a `RequestError`.
+
+`json_uploads` is CPU work on a whole body (JSON parsing, base64 checking): the routes run it on a thread, not
+on the event loop."""
 
 from __future__ import annotations
 
-import base64
 import binascii
+import contextlib
 import json
+import re
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -14,21 +18,72 @@ from starlette.requests import ClientDisconnect, Request
 from .config import ServeConfig
 from .limits import RequestError
 
-BASE64_WHITESPACE = str.maketrans("", "", " \t\r\n")
-URL_SAFE = str.maketrans("-_", "+/")
+URL_SAFE = bytes.maketrans(b"-_", b"+/")
+NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+NOT_ASCII = re.compile(r"[^\x00-\x7f]")
+MAX_INT_DIGITS = 64
+"""The longest JSON integer read: no field of the API needs more, and long ones cost quadratic time."""
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+class InflightBudget:
+    """The memory that request bodies being read and parsed may take at once, all requests together (on the event
+    loop): a body takes `FACTOR` times its bytes (the body, its parsed form, the files' bytes) as they arrive,
+    and one that does not fit is refused at once with 503, before it is read any further."""
+
+    FACTOR = 3
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit, self.used = limit_bytes, 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size * self.FACTOR > self.limit:
+            return False
+        self.used += size * self.FACTOR
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.used -= size * self.FACTOR
+
+
+def busy_reading(budget: InflightBudget) -> RequestError:
+    return RequestError(503, f"busy: request bodies of {budget.used / InflightBudget.FACTOR / 2**20:,.0f} MB are "
+                             f"being read, the most this server holds at once (--max-inflight-mb); retry soon",
+                        {"Retry-After": "1"})
+
+
+class Reservation:
+    """The bytes of the inflight budget one request holds, given back when its answer is made."""
+
+    def __init__(self, budget: InflightBudget) -> None:
+        self.budget, self.size = budget, 0
+
+    def take(self, size: int) -> None:
+        if not self.budget.take(size):
+            raise busy_reading(self.budget)
+        self.size += size
+
+    def release(self) -> None:
+        self.budget.give_back(self.size)
+        self.size = 0
+
+
+async def read_body(request: Request, limit: int, reservation: Reservation | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes, and with 503 when the bytes being
+    read by all requests would pass the inflight budget (the declared length is reserved before reading)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}")
+    expected = int(declared) if declared is not None and declared.isdigit() else None
+    if expected is not None and expected > limit:
+        raise RequestError(413, f"request body of {expected:,} bytes is over the limit of {limit:,}")
+    if reservation is not None and expected:
+        reservation.take(expected)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise RequestError(413, f"request body is over the limit of {limit:,} bytes")
+            if reservation is not None and size > reservation.size:
+                reservation.take(size - reservation.size)
             chunks.append(chunk)
     except ClientDisconnect:  # the client left halfway: no one to answer, and not a bug of ours
         raise RequestError(400, "the client disconnected before its request body was complete") from None
@@ -75,24 +130,45 @@ async def _file_bytes(entry: UploadFile | str, i: int, config: ServeConfig) -> t
 
 
 def decode_base64(text: str, name: str) -> bytes:
-    """Standard or URL-safe base64, line-wrapped or not, padded or not; 400 naming the first bad character."""
-    text = text.translate(BASE64_WHITESPACE).translate(URL_SAFE)
-    bad = next((c for c in text.rstrip("=") if not (c.isascii() and (c.isalnum() or c in "+/"))), None)
-    if bad is not None:
+    """Standard or URL-safe base64, line-wrapped or not, padded or not; 400 naming the first bad character.
+
+    Checked by `binascii` in strict mode (C, not a Python loop over the characters): the text as sent first,
+    then without line breaks, in the standard alphabet and padded.
+    """
+    if not text.isascii():
+        bad = NOT_ASCII.search(text).group()  # type: ignore[union-attr]
         raise RequestError(400, f"{name}: not valid base64: {bad!r} is not a base64 character (standard or "
                                 "URL-safe alphabet; line breaks are fine)")
+    raw = text.encode("ascii")
+    with contextlib.suppress(binascii.Error):
+        return binascii.a2b_base64(raw, strict_mode=True)
+    raw = raw.translate(URL_SAFE, b" \t\r\n")
+    raw = raw.rstrip(b"=")
+    raw += b"=" * (-len(raw) % 4)
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as err:
+        return binascii.a2b_base64(raw, strict_mode=True)
+    except binascii.Error as err:
+        bad_char = NOT_BASE64.search(raw.rstrip(b"="))
+        if bad_char is not None:
+            raise RequestError(400, f"{name}: not valid base64: {bad_char.group().decode()!r} is not a base64 "
+                                    "character (standard or URL-safe alphabet; line breaks are fine)") from None
         raise RequestError(400, f"{name}: not valid base64 ({err})") from None
+
+
+def _short_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"a number of {len(digits):,} digits, more than the {MAX_INT_DIGITS} this API reads")
+    return int(digits)
 
 
 def json_uploads(body: bytes, config: ServeConfig) -> list[tuple[str, bytes]]:
     """(name, bytes) of the base64 images of a JSON body {"images": [...]} (data: URLs welcome)."""
     try:
-        document = json.loads(body)
+        document = json.loads(body, parse_int=_short_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RequestError(400, f"the body is not valid JSON ({err})") from None
+    except ValueError as err:  # a number too long to read (int() refuses over 4,300 digits; we, over 64)
+        raise RequestError(400, f"the body's JSON holds {err}") from None
     except RecursionError:
         raise RequestError(400, "the body's JSON is nested too deeply") from None
     images = document.get("images") if isinstance(document, dict) else None

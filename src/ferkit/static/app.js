@@ -1,11 +1,17 @@
 // The ferkit page: photos or webcam frames go to POST /v1/predict; each face is boxed with its label,
 // and its seven probabilities are drawn as bars. Webcam frames are sent as one stream (?stream=ID&time=T):
 // the server tracks the faces and smooths their labels over time, as `ferkit predict` does a video's,
-// and each track keeps its box here. Plain JS, no dependencies, works offline.
+// and each track keeps its box here. A photo too big to send is shrunk here first (a canvas), and its
+// boxes scaled back to the photo's own pixels. Plain JS, no dependencies, works offline.
 "use strict";
 
 const KEY_STORE = "ferkit-api-key";
 const FRAME_INTERVAL_MS = 250; // webcam frames sent a second: at most 4, one in flight at a time
+// A photo over this many bytes is shrunk before it is sent (the server's --max-upload-mb is 10 by default);
+// one the server still refuses as too large (413: a lower limit, or too many pixels) is sent again smaller.
+const SEND_MAX_BYTES = 8 * 1024 * 1024;
+const SHRINK_SIDES = [3072, 2048, 1024]; // the longest side of each smaller try, in pixels
+const PHOTOS_IN_FLIGHT = 4; // requests at once: a folder of photos must not fill the server's queue (503)
 
 const $ = (id) => document.getElementById(id);
 
@@ -19,8 +25,9 @@ async function api(path, options = {}) {
   try { body = await response.json(); } catch (_) { body = null; }
   if (response.status === 401) $("key-row").hidden = false;
   if (!response.ok) {
-    const message = (body && body.error) || `${response.status} ${response.statusText}`;
-    throw new Error(message);
+    const error = new Error((body && body.error) || `${response.status} ${response.statusText}`);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -67,8 +74,9 @@ function drawBars(container, face) {
 // A face's name on the page: its track id in a stream ("#3"), else its number in the photo ("1:").
 function faceName(face, i) { return face.track != null ? `#${face.track}` : `${i + 1}:`; }
 
-// Boxes as percentages of the image's size, so they follow it at any display size. A tracked face
-// keeps its box element from frame to frame (so it glides instead of blinking).
+// Boxes as percentages of the image's size, so they follow it at any display size: `layer` is the
+// image's .frame (or an overlay filling it), exactly the image as drawn. A tracked face keeps its box
+// element from frame to frame (so it glides instead of blinking).
 function drawBoxes(layer, record, className) {
   const kept = new Map();
   layer.querySelectorAll(".box").forEach((box) => {
@@ -84,6 +92,7 @@ function drawBoxes(layer, record, className) {
     box.style.width = `${(100 * w) / record.width}%`;
     box.style.height = `${(100 * h) / record.height}%`;
     box.style.setProperty("--c", color(face.label));
+    box.dataset.box = face.box.join(",");
     if (track) box.dataset.track = track;
     const label = box.firstChild || el("span", "box-label");
     label.textContent = `${faceName(face, i)} ${face.label} ${topProbability(face).toFixed(2)}`;
@@ -104,32 +113,95 @@ async function predictFiles(files) {
   status.className = "status";
   status.textContent = `reading ${images.length} photo${images.length > 1 ? "s" : ""}…`;
   const detect = $("detect").checked;
-  // One request per photo: a bad one is reported alone and the others still show.
-  let done = 0, failed = 0;
-  await Promise.all(images.map(async (file) => {
-    const card = el("article", "result");
-    $("results").prepend(card);
-    const form = new FormData();
-    form.append("files", file, file.name);
+  // The newest pick on top, its photos in the order picked. One request per photo: each shows as soon
+  // as it is read, and a bad one is reported in its own card beside the others.
+  const batch = el("div", "batch");
+  $("results").prepend(batch);
+  const cards = images.map((file) => batch.appendChild(el("article", "result", `${file.name}: waiting…`)));
+  let done = 0, failed = 0, next = 0;
+  const read = async (file, card) => {
     try {
-      const [record] = await api(`/v1/predict?detect=${detect}`, { method: "POST", body: form });
-      renderPhoto(card, file, record);
+      const { record, sent } = await predictPhoto(file, detect);
+      if (record.error) throw new Error(record.error);
+      renderPhoto(card, file, record, sent);
     } catch (err) {
       failed += 1;
-      card.append(el("h3", "", file.name), el("p", "error", err.message));
+      card.replaceChildren(el("h3", "", file.name), el("p", "error", err.message));
     }
     done += 1;
     status.textContent = `${done} of ${images.length} read` + (failed ? `, ${failed} failed` : "");
-  }));
+  };
+  const worker = async () => {
+    while (next < images.length) { const i = next++; await read(images[i], cards[i]); }
+  };
+  await Promise.all(Array.from({ length: Math.min(PHOTOS_IN_FLIGHT, images.length) }, worker));
 }
 
-function renderPhoto(card, file, record) {
+// A photo's record, its boxes in the photo's own pixels, and the copy sent (null: the photo itself).
+async function predictPhoto(file, detect) {
+  const sides = file.size > SEND_MAX_BYTES ? SHRINK_SIDES : [null, ...SHRINK_SIDES];
+  for (let i = 0; ; i += 1) { // until a try answers, or fails for good
+    const side = sides[i];
+    const copy = side === null ? null : await shrink(file, side);
+    if (copy && copy.blob.size > SEND_MAX_BYTES && i + 1 < sides.length) continue;
+    const form = new FormData();
+    form.append("files", copy ? copy.blob : file, file.name);
+    try {
+      const [record] = await api(`/v1/predict?detect=${detect}`, { method: "POST", body: form });
+      return { record: copy ? inOriginalPixels(record, copy) : record, sent: copy };
+    } catch (err) {
+      // Too large: try smaller, unless the browser could not read it (then the server's answer says why).
+      const smaller = err.status === 413 && i + 1 < sides.length && (side === null || copy !== null);
+      if (!smaller) throw err;
+    }
+  }
+}
+
+// The photo drawn on a canvas at most `side` pixels on its longest side, as a JPEG; null when the
+// browser cannot decode it. EXIF orientation is applied, as the <img> and the server apply it.
+async function shrink(file, side) {
+  let bitmap;
+  try { bitmap = await createImageBitmap(file, { imageOrientation: "from-image" }); } catch (_) { return null; }
+  const scale = Math.min(1, side / Math.max(bitmap.width, bitmap.height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#fff"; // transparent pixels: white, not the JPEG's black
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  context.imageSmoothingQuality = "high";
+  context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.92));
+  const copy = { blob, width: canvas.width, height: canvas.height, fromWidth: bitmap.width,
+    fromHeight: bitmap.height };
+  bitmap.close();
+  return blob ? copy : null;
+}
+
+// The record of a shrunk copy with its boxes and size scaled back to the photo's own pixels.
+function inOriginalPixels(record, copy) {
+  if (record.error) return record;
+  const sx = copy.fromWidth / copy.width, sy = copy.fromHeight / copy.height;
+  const faces = record.faces.map((face) => {
+    const [x, y, w, h] = face.box;
+    return { ...face, box: [Math.round(x * sx), Math.round(y * sy), Math.round(w * sx), Math.round(h * sy)] };
+  });
+  return { ...record, faces, width: copy.fromWidth, height: copy.fromHeight };
+}
+
+function renderPhoto(card, file, record, sent) {
   const picture = el("div", "picture");
+  const frame = el("div", "frame");
   const img = el("img");
   img.alt = file.name;
   img.src = URL.createObjectURL(file);
-  picture.append(img);
-  drawBoxes(picture, record);
+  frame.append(img);
+  drawBoxes(frame, record);
+  picture.append(frame);
+  if (sent) {
+    picture.append(el("p", "muted shrunk", `${(file.size / 1e6).toFixed(1)} MB, ${sent.fromWidth}x${sent.fromHeight}: ` +
+      `sent shrunk to ${sent.width}x${sent.height}`));
+  }
   const faces = el("div", "faces");
   faces.append(el("h3", "", `${record.path}: ${record.faces.length} face${record.faces.length === 1 ? "" : "s"}`));
   if (!record.faces.length) faces.append(el("p", "muted", "no face found"));
@@ -144,7 +216,7 @@ function renderPhoto(card, file, record) {
     block.append(title, bars);
     faces.append(block);
   });
-  card.append(picture, faces);
+  card.replaceChildren(picture, faces);
 }
 
 // ------------------------------------------------------------------------------------------------
