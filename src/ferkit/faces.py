@@ -102,7 +102,8 @@ class Face:
     landmarks: Landmarks | None = None
     tilt: float = 0.0
     """Degrees (counter-clockwise) the photo was turned about the square's centre to read `crop`: to level the
-    eyes, and by the turn of the photo it was found in (`TILTS`, `SEARCH_TURNS`); `box` is the square unturned."""
+    eyes, and by the turn of the photo it was found in (`TILTS`, `SEARCH_TURNS`). `box` is the square unturned,
+    or, for a face found in a turned photo, the bounds of the square turned by that photo's turn."""
 
 
 def shipped_yunet() -> Path:
@@ -469,8 +470,16 @@ class _Found:
         points = self.detection.landmarks
         if points is not None and self.angle:
             points = tuple((round(float(px), 1), round(float(py), 1)) for px, py in _mapped(self.back, points))
-        return Face(clip_box(square, *gray.shape[:2]), self.detection.score, crop_face(gray, square, turn=turn),
-                    points, turn)
+        return Face(clip_box(self.bounds if self.angle else square, *gray.shape[:2]), self.detection.score,
+                    crop_face(gray, square, turn=turn), points, turn)
+
+    @property
+    def bounds(self) -> Box:
+        """The photo's pixels that hold the square as found in the turned photo (its box since issue 17)."""
+        x, y, side, _ = crop_box(self.detection.box, self.crop_scale)
+        corners = _mapped(self.back, [(x, y), (x + side, y), (x, y + side), (x + side, y + side)])
+        low, high = corners.min(0), corners.max(0)
+        return round(low[0]), round(low[1]), round(high[0] - low[0]), round(high[1] - low[1])
 
 
 def _found_in(image: np.ndarray, detector: FaceDetector, angle: float) -> list[_Found]:
