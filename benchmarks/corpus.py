@@ -11,7 +11,9 @@ right when that box's label is the face's FER-2013 class; both are counted over 
 
 Measured, each as a separate process (wall clock, CPU time / wall, and peak RSS from `os.wait4`):
 - `ferkit predict DIR --output out.parquet` (the whole command, start-up included), with every core
-  and with `--workers 1`; with `--engine ray` too when this ferkit has it (a local Ray);
+  and with `--workers 1`; with `--engine ray` too when this ferkit has it (a local Ray; its workers are
+  Ray's processes, not the command's children, so their CPU and memory are not in its figures); and
+  `ferkit predict DIR --json`, the path to stdout that came before `--output`;
 - `fer` in its own virtual environment (benchmarks/peers_fer.py `photos`): `detect_emotions` on each
   photo, timed over the loop only (its import and model load left out), as in benchmarks/peers.py;
 - `ferkit predict VIDEO --output v.parquet` on the first `--short-video` seconds and the whole video: frames/s
@@ -236,6 +238,13 @@ def photo_runs(args: argparse.Namespace, folder: Path, truth: dict[str, Any], wo
                       images_per_s=round(count / result["wall_s"], 1), timed="the whole command")
         runs[name] = result
         print(f"{name}: {result['images_per_s']} images/s", file=sys.stderr, flush=True)
+    result = run(ferkit_command(str(photos), "--json"))  # the stdout path, as before --output
+    found_json = {str(Path(record["path"]).relative_to(photos)): [[*face["box"], face["label"]]
+                                                                  for face in record["faces"]]
+                  for record in json.loads(result["stdout"])}
+    result.update(score(truth, found_json), images_per_s=round(count / result["wall_s"], 1),
+                  timed="the whole command")
+    runs["ferkit --json (one process, stdout)"] = result
     if args.fer_python:
         listing = work / "photos.txt"
         listing.write_text("".join(f"{photos / relative}\n" for relative in truth))

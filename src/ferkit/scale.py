@@ -46,6 +46,9 @@ PART_SUFFIX = ".ray-parts"
 DEFAULT_BATCH_SIZE = 16
 """Photos per actor call: enough faces for one efficient model call, small enough to spread over the pool."""
 ROWS_PER_TABLE = 4096
+LIGHT_TASKS: dict[str, Any] = {"ray_remote_args": {"num_cpus": 0}, "concurrency": 1}
+"""Reading files and writing parts: no CPU reserved (the actors may take every CPU without starving them, which
+deadlocks), and one task at a time, else Ray starts a worker process for each task it can run at once."""
 OBJECT_STORE_BYTES = 256 * 1024**2
 """The object store of a Ray started here: photos in flight and rows, not the whole corpus."""
 
@@ -74,6 +77,8 @@ class CorpusReport:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     nodes: dict[str, int] = field(default_factory=dict)  # inputs done by the actors of each Ray node
+    first_rows_s: float = 0.0  # from the start until the first rows came: Ray's start, the actors' loading
+    inputs_per_s: float = 0.0  # from the first rows to the last: the pool's throughput once it runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,18 +89,21 @@ class Progress:
     """A Ray actor counting what the workers finished, for the driver's progress line and report."""
 
     def __init__(self) -> None:
-        self.counts = {"inputs": 0, "failed": 0, "faces": 0, "frames": 0}
+        self.counts = {"inputs": 0, "failed": 0, "faces": 0, "frames": 0, "first": 0}
         self.warnings: list[str] = []
         self.nodes: dict[str, int] = {}
+        self.times: list[float] = []  # when the first and the last rows came
 
     def add(self, node: str, inputs: int, failed: int, faces: int, frames: int, warnings: Sequence[str] = ()) -> None:
+        self.times = [self.times[0] if self.times else time.time(), time.time()]
+        self.counts["first"] = self.counts["first"] or inputs
         for key, value in (("inputs", inputs), ("failed", failed), ("faces", faces), ("frames", frames)):
             self.counts[key] += value
         self.nodes[node] = self.nodes.get(node, 0) + inputs
         self.warnings += warnings
 
-    def read(self) -> tuple[dict[str, int], list[str], dict[str, int]]:
-        return dict(self.counts), list(self.warnings), dict(self.nodes)
+    def read(self) -> tuple[dict[str, int], list[str], dict[str, int], list[float]]:
+        return dict(self.counts), list(self.warnings), dict(self.nodes), list(self.times)
 
 
 def _tally(rows: Sequence[Row]) -> tuple[int, int, int]:
@@ -441,6 +449,7 @@ def _run(work: Sequence[tuple[InputItem, Identity]], folder: Path, report: Corpu
          classes: list[str], address: str | None, concurrency: int | None, batch_size: int, num_cpus: float,
          every: int, smooth: float, summary_parts: Path | None, progress: bool) -> None:
     """Photos, then videos, through a pool of actors into `folder`; counts into `report`."""
+    start = time.time()
     with _stderr_to_log() as terminal, ray_session(address) as ray:
         _quiet_ray_logs()
         context = ray.data.DataContext.get_current()
@@ -459,17 +468,20 @@ def _run(work: Sequence[tuple[InputItem, Identity]], folder: Path, report: Corpu
         common = {"compute": ray.data.ActorPoolStrategy(size=pool), "num_cpus": num_cpus, "batch_format": "numpy"}
         with _progress_line(ray, counter, len(work), terminal if progress else None):
             if images:
-                dataset = ray.data.read_binary_files(images, include_paths=True, num_cpus=0)
+                dataset = ray.data.read_binary_files(images, include_paths=True, **LIGHT_TASKS)
                 dataset.map_batches(RowMaker, batch_size=batch_size, fn_constructor_kwargs=maker_args,
-                                    **common).write_parquet(str(folder), ray_remote_args={"num_cpus": 0})
+                                    **common).write_parquet(str(folder), **LIGHT_TASKS)
             if videos:
                 summaries = None if summary_parts is None else str(summary_parts)
                 dataset = ray.data.from_items([{"path": path} for path in videos], override_num_blocks=len(videos))
                 dataset.map_batches(VideoRowMaker, batch_size=1,
                                     fn_constructor_kwargs={**maker_args, "summary_dir": summaries},
                                     **{**common, "compute": ray.data.ActorPoolStrategy(size=min(pool, len(videos)))}
-                                    ).write_parquet(str(folder), ray_remote_args={"num_cpus": 0})
-        counts, report.warnings, report.nodes = ray.get(counter.read.remote())
+                                    ).write_parquet(str(folder), **LIGHT_TASKS)
+        counts, report.warnings, report.nodes, times = ray.get(counter.read.remote())
+    if len(times) == 2:
+        report.first_rows_s = times[0] - start
+        report.inputs_per_s = (counts["inputs"] - counts["first"]) / (times[1] - times[0]) if times[1] > times[0] else 0
     report.done += counts["inputs"]
     report.failed += counts["failed"]
     report.faces, report.frames = counts["faces"], counts["frames"]
@@ -522,7 +534,8 @@ def ray_command(paths: Sequence[str], output: str | None, *, progress: bool | No
         print(f"ferkit: warning: {warning}", file=sys.stderr)
     skipped = f", {report.skipped} already in {output}" if report.skipped else ""
     print(f"ferkit: {report.done} of {report.inputs} inputs into {output} on Ray ({report.faces} faces, "
-          f"{len(report.nodes)} node{'s' * (len(report.nodes) != 1)}, {report.seconds:.1f} s{skipped})",
+          f"{len(report.nodes)} node{'s' * (len(report.nodes) != 1)}, {report.seconds:.1f} s{skipped}; the first rows "
+          f"after {report.first_rows_s:.1f} s, then {report.inputs_per_s:.1f} inputs/s)",
           file=sys.stderr)
     if report.failed:
         print(f"ferkit: {report.failed} of {report.inputs} input{'s' * (report.inputs != 1)} failed (their rows hold "
