@@ -14,6 +14,12 @@ PublicTest faces only (the validation split: these figures choose settings); Pri
 - `sweep`: PublicTest faces pasted the same way at each of several sides; for every face YuNet finds,
   crops at each enlargement of YuNet's box, classified by the default model (train prior); accuracy
   per enlargement over the same faces. The best enlargement is YuNet's `crop_scale`.
+- `scenes`: PublicTest faces pasted three to a 640x480 photo (80-150 px, in a row), each photo upright and
+  the same photo turned 15-35 degrees one way or the other about its centre; `EmotionRecognizer().predict`
+  (the default model, detector and prior, as `ferkit predict` runs) on both: faces found (a face whose box
+  is centred within half the pasted side of the face's centre) and labelled right, upright against tilted.
+- `cost`: the median and mean time of `EmotionRecognizer().predict` on `scenes`' upright and tilted photos
+  and on as many of `rates`' one-face photos (run it alone: `cpu-alone`).
 
     .venv/bin/python benchmarks/detection.py rates --data ../shared/data/fer2013 \\
         --output docs/results/detection/detection.json > docs/results/detection/detection.txt
@@ -21,6 +27,10 @@ PublicTest faces only (the validation split: these figures choose settings); Pri
         --output docs/results/detection/tilts.json > docs/results/detection/tilts.txt
     .venv/bin/python benchmarks/detection.py sweep --data ../shared/data/fer2013 \\
         --output docs/results/detection/enlargement_sweep.json > docs/results/detection/enlargement_sweep.txt
+    .venv/bin/python benchmarks/detection.py scenes --data ../shared/data/fer2013 \
+        --output docs/results/alignment/scenes.json > docs/results/alignment/scenes.txt
+    cpu-alone .venv/bin/python benchmarks/detection.py cost --data ../shared/data/fer2013 \
+        --output docs/results/alignment/cost.json > docs/results/alignment/cost.txt
 """
 
 from __future__ import annotations
@@ -165,11 +175,135 @@ def sweep(data: Path, count: int = 800, seed: int = 0, weights: str | None = Non
             "missed": missed, "weights": str(backend.path.name), "accuracy": accuracy, "best": best}
 
 
+SCENE_FACES = 3
+SCENE_SIDES = (80, 150)
+SCENE_TILTS = (15.0, 35.0)
+SCENE_CANVAS = 800
+"""The side of the square a scene is made on: the diagonal of 640x480."""
+
+
+def _turn(angle: float) -> np.ndarray:
+    return cv2.getRotationMatrix2D((WIDTH / 2, HEIGHT / 2), angle, 1.0)
+
+
+def _stays_inside(box: tuple[int, int, int, int], largest: float) -> bool:
+    """Whether every corner of `box` stays in the photo when the photo turns by up to `largest` degrees."""
+    x, y, w, h = box
+    corners = np.array([(x, y), (x + w, y), (x, y + h), (x + w, y + h)], np.float64)
+    for angle in (-largest, largest):
+        turn = _turn(angle)
+        moved = corners @ turn[:, :2].T + turn[:, 2]
+        if moved.min() < 0 or (moved[:, 0] > WIDTH).any() or (moved[:, 1] > HEIGHT).any():
+            return False
+    return True
+
+
+def scene_photos(data: Path, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`count` PublicTest faces pasted `SCENE_FACES` to a photo, each photo with its turn (15-35 degrees, either
+    way): the upright photo, the turned one, and each face's label, box and centre in both."""
+    faces = public_faces(data, count, seed)
+    rng = np.random.default_rng(seed + 3)
+    columns = WIDTH // SCENE_FACES
+    scenes = []
+    for first in range(0, len(faces) - SCENE_FACES + 1, SCENE_FACES):
+        group = faces[first : first + SCENE_FACES]
+        boxes: list[tuple[int, int, int, int]] = []
+        for k in range(SCENE_FACES):
+            while True:
+                side = int(rng.integers(SCENE_SIDES[0], SCENE_SIDES[1] + 1))
+                box = (k * columns + int(rng.integers(0, columns - side)), int(rng.integers(0, HEIGHT - side)),
+                       side, side)
+                if _stays_inside(box, SCENE_TILTS[1]):
+                    break
+            boxes.append(box)
+        angle = float(rng.uniform(*SCENE_TILTS) * rng.choice([-1, 1]))
+        # Pasted on a canvas that covers the photo at any turn, so no corner of the turned photo is made up.
+        margin = (SCENE_CANVAS - WIDTH) // 2, (SCENE_CANVAS - HEIGHT) // 2
+        canvas = photo([face for face, _ in group], [(x + margin[0], y + margin[1], w, h) for x, y, w, h in boxes],
+                       SCENE_CANVAS, SCENE_CANVAS, seed=first)
+        turned = cv2.warpAffine(canvas, cv2.getRotationMatrix2D((SCENE_CANVAS / 2, SCENE_CANVAS / 2), angle, 1.0),
+                                (SCENE_CANVAS, SCENE_CANVAS), flags=cv2.INTER_LINEAR)
+        upright, tilted = (np.ascontiguousarray(image[margin[1] : margin[1] + HEIGHT, margin[0] : margin[0] + WIDTH])
+                           for image in (canvas, turned))
+        turn = _turn(angle)
+        centres = np.array([(x + w / 2, y + h / 2) for x, y, w, h in boxes])
+        scenes.append({"upright": upright, "tilted": tilted, "angle": angle, "labels": [label for _, label in group],
+                       "sides": [b[2] for b in boxes], "centres": {"upright": centres,
+                                                                    "tilted": centres @ turn[:, :2].T + turn[:, 2]}})
+    return scenes
+
+
+def matched(boxes: list[tuple[int, int, int, int]], centres: np.ndarray, sides: list[int]) -> tuple[list[int], int]:
+    """For each face, the index of the box matched to it (-1: none): the nearest box centre within half the face's
+    side of its centre, each box matched once; and how many boxes matched no face."""
+    found = np.array([(x + w / 2, y + h / 2) for x, y, w, h in boxes]).reshape(-1, 2)
+    pairs = sorted((float(np.hypot(*(found[j] - centres[i]))), i, j)
+                   for i in range(len(centres)) for j in range(len(found)))
+    match, used = [-1] * len(centres), set()
+    for distance, i, j in pairs:
+        if distance <= sides[i] / 2 and match[i] < 0 and j not in used:
+            match[i] = j
+            used.add(j)
+    return match, len(found) - len(used)
+
+
+def scenes(data: Path, count: int = 1800, seed: int = 0) -> dict[str, Any]:
+    from ferkit.predict import EmotionRecognizer
+
+    recognizer = EmotionRecognizer()
+    photos = scene_photos(data, count, seed)
+    result: dict[str, Any] = {"faces": len(photos) * SCENE_FACES, "photos": len(photos),
+                              "weights": recognizer.backend.path.name, "prior": recognizer.prior}
+    for kind in ("upright", "tilted"):
+        labels, found, right, elsewhere = [], 0, 0, 0
+        for scene in photos:
+            faces = recognizer.predict(scene[kind])
+            match, extra = matched([f.box for f in faces], scene["centres"][kind], scene["sides"])
+            elsewhere += extra
+            for j, truth in zip(match, scene["labels"], strict=True):
+                label = recognizer.classes.index(faces[j].label) if j >= 0 else -1
+                labels.append(label)
+                found += j >= 0
+                right += label == truth
+        result[kind] = {"found": found, "right": right, "faces_elsewhere": elsewhere, "labels": labels}
+    result["truth"] = [label for scene in photos for label in scene["labels"]]
+    result["angles"] = [round(scene["angle"], 2) for scene in photos]
+    return result
+
+
+def cost(data: Path, count: int = 300, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
+    """The median ms of one `predict` on `scenes`' photos (each photo's fastest of `repeats`)."""
+    import time
+
+    from ferkit.predict import EmotionRecognizer
+
+    recognizer = EmotionRecognizer()
+    scenes = scene_photos(data, count, seed)
+    photos = {kind: [scene[kind] for scene in scenes] for kind in ("upright", "tilted")}
+    photos["one face"] = [image for image, _ in face_photos(data, len(scenes), seed)[0]]
+    result: dict[str, Any] = {"photos": len(scenes), "repeats": repeats, "weights": recognizer.backend.path.name}
+    for kind, images in photos.items():
+        for image in images[:5]:
+            recognizer.predict(image)  # warm-up
+        times = []
+        for image in images:
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                recognizer.predict(image)
+                best = min(best, time.perf_counter() - start)
+            times.append(1000 * best)
+        result[kind] = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
+                        "mean_ms": float(np.mean(times))}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("rates", "sweep", "tilts"))
+    parser.add_argument("what", choices=("rates", "sweep", "tilts", "scenes", "cost"))
     parser.add_argument("--data", type=Path, required=True, help="FER-2013 folder layout")
-    parser.add_argument("--count", type=int, help="PublicTest faces (default: 400 for rates, 800 for the sweep)")
+    parser.add_argument("--count", type=int, help="PublicTest faces (default: 400 for rates, 800 for the sweep, "
+                        "1800 for scenes, 300 for cost)")
     parser.add_argument("--weights", help="the model of the sweep (default: the shipped default)")
     parser.add_argument("--enlargements", type=float, nargs="+", default=ENLARGEMENTS,
                         help=f"the sweep's enlargements (default: {' '.join(map(str, ENLARGEMENTS))})")
@@ -184,6 +318,24 @@ def main() -> None:
                   f"({100 * r['found_any_framing'] / result['faces']:.1f}%) with a face centred on them; "
                   f"{r['false_positives_on_face_photos']} faces elsewhere; "
                   f"{r['detections_on_face_free_photos']} faces on {result['face_free_photos']} face-free photos")
+    elif args.what == "scenes":
+        result = scenes(args.data, args.count or 1800)
+        print(f"{result['faces']} PublicTest faces, {SCENE_FACES} to a 640x480 photo, upright and turned "
+              f"{SCENE_TILTS[0]:g}-{SCENE_TILTS[1]:g} degrees ({result['weights']}, {result['prior']} prior)")
+        print("| photos | faces found | labelled right | faces elsewhere |")
+        print("|---|---|---|---|")
+        for kind in ("upright", "tilted"):
+            r = result[kind]
+            print(f"| {kind} | {r['found']} ({100 * r['found'] / result['faces']:.2f}%) | {r['right']} "
+                  f"({100 * r['right'] / result['faces']:.2f}%) | {r['faces_elsewhere']} |")
+    elif args.what == "cost":
+        result = cost(args.data, args.count or 300)
+        print(f"EmotionRecognizer().predict ({result['weights']}) on {result['photos']} photos of {SCENE_FACES} "
+              f"faces, upright and tilted, and {result['photos']} photos of one face (`rates`' first), each photo's "
+              f"fastest of {result['repeats']}:")
+        for kind in ("upright", "tilted", "one face"):
+            r = result[kind]
+            print(f"{kind}: median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, mean {r['mean_ms']:.1f} ms")
     else:
         result = sweep(args.data, args.count or 800, weights=args.weights, enlargements=tuple(args.enlargements))
         print(f"YuNet found {result['found']} of {result['photos']} photos ({result['weights']}, train prior)")

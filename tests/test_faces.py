@@ -19,6 +19,8 @@ from ferkit.data import decode_face_image
 from ferkit.faces import (
     HAAR_CROP_SCALE,
     LANDMARKS,
+    MAX_TURN,
+    SEARCH_TILT_ALONE,
     TILTS,
     YUNET_SHA256,
     Detection,
@@ -202,7 +204,9 @@ def test_a_tilted_head_missed_upright_is_found_in_the_turned_photo(
     assert find_faces(image, yunet, tilts=()) == []
     counting = CountingDetector(yunet)
     (found,) = find_faces(image, counting)
-    assert found.tilt == TILTED[name] and len(counting.sizes) == 1 + list(TILTS).index(found.tilt) + 1
+    # Found in the photo turned by TILTED[name], its crop turned on from there to level the eyes.
+    assert len(counting.sizes) == 1 + list(TILTS).index(TILTED[name]) + 1
+    assert abs(found.tilt - TILTED[name]) <= MAX_TURN and found.tilt * TILTED[name] > 0
     assert counting.sizes[-1][0] > 480 and counting.sizes[-1][1] > 640  # the turned photo keeps every corner
     assert iou(found.box, box) > 0.4 and found.crop.shape == (48, 48)
     assert found.landmarks is not None
@@ -227,13 +231,85 @@ def default_recognizer() -> EmotionRecognizer:
 def test_tilts_are_tried_only_where_no_upright_face_is_found(astronaut: np.ndarray, yunet: YuNetDetector) -> None:
     counting = CountingDetector(yunet)
     (face,) = find_faces(astronaut, counting)
-    assert face.tilt == 0.0 and len(counting.sizes) == 1
+    assert abs(face.tilt) < SEARCH_TILT_ALONE and len(counting.sizes) == 1  # her head leans a little: no search
     counting.sizes.clear()
     assert find_faces(background(seed=7), counting) == [] and len(counting.sizes) == 1 + len(TILTS)
 
 
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+
+
+# Three real PublicTest faces in a photo turned 32 degrees, of which today's upright search found one (issue 31).
+TILTED_TRIO = ("surprise/PublicTest_13719697.jpg", "sad/PublicTest_11391359.jpg", "happy/PublicTest_10245799.jpg")
+TRIO_BOXES = [(40, 170, 130, 130), (255, 175, 130, 130), (470, 170, 130, 130)]
+
+
+def _trio(data_root: Path, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trio's photo upright and turned by `angle` about its centre (made on a larger canvas, so no corner of
+    the turned photo is made up), and the faces' centres in the turned photo."""
+    faces = [read_gray(data_root / "test" / name) for name in TILTED_TRIO]
+    canvas = photo(faces, [(x + 80, y + 160, w, h) for x, y, w, h in TRIO_BOXES], 800, 800, seed=0)
+    turn = cv2.getRotationMatrix2D((400, 400), angle, 1.0)
+    turned = cv2.warpAffine(canvas, turn, (800, 800))
+    centres = np.array([(x + 80 + w / 2, y + 160 + h / 2) for x, y, w, h in TRIO_BOXES]) @ turn[:, :2].T + turn[:, 2]
+    return canvas[160:640, 80:720].copy(), turned[160:640, 80:720].copy(), centres - (80, 160)
+
+
+def test_a_tilted_three_face_photo_finds_all_three_with_eyes_level_crops(data_root: Path, yunet: YuNetDetector
+                                                                         ) -> None:
+    upright, turned, centres = _trio(data_root, 32.0)
+    level = sorted(find_faces(upright, yunet), key=lambda f: f.box[0])
+    assert len(level) == 3
+    assert len(find_faces(turned, yunet, align=False)) == 1  # the upright search alone, as before issue 31
+    counting = CountingDetector(yunet)
+    faces = find_faces(turned, counting)
+    assert len(faces) == 3 and len(counting.sizes) == 3  # upright, then turned 20 and 35 degrees back
+    gray = to_gray(turned)
+    for centre, face, reference in zip(centres, sorted(faces, key=lambda f: f.box[0]), level, strict=True):
+        x, y, w, h = face.box
+        assert abs(x + w / 2 - centre[0]) < w / 4 and abs(y + h / 2 - centre[1]) < h / 4
+        assert -MAX_TURN - 35 <= face.tilt < -15  # turned back against the photo's 32 degrees
+        # The crop, turned to level the eyes, is nearer the same face's upright crop than an unturned read.
+        assert _correlation(face.crop, reference.crop) > _correlation(crop_face(gray, face.box), reference.crop) + 0.1
+
+
+def test_haar_crops_and_search_are_unchanged_by_alignment(data_root: Path, haar: HaarDetector,
+                                                          astronaut: np.ndarray) -> None:
+    # Haar gives no landmarks: its crops are read upright from its boxes, and the only turned search is the one
+    # where no upright face is found (`TILTS`), as before alignment.
+    upright, turned, _ = _trio(data_root, 20.0)
+    for image in (astronaut, upright, turned):
+        counting = CountingDetector(haar)  # type: ignore[arg-type]
+        faces = find_faces(image, counting)
+        assert faces and [f.box for f in faces] == [f.box for f in find_faces(image, haar, align=False)]
+        assert all(f.landmarks is None and f.tilt in (0.0, *TILTS) for f in faces)
+        detections = haar.detect(image)
+        if detections:
+            assert len(counting.sizes) == 1 and len(faces) == len(detections)
+            for face, detection in zip(faces, detections, strict=True):
+                assert face.tilt == 0.0
+                np.testing.assert_array_equal(face.crop, crop_face(to_gray(image), crop_box(detection.box, 1.05)))
+        else:
+            assert len(counting.sizes) == 1 + list(TILTS).index(faces[0].tilt) + 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Crops
+
+
+def test_a_turned_crop_reads_the_face_as_upright(astronaut: np.ndarray) -> None:
+    # The astronaut turned by 25 degrees about her face, read back with `turn=-25`: her upright crop again,
+    # within bilinear blur; read unturned, a different picture.
+    gray = to_gray(astronaut)
+    square = crop_box(ASTRONAUT_FACE, 1.3)
+    centre = (square[0] + square[2] / 2, square[1] + square[3] / 2)
+    turned = cv2.warpAffine(gray, cv2.getRotationMatrix2D(centre, 25.0, 1.0), gray.shape[::-1],
+                            borderMode=cv2.BORDER_REPLICATE)
+    upright = crop_face(gray, square).astype(int)
+    assert np.abs(crop_face(turned, square, turn=-25.0).astype(int) - upright).mean() < 4
+    assert np.abs(crop_face(turned, square).astype(int) - upright).mean() > 15
+    np.testing.assert_array_equal(crop_face(gray, square, turn=0.0), crop_face(gray, square))
 
 
 def test_crop_of_a_pasted_face_gives_back_the_fer_crop(data_root: Path) -> None:

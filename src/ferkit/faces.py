@@ -16,11 +16,21 @@ upscaled, onto noise, the Haar box covered a median 0.96 of the crop's side and 
 is the square of side 1.05 x the detector's box about its centre, read from the original gray
 image (edges replicated where it leaves the image) and resized to 48x48 with area averaging.
 YuNet's enlargement was measured the same way (`YuNetDetector`).
+
+Tilted heads (YuNet only: Haar gives no landmarks, so its crops and search are as they were). A YuNet crop
+is turned about its centre so the eyes are level, by `ROLL_GAIN` times the angle of the eye line (capped at
+`MAX_TURN`): YuNet's landmarks follow the face's own tilt only by about a quarter (on PublicTest faces in
+photos turned 15-35 degrees, the eye line's angle rose 0.26 degree per degree of turn), so the angle alone
+would leave a tilted face three quarters tilted. Where every face of a photo leans the same way
+(`SEARCH_TILT`; `SEARCH_TILT_ALONE` for a lone face), the photo is searched again turned by `SEARCH_TURNS` that
+way, for the faces of a tilted photo that the upright search missed; where no face is found, turned by `TILTS`.
+Chosen on PublicTest faces three to a photo, upright and turned 15-35 degrees (docs/results/alignment/).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +60,18 @@ TILTS = (30.0, -30.0)
 """Turns (degrees, counter-clockwise) of a photo in which no upright face was found, tried in turn (`find_faces`).
 Chosen on PublicTest faces pasted into photos, none of them false detections on the face-free photos
 (docs/results/detection/tilts.txt). A photo with faces costs no more; one without costs up to 3 detections."""
+ROLL_GAIN = 4.0
+"""A crop's turn over the angle of its eye line (YuNet's landmarks), chosen on PublicTest (module docstring)."""
+MAX_TURN = 30.0
+"""The most a crop is turned, in degrees, to level its eyes."""
+SEARCH_TILT = 6.0
+"""Degrees: where every face found in a photo (two or more) needs a levelling turn of this or more the same way,
+the photo is searched again turned (`SEARCH_TURNS`)."""
+SEARCH_TILT_ALONE = MAX_TURN
+"""The same for a photo with one face found: one face's landmarks are weak evidence of a tilted photo (the eye
+line of 90% of upright PublicTest faces in photos lay within 4.6 degrees, a levelling turn of 18)."""
+SEARCH_TURNS = (20.0, 35.0)
+"""The turns (degrees, in the direction the faces lean) of that second search."""
 DEFAULT_DETECTOR = "yunet"
 """By name: "yunet" (shipped) or "haar"; a YuNet .onnx or Haar cascade .xml file name also works."""
 YUNET_MODEL = "face_detection_yunet_2023mar.onnx"
@@ -79,8 +101,9 @@ class Face:
     crop: np.ndarray
     landmarks: Landmarks | None = None
     tilt: float = 0.0
-    """Degrees (counter-clockwise) the photo was turned to find this face (`TILTS`); `box` then bounds the
-    turned square that `crop` was read from."""
+    """Degrees (counter-clockwise) the photo was turned about the square's centre to read `crop`: to level the
+    eyes, and by the turn of the photo it was found in (`TILTS`, `SEARCH_TURNS`). `box` is the square unturned,
+    or, for a face found in a turned photo, the bounds of the square turned by that photo's turn."""
 
 
 def shipped_yunet() -> Path:
@@ -361,7 +384,7 @@ def resize_to_input(gray: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def crop_face(image: np.ndarray, square: Box | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
+def crop_face(image: np.ndarray, square: Box | None = None, size: int = IMAGE_SIZE, turn: float = 0.0) -> np.ndarray:
     """The size x size uint8 model crop of a gray (or RGB) uint8 image: the one way ferkit makes a face crop.
 
     `square` is the FER-framed region (`crop_box` of a detector's box), read with the image's edges
@@ -369,12 +392,19 @@ def crop_face(image: np.ndarray, square: Box | None = None, size: int = IMAGE_SI
     not one, which is how data-set images and `--no-detect` inputs are read. Both the data loader
     (for any data-set image that is not already 48x48 gray) and face detection at prediction time
     call this, so a model sees a face framed and resampled the same way in training and in use.
-    A gray image that already has the size comes back untouched (the array itself).
+    A gray image that already has the size comes back untouched (the array itself). `turn`: degrees
+    (counter-clockwise) the image is turned about the square's centre before the square is read (bilinear, at
+    the image's own resolution, then resized as an upright square is).
     """
     gray = to_gray(image)
     if square is None:
         return resize_to_input(gray, size)
     x, y, side, _ = square
+    if turn:
+        matrix = cv2.getRotationMatrix2D((x + side / 2, y + side / 2), turn, 1.0)
+        matrix[:, 2] -= x, y
+        region = cv2.warpAffine(gray, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return resize_to_input(region, size)
     height, width = gray.shape[:2]
     region = gray[max(y, 0) : max(min(y + side, height), 0), max(x, 0) : max(min(x + side, width), 0)]
     pad = (max(-y, 0), max(y + side - height, 0), max(-x, 0), max(x + side - width, 0))
@@ -385,31 +415,77 @@ def crop_face(image: np.ndarray, square: Box | None = None, size: int = IMAGE_SI
     return resize_to_input(region, size)
 
 
-def find_faces(image: np.ndarray, detector: FaceDetector, tilts: Sequence[float] = TILTS) -> list[Face]:
-    """Detect faces in an upright gray or RGB uint8 image and cut FER-2013-style crops from it; where none is
-    found, look again in the photo turned by each of `tilts` in turn, for heads tilted beyond the detector's
-    reach (the crop is then read upright from the turned photo)."""
-    faces = _upright_faces(image, detector)
+def find_faces(image: np.ndarray, detector: FaceDetector, tilts: Sequence[float] = TILTS, align: bool = True
+               ) -> list[Face]:
+    """Detect faces in an upright gray or RGB uint8 image and cut FER-2013-style crops from it.
+
+    Where none is found, look again in the photo turned by each of `tilts` in turn, for heads tilted beyond
+    the detector's reach. `align` (landmarks needed: YuNet): each crop is turned to level its eyes, and
+    where every face found leans the same way by `SEARCH_TILT` or more (`SEARCH_TILT_ALONE` for a lone face),
+    the photo turned by `SEARCH_TURNS` that way is searched too, for the faces the upright search missed (see
+    the module docstring). `align=False`: crops upright (unless found in a turned photo), no second search."""
+    found = _found_in(image, detector, 0.0)
+    leaning = [f.levelling for f in found if f.detection.landmarks is not None]
+    least = SEARCH_TILT if len(leaning) > 1 else SEARCH_TILT_ALONE
+    if align and leaning and (min(leaning) >= least or max(leaning) <= -least):
+        for turn in SEARCH_TURNS:
+            found += [f for f in _found_in(image, detector, math.copysign(turn, leaning[0])) if not _seen(f, found)]
     for angle in tilts:
-        if faces:
+        if found:
             break
-        faces = _tilted_faces(image, detector, angle)
-    return faces
-
-
-def _upright_faces(image: np.ndarray, detector: FaceDetector) -> list[Face]:
+        found = _found_in(image, detector, angle)
     gray = to_gray(image)
-    height, width = gray.shape[:2]
-    faces = []
-    for detection in detector.detect(image):
-        square = crop_box(detection.box, detector.crop_scale)
-        faces.append(Face(clip_box(square, height, width), detection.score, crop_face(gray, square),
-                          detection.landmarks))
-    return faces
+    return [f.face(gray, align) for f in found]
 
 
-def _tilted_faces(image: np.ndarray, detector: FaceDetector, angle: float) -> list[Face]:
-    """Faces found in `image` turned by `angle` degrees on a canvas that holds all of it, mapped back."""
+@dataclass(frozen=True)
+class _Found:
+    """A detection in the photo turned by `angle` (counter-clockwise, about the centre of a canvas that holds it
+    all); `back` maps that canvas's pixels to the photo's."""
+
+    detection: Detection
+    angle: float
+    back: np.ndarray
+    crop_scale: float
+
+    @property
+    def levelling(self) -> float:
+        """Degrees to turn the face by, beyond `angle`, to level its eyes (0 without landmarks)."""
+        points = self.detection.landmarks
+        if points is None:
+            return 0.0
+        (rx, ry), (lx, ly) = points[0], points[1]
+        return float(np.clip(ROLL_GAIN * math.degrees(math.atan2(ly - ry, lx - rx)), -MAX_TURN, MAX_TURN))
+
+    @property
+    def square(self) -> Box:
+        """The FER-framed square in the photo's pixels (unturned), centred where the face is."""
+        x, y, side, _ = crop_box(self.detection.box, self.crop_scale)
+        (cx, cy), = _mapped(self.back, [(x + side / 2, y + side / 2)])
+        return round(cx - side / 2), round(cy - side / 2), side, side
+
+    def face(self, gray: np.ndarray, align: bool) -> Face:
+        square = self.square
+        turn = self.angle + (self.levelling if align else 0.0)
+        points = self.detection.landmarks
+        if points is not None and self.angle:
+            points = tuple((round(float(px), 1), round(float(py), 1)) for px, py in _mapped(self.back, points))
+        return Face(clip_box(self.bounds if self.angle else square, *gray.shape[:2]), self.detection.score,
+                    crop_face(gray, square, turn=turn), points, turn)
+
+    @property
+    def bounds(self) -> Box:
+        """The photo's pixels that hold the square as found in the turned photo (its box since issue 17)."""
+        x, y, side, _ = crop_box(self.detection.box, self.crop_scale)
+        corners = _mapped(self.back, [(x, y), (x + side, y), (x, y + side), (x + side, y + side)])
+        low, high = corners.min(0), corners.max(0)
+        return round(low[0]), round(low[1]), round(high[0] - low[0]), round(high[1] - low[1])
+
+
+def _found_in(image: np.ndarray, detector: FaceDetector, angle: float) -> list[_Found]:
+    """The faces found in `image` turned by `angle` degrees on a canvas that holds all of it."""
+    if not angle:
+        return [_Found(d, 0.0, _IDENTITY, detector.crop_scale) for d in detector.detect(image)]
     height, width = image.shape[:2]
     turn = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
     cos, sin = abs(turn[0, 0]), abs(turn[0, 1])
@@ -417,18 +493,21 @@ def _tilted_faces(image: np.ndarray, detector: FaceDetector, angle: float) -> li
     turn[:, 2] += (size[0] - width) / 2, (size[1] - height) / 2
     turned = cv2.warpAffine(image, turn, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     back = cv2.invertAffineTransform(turn)
-    gray = to_gray(turned)
-    faces = []
-    for detection in detector.detect(turned):
-        square = crop_box(detection.box, detector.crop_scale)
-        x, y, side, _ = square
-        corners = _mapped(back, [(x, y), (x + side, y), (x, y + side), (x + side, y + side)])
-        low, high = corners.min(0), corners.max(0)
-        bounds = (round(low[0]), round(low[1]), round(high[0] - low[0]), round(high[1] - low[1]))
-        points = None if detection.landmarks is None else tuple(
-            (round(float(px), 1), round(float(py), 1)) for px, py in _mapped(back, detection.landmarks))
-        faces.append(Face(clip_box(bounds, height, width), detection.score, crop_face(gray, square), points, angle))
-    return faces
+    return [_Found(d, angle, back, detector.crop_scale) for d in detector.detect(turned)]
+
+
+_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+def _seen(new: _Found, found: list[_Found]) -> bool:
+    """Whether `new` is a face already in `found`: either's centre within half the other's square."""
+    x, y, side, _ = new.square
+    for old in found:
+        ox, oy, oside, _ = old.square
+        distance = math.hypot(x + side / 2 - ox - oside / 2, y + side / 2 - oy - oside / 2)
+        if distance <= max(side, oside) / 2:
+            return True
+    return False
 
 
 def _mapped(matrix: np.ndarray, points: Sequence[tuple[float, float]]) -> np.ndarray:

@@ -61,7 +61,9 @@ class FaceResult:
     are smoothed over time and `raw_probabilities` are this frame's own; both are None for photos.
     `landmarks`: {name: (x, y)} in the same pixels for the detector's landmarks (YuNet: eyes, nose
     tip, mouth corners; see `ferkit.faces.LANDMARKS`), None where it gives none (Haar, no detection);
-    not in `to_dict`.
+    `tilt`: degrees (counter-clockwise) the photo was turned about the box's centre before the box was read,
+    to level the eyes or where the face was found in a turned photo (`ferkit.faces.find_faces`); neither in
+    `to_dict`.
     """
 
     box: Box
@@ -71,6 +73,7 @@ class FaceResult:
     track: int | None = None
     raw_probabilities: dict[str, float] | None = None
     landmarks: dict[str, tuple[float, float]] | None = None
+    tilt: float = 0.0
 
     def to_dict(self, digits: int | None = None) -> dict[str, Any]:
         """JSON-ready: box as [x, y, w, h], probabilities as {emotion: p}; probabilities and score optionally
@@ -415,7 +418,8 @@ class EmotionRecognizer:
         return [
             FaceResult(face.box, {self.classes[int(i)]: float(p[i]) for i in keys}, self.classes[int(np.argmax(z))],
                        face.score,
-                       landmarks=dict(zip(LANDMARKS, face.landmarks, strict=True)) if face.landmarks else None)
+                       landmarks=dict(zip(LANDMARKS, face.landmarks, strict=True)) if face.landmarks else None,
+                       tilt=face.tilt)
             for face, p, z, keys in zip(faces, probabilities, adjusted, order, strict=True)
         ]
 

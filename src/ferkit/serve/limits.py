@@ -31,7 +31,7 @@ class RequestError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-BYTES_PER_PIXEL = {"L": 6.5, "1": 6.5, "LA": 8.0, "RGB": 14.0, "P": 15.0, "RGBA": 18.0, "I;16": 22.0}
+BYTES_PER_PIXEL = {"L": 6.5, "1": 6.5, "LA": 8.0, "RGB": 14.0, "P": 15.0, "RGBA": 18.0, "I;16": 26.0}
 """Peak memory of decoding an image and finding its faces in a worker, a pixel, by Pillow mode: measured on
 4000x3000 images of each format (docs/results/serve/hostile2/decode_memory.json) with room to spare."""
 FORMAT_BYTES_PER_PIXEL = {"WEBP": 24.0}
@@ -40,8 +40,8 @@ FORMAT_BYTES_PER_PIXEL = {"WEBP": 24.0}
 
 def decode_bytes(width: int, height: int, mode: str, image_format: str = "") -> int:
     """The memory decoding an image and searching it for faces takes at its peak, estimated from its header."""
-    per_pixel = FORMAT_BYTES_PER_PIXEL.get(image_format) or BYTES_PER_PIXEL.get(mode) or BYTES_PER_PIXEL.get(
-        mode.split(";")[0] + ";16" if mode.startswith("I;16") else mode, 18.0)
+    mode = "I;16" if mode.startswith("I;16") else mode  # I;16B, I;16L ...
+    per_pixel = FORMAT_BYTES_PER_PIXEL.get(image_format) or BYTES_PER_PIXEL.get(mode, 18.0)
     return round(width * height * per_pixel)
 
 

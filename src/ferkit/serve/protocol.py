@@ -8,8 +8,9 @@ starve the event loop or run the process out of file descriptors.
 - a floor on the size of a body's pieces: past `MAX_SMALL_PIECES` pieces, a body whose pieces average
   under `MIN_PIECE_BYTES` (one-byte chunks) gets 400 and its connection is closed;
 - a bound on open connections (`--limit-concurrency`, and never within `FD_RESERVE` of the process's file
-  limit): a new connection past it closes the longest-idle one, or is answered 503 and closed when none
-  is idle, so accept() never fails for want of descriptors;
+  limit): a new connection past it closes the longest-idle one that never sent a request (else the
+  longest-idle keep-alive one), or is answered 503 and closed when none is idle, so accept() never fails
+  for want of descriptors;
 - the parser's refusals as the API's JSON 400, the connection closed: llhttp refuses ambiguous framing
   (Content-Length with Transfer-Encoding, a smuggling vector) among other malformed requests.
 
@@ -83,6 +84,7 @@ def guarded_protocol(config: ServeConfig) -> type:
         idle_since: float | None = None  # when its last request ended (or it opened); None while one runs
         pieces = 0
         body_bytes = 0
+        served = 0  # requests answered on this connection
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -92,10 +94,12 @@ def guarded_protocol(config: ServeConfig) -> type:
                 self._make_room()
 
         def _make_room(self) -> None:
-            idle = [(since, c) for c in self.connections if c is not self
+            # Connections that never sent a request go first, the longest idle of them; a keep-alive connection
+            # between its requests (a client polling /healthz) only when there is no other.
+            idle = [(getattr(c, "served", 0) > 0, since, c) for c in self.connections if c is not self
                     and (since := getattr(c, "idle_since", None)) is not None and not c.transport.is_closing()]
             if idle:
-                min(idle, key=lambda pair: pair[0])[1].transport.close()
+                min(idle, key=lambda item: item[:2])[2].transport.close()
             else:
                 self.transport.write(busy)
                 self.transport.close()
@@ -144,6 +148,7 @@ def guarded_protocol(config: ServeConfig) -> type:
                 super().on_message_complete()
 
         def on_response_complete(self) -> None:
+            self.served += 1
             super().on_response_complete()
             if not self.transport.is_closing():
                 self.idle_since = self.loop.time()
