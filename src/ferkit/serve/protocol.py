@@ -14,7 +14,7 @@ starve the event loop or run the process out of file descriptors.
 - the parser's refusals as the API's JSON 400, the connection closed: llhttp refuses ambiguous framing
   (Content-Length with Transfer-Encoding, a smuggling vector) among other malformed requests.
 
-Importable without the serve extra; uvicorn and httptools are imported when the class is made.
+Importable without the serve extra; `guarded_protocol` then says which extra to install.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ import resource
 from typing import Any
 
 from .config import ServeConfig
+
+try:  # the serve extra; without it this module still imports, and guarded_protocol says what is missing
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover
+    httptools = None  # type: ignore[assignment]
+    HttpToolsProtocol = object  # type: ignore[misc,assignment]
 
 MAX_SMALL_PIECES = 1024
 """Pieces a body may arrive in before their average size is checked."""
@@ -65,116 +72,121 @@ def json_response(status: int, reason: str, message: str) -> bytes:
             % (status, reason.encode(), len(body), body))
 
 
-def guarded_protocol(config: ServeConfig) -> type:
-    """uvicorn's httptools protocol with the guards of this module's docstring, for `config`'s limits."""
-    import httptools
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with this module's guards; `guarded_protocol` sets the limits below."""
 
-    header_timeout = config.header_timeout_s
+    header_timeout: float = 5.0
+    limit: int = 1000
+    too_slow = tiny = busy = b""
+    header_timer: asyncio.TimerHandle | None = None
+    idle_since: float | None = None  # when its last request ended (or it opened); None while one runs
+    pieces = 0
+    body_bytes = 0
+    served = 0  # requests answered on this connection
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.idle_since = self.loop.time()
+        self._arm()
+        if len(self.connections) > self.limit:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        # Connections that never sent a request go first, the longest idle of them; a keep-alive connection
+        # between its requests (a client polling /healthz) only when there is no other.
+        idle = [(getattr(c, "served", 0) > 0, since, c) for c in self.connections if c is not self
+                and (since := getattr(c, "idle_since", None)) is not None and not c.transport.is_closing()]
+        if idle:
+            min(idle, key=lambda item: item[:2])[2].transport.close()
+        else:
+            self.transport.write(self.busy)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.idle_since = None
+        self.pieces = self.body_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():  # nothing more is parsed on a connection being closed
+            return
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()
+        except httptools.HttpParserError as err:
+            # llhttp's refusals (Content-Length with Transfer-Encoding among them) as the API's JSON 400.
+            reason = str(err).strip() or "invalid HTTP"
+            self.transport.write(json_response(400, "Bad Request", f"malformed HTTP request: {reason}"))
+            self._close()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        self.pieces += 1
+        self.body_bytes += len(body)
+        if self.pieces > MAX_SMALL_PIECES and self.body_bytes < self.pieces * MIN_PIECE_BYTES:
+            if not self.cycle.response_started:
+                self.transport.write(self.tiny)
+            self._close()
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.transport.is_closing():
+            super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self.served += 1
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self.idle_since = self.loop.time()
+            self._arm()  # for the next request's headers on this connection
+
+    def _close(self) -> None:
+        """Close the connection; a request of it still running hears that its client left."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.close()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self.header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_timer = None
+        if not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete:  # between requests: nothing of ours half sent
+                self.transport.write(self.too_slow)
+            self.transport.close()
+
+
+def guarded_protocol(config: ServeConfig) -> type:
+    """`GuardedHttpTools` with `config`'s limits (the serve extra's httptools and uvicorn are needed)."""
+    if httptools is None:
+        raise ImportError("ferkit serve needs the serve extra: pip install 'ferkit[serve]'")
     limit = connection_limit(config)
+    header_timeout = config.header_timeout_s
     too_slow = json_response(408, "Request Timeout", f"the request headers did not arrive within "
                                                      f"{header_timeout:g} s (--header-timeout)")
     tiny = json_response(400, "Bad Request", f"the request body came in more than {MAX_SMALL_PIECES} pieces of under "
                                              f"{MIN_PIECE_BYTES} bytes on average; send it in larger chunks")
     busy = json_response(503, "Service Unavailable", f"busy: {limit} connections are open, the most this server "
                                                      "holds (--limit-concurrency); retry soon")
-
-    class GuardedHttpTools(HttpToolsProtocol):
-        header_timer: asyncio.TimerHandle | None = None
-        idle_since: float | None = None  # when its last request ended (or it opened); None while one runs
-        pieces = 0
-        body_bytes = 0
-        served = 0  # requests answered on this connection
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self.idle_since = self.loop.time()
-            self._arm()
-            if len(self.connections) > limit:
-                self._make_room()
-
-        def _make_room(self) -> None:
-            # Connections that never sent a request go first, the longest idle of them; a keep-alive connection
-            # between its requests (a client polling /healthz) only when there is no other.
-            idle = [(getattr(c, "served", 0) > 0, since, c) for c in self.connections if c is not self
-                    and (since := getattr(c, "idle_since", None)) is not None and not c.transport.is_closing()]
-            if idle:
-                min(idle, key=lambda item: item[:2])[2].transport.close()
-            else:
-                self.transport.write(busy)
-                self.transport.close()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self.idle_since = None
-            self.pieces = self.body_bytes = 0
-
-        def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():  # nothing more is parsed on a connection being closed
-                return
-            self._unset_keepalive_if_required()
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                self._unsupported_upgrade_warning()
-            except httptools.HttpParserError as err:
-                # llhttp's refusals (Content-Length with Transfer-Encoding among them) as the API's JSON 400.
-                reason = str(err).strip() or "invalid HTTP"
-                self.transport.write(json_response(400, "Bad Request", f"malformed HTTP request: {reason}"))
-                self._close()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            if self.transport.is_closing():
-                return
-            self.pieces += 1
-            self.body_bytes += len(body)
-            if self.pieces > MAX_SMALL_PIECES and self.body_bytes < self.pieces * MIN_PIECE_BYTES:
-                if not self.cycle.response_started:
-                    self.transport.write(tiny)
-                self._close()
-                return
-            super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            if not self.transport.is_closing():
-                super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            self.served += 1
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self.idle_since = self.loop.time()
-                self._arm()  # for the next request's headers on this connection
-
-        def _close(self) -> None:
-            """Close the connection; a request of it still running hears that its client left."""
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.cycle.disconnected = True
-                self.cycle.message_event.set()
-            self.transport.close()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self.header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
-
-        def _disarm(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-                self.header_timer = None
-
-        def _headers_too_slow(self) -> None:
-            self.header_timer = None
-            if not self.transport.is_closing():
-                if self.cycle is None or self.cycle.response_complete:  # between requests: nothing of ours half sent
-                    self.transport.write(too_slow)
-                self.transport.close()
-
-    return GuardedHttpTools
+    return type("GuardedHttpTools", (GuardedHttpTools,), {"header_timeout": header_timeout, "limit": limit,
+                                                          "too_slow": too_slow, "tiny": tiny, "busy": busy})
