@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .outputs import atomic_write, check_output_file
+from .outputs import atomic_write, check_output_file, write_text_atomic
 from .records import Identity, Row, schema, summary_schema, to_table
 from .writers import iter_batches, open_writer, table_format
 
@@ -261,10 +261,9 @@ class Staging:
 
         self.count += 1
         name = f"{kind}-{self.run:04d}-{self.count:06d}.parquet"
-        tmp = self.folder / f".{name}"
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), DONE_KEY: json.dumps(done).encode()})
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, self.folder / name)
+        with atomic_write(self.folder / name) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
 
     def finish(self) -> None:
         """Merge everything into the output (and the summary file), then remove the parts."""
@@ -296,6 +295,4 @@ class Staging:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import UsageError
+from .outputs import atomic_write
 from .tracking import DEFAULT_SMOOTH
 
 if TYPE_CHECKING:
@@ -217,9 +218,8 @@ def _write_summary(folder: Path, identity: Identity, rows: list[Row], classes: l
 
     folder.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha1(str(identity.path).encode()).hexdigest()[:20] + ".parquet"
-    tmp = folder / f".{name}.tmp{os.getpid()}"
-    pq.write_table(to_table(rows, classes, summary=True), tmp)
-    os.replace(tmp, folder / name)
+    with atomic_write(folder / name) as tmp:
+        pq.write_table(to_table(rows, classes, summary=True), tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,9 +417,8 @@ def _write_errors(folder: Path, failed: Sequence[tuple[InputItem, Identity]], cl
 
     if failed:
         rows = [error_row(identity, item.error or "failed") for item, identity in failed]
-        tmp = folder / f".errors-{time.time_ns()}.tmp"
-        pq.write_table(to_table(rows, classes), tmp)
-        os.replace(tmp, tmp.with_name(tmp.name[1:].replace(".tmp", ".parquet")))
+        with atomic_write(folder / f"errors-{time.time_ns()}.parquet") as tmp:
+            pq.write_table(to_table(rows, classes), tmp)
 
 
 def _join_parts(folder: Path, output: Path, classes: list[str], summary: bool = False) -> None:
