@@ -1,7 +1,7 @@
 # Everyday commands; each is also written out in the README. From a fresh clone, `make demo` and `make test` each
 # set up what they need first (a .venv with the README's CPU setup commands), once.
 PY ?= .venv/bin/python
-DATA ?= ../shared/data/fer2013
+DATA ?= $(or $(FERKIT_DATA),$(abspath ../shared/data/fer2013))
 SETUP = .venv/.ferkit-setup
 
 .PHONY: setup demo test test-fast lint train-reference bench bench-cli
@@ -21,7 +21,7 @@ demo: $(SETUP)
 	.venv/bin/ferkit predict examples/astronaut.jpg --annotate annotated/
 
 test: $(SETUP)
-	FERKIT_DATA=$(DATA) $(PY) -m pytest -q -n 2 --dist loadfile
+	FERKIT_DATA=$(DATA) $(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(SETUP)
 	FERKIT_DATA=$(DATA) $(PY) -m pytest -q -m "not slow"
