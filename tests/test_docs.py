@@ -144,5 +144,8 @@ def test_ci_runs_the_readme_test_command_and_the_readme_gives_the_fast_lane() ->
     suite, fast = (command.split(" ", 1)[1] for command in commands[:2])  # past FERKIT_DATA=...
     assert suite.startswith("python -m pytest -q") and "slow" not in suite  # the whole suite
     assert fast == 'python -m pytest -q -m "not slow"'
+    # CI runs the README's two commands, `make demo` and `make test`, whose recipe is the README's test command.
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert [line for line in ci if line.startswith("python -m pytest")] == [f"{suite} --durations=15"]
+    assert "make demo" in ci and 'make test PYTEST_ARGS="--durations=15"' in ci
+    recipe = (ROOT / "Makefile").read_text().split("\ntest: $(SETUP)\n", 1)[1].splitlines()[0].strip()
+    assert recipe == f"FERKIT_DATA=$(DATA) {suite.replace('python', '$(PY)', 1)} $(PYTEST_ARGS)"
