@@ -3,7 +3,8 @@
 `image_rows(recognizer, sources)` is the whole step; the local engine runs `find` in a pool of workers and
 `classify_found` on batches of what they found, and the Ray engine's actor calls `image_rows` in its
 `__call__`, so both write the rows `ferkit.records` builds, from the same code. A photo that cannot be
-read becomes one row with its error; the others go on.
+read becomes one row with its error; the others go on. A video's frames become rows through `VideoRows`,
+in both engines alike.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import cv2
 
 from .faces import Face, FaceDetector
 from .images import ImageError, decode_image_bytes
-from .predict import EmotionRecognizer
-from .records import Identity, Row, error_row, face_rows
+from .predict import EmotionRecognizer, FaceResult
+from .records import Identity, Row, error_row, face_rows, summary_rows
+from .tracking import FrameResult, Tracking, TrackSummarizer
 from .video import VideoError
 
 INPUT_ERRORS = (ImageError, VideoError, OSError, ValueError, cv2.error, MemoryError)
@@ -84,3 +86,23 @@ def image_rows(recognizer: EmotionRecognizer, sources: Sequence[ImageSource], de
                ) -> list[Row]:
     """The rows of a batch of photos, in their order: each decoded and searched, then one model call for all."""
     return classify_found(recognizer, [find(recognizer, source, detector) for source in sources])
+
+
+class VideoRows:
+    """One video's classified frames -> its rows, in frame order: faces tracked and smoothed, and each track's
+    summary counted as it goes (`summary()` at the end), so neither engine keeps a video's frames."""
+
+    def __init__(self, identity: Identity, classes: Sequence[str], smooth: float) -> None:
+        self.identity = identity
+        self.tracking = Tracking(list(classes), smooth)
+        self.summarizer = TrackSummarizer(list(classes))
+
+    def frame(self, index: int, time: float, faces: Sequence[FaceResult]) -> list[Row]:
+        """The rows of one frame's faces (one row without a face where it has none)."""
+        tracked = self.tracking.update(time, list(faces))
+        self.summarizer.add(FrameResult(index, time, tracked))
+        return face_rows(self.identity, tracked, index, time)
+
+    def summary(self) -> list[Row]:
+        """One row per track: when it was seen and each emotion's share of its time."""
+        return summary_rows(self.identity, self.summarizer.summaries())

@@ -24,15 +24,15 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from .batches import INPUT_ERRORS, Found, ImageSource, classify_found, error_message, find
+from .batches import INPUT_ERRORS, Found, ImageSource, VideoRows, classify_found, error_message, find
 from .faces import Face, FaceDetector
 from .parts import PART_ROWS, Staging
 from .pool import Workers, default_workers, prefetch, shared_detector
 from .predict import EmotionRecognizer
 from .progress import Progress
-from .records import Identity, error_row, face_rows, summary_rows
+from .records import Identity, error_row
 from .sources import InputItem
-from .tracking import DEFAULT_SMOOTH, FrameResult, Tracking, TrackSummarizer
+from .tracking import DEFAULT_SMOOTH
 from .video import VideoReader, open_video
 
 CHUNK = 64
@@ -110,8 +110,7 @@ class LocalEngine:
     def video(self, item: InputItem, identity: Identity) -> None:
         """One video, its frames' rows streamed to the table, its track summaries at the end."""
         assert item.path is not None
-        tracking = Tracking(self.recognizer.classes, self.smooth)
-        summarizer = TrackSummarizer(self.recognizer.classes)
+        video = VideoRows(identity, self.recognizer.classes, self.smooth)
         try:
             reader = VideoReader(item.path, self.every)
             frames = prefetch(((index, time, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)) for index, time, bgr in reader),
@@ -121,9 +120,7 @@ class LocalEngine:
                 results = iter(self.recognizer.classify([face for _, _, faces in chunk for face in faces]))
                 rows = []
                 for index, time, faces in chunk:
-                    tracked = tracking.update(time, [next(results) for _ in faces])
-                    summarizer.add(FrameResult(index, time, tracked))
-                    rows += face_rows(identity, tracked, index, time)
+                    rows += video.frame(index, time, [next(results) for _ in faces])
                 faces_done = sum(len(faces) for _, _, faces in chunk)
                 self.counts.frames += len(chunk)
                 self.counts.faces += faces_done
@@ -133,8 +130,7 @@ class LocalEngine:
             if problem:
                 self.counts.warnings.append(problem)
                 self.progress.write(f"ferkit: warning: {problem}")
-            tracks = summary_rows(identity, summarizer.summaries())
-            self.staging.add([], tracks, complete=[(identity, "video")])
+            self.staging.add([], video.summary(), complete=[(identity, "video")])
         except INPUT_ERRORS as err:
             message = error_message(item.display, err)
             self.counts.failed += 1

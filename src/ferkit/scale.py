@@ -173,13 +173,12 @@ class VideoRowMaker(RowMaker):
         import cv2
         import pyarrow as pa
 
-        from .batches import INPUT_ERRORS, error_message
-        from .records import error_row, face_rows, summary_rows, to_table
-        from .tracking import FrameResult, Tracking, TrackSummarizer
+        from .batches import INPUT_ERRORS, VideoRows, error_message
+        from .records import error_row, to_table
         from .video import VideoReader
 
         identity, recognizer = self._identity(path), self.recognizer
-        tracking, summarizer = Tracking(self.classes, self.smooth), TrackSummarizer(self.classes)
+        video = VideoRows(identity, self.classes, self.smooth)
         tables: list[pa.Table] = []
         rows: list[Row] = []
         frames, faces, failed, warnings = 0, 0, 0, []
@@ -187,18 +186,15 @@ class VideoRowMaker(RowMaker):
             reader = VideoReader(path, self.every)
             for index, time_s, bgr in reader:
                 found = recognizer.find_faces(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-                tracked = tracking.update(time_s, recognizer.classify(found))
-                summarizer.add(FrameResult(index, time_s, tracked))
-                rows += face_rows(identity, tracked, index, time_s)
-                frames, faces = frames + 1, faces + len(tracked)
+                rows += video.frame(index, time_s, recognizer.classify(found))
+                frames, faces = frames + 1, faces + len(found)
                 if len(rows) >= ROWS_PER_TABLE:  # rows, not frames, are kept until the video ends: a few MB an hour
                     tables.append(to_table(rows, self.classes))
                     rows = []
             problem = reader.problem()
             warnings = [f"{identity.path}: {problem}"] if problem else []
             if self.summary_dir is not None:
-                _write_summary(Path(self.summary_dir), identity, summary_rows(identity, summarizer.summaries()),
-                               self.classes)
+                _write_summary(Path(self.summary_dir), identity, video.summary(), self.classes)
         except INPUT_ERRORS as err:
             rows.append(error_row(identity, error_message(identity.path, err)))
             failed = 1
